@@ -1,0 +1,215 @@
+"""The `star` command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from starrec.config import StarConfig, load_config
+
+app = typer.Typer(
+    help="STAR: reasoning-enhanced LLM recommendation. Prepare data, run baselines and "
+    "the teacher, distil a student, evaluate and serve it.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Load a dataset and write its fixed ranking tasks.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigOption = Annotated[
+    Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")
+]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a config value, e.g. --set baselines.als.factors=128."),
+]
+DatasetOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="ml-100k, agentrecbench:DATA_DIR[,TASK_DIR], or a folder with interactions.* and "
+        "items.* tables. Default: data.dataset of the config."
+    ),
+]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _config(config: Path | None, overrides: list[str] | None) -> StarConfig:
+    try:
+        return load_config(config, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error), param_hint="--config/--set") from None
+
+
+def _fail(error: Exception) -> typer.Exit:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def _prepared(dataset: str, source: str, seed: int, out: Path | None) -> Path:
+    """Folder with the dataset's task files, prepared now if missing or stale."""
+    from starrec.data.registry import dataset_slug, load_dataset
+    from starrec.data.tasks import prepare
+    from starrec.paths import prepared_dir
+
+    folder = out or prepared_dir(dataset_slug(dataset))
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        import json
+
+        if json.loads(manifest.read_text()).get("seed") == seed:
+            return folder
+    prepare(load_dataset(dataset, source), folder, seed=seed)
+    return folder
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: DatasetOption = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the negative sampling.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the task files.")] = None,
+    source: Annotated[
+        Optional[str], typer.Option(help="ml-100k only: auto, recbole (local wheel) or grouplens.")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Write train/valid/test/eval-200 task files (+ scenario variants) and a manifest.
+
+    Same data and seed give byte-identical files; the manifest records their hashes.
+    """
+    from starrec.data.errors import DataError
+    from starrec.data.registry import dataset_slug, load_dataset
+    from starrec.data.tasks import prepare
+    from starrec.paths import prepared_dir
+
+    cfg = _config(config, set_)
+    dataset = dataset or cfg.data.dataset
+    try:
+        loaded = load_dataset(dataset, source or cfg.data.source)
+        folder = out or prepared_dir(dataset_slug(dataset))
+        manifest = prepare(loaded, folder, seed=cfg.data.seed if seed is None else seed)
+    except DataError as error:
+        raise _fail(error) from None
+    typer.echo(f"wrote {folder}")
+    for name, entry in manifest["files"].items():
+        typer.echo(f"  {name:28s} {entry['count']:6d} tasks  sha256 {entry['sha256'][:16]}")
+
+
+@app.command("eval")
+def evaluate(
+    system: Annotated[str, typer.Option(help="random, pop, itemknn, als or sasrec.")],
+    out: Annotated[Path, typer.Option(help="Where to write the results JSON.")],
+    tasks: Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")] = None,
+    dataset: DatasetOption = None,
+    split: Annotated[str, typer.Option(help="train, valid or test (when --tasks is not given).")] = "test",
+    users: Annotated[str, typer.Option(help="all or eval-200 (when --tasks is not given).")] = "all",
+    scenario: Annotated[
+        str, typer.Option(help="classic, user_cold, item_cold, long_term or short_term.")
+    ] = "classic",
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N tasks.")] = None,
+    records: Annotated[
+        Optional[Path], typer.Option(help="Also write one JSON line per task (ranking, rank, time).")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Evaluate one system on a task file and write the results JSON (metrics x100)."""
+    from starrec.data.errors import DataError
+    from starrec.data.registry import load_dataset
+    from starrec.data.tasks import load_tasks
+    from starrec.evaluation.runner import evaluate_baseline, write_json, write_records
+
+    cfg = _config(config, set_)
+    dataset = dataset or cfg.data.dataset
+    try:
+        if tasks is None:
+            if users not in ("all", "eval-200"):
+                raise typer.BadParameter("expected all or eval-200", param_hint="--users")
+            folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
+            stem = "eval-200" if users == "eval-200" else split
+            if scenario != "classic":
+                stem = f"{stem}-{scenario}"
+            tasks = folder / f"{stem}.jsonl"
+        task_list = load_tasks(tasks, limit)
+        loaded = load_dataset(dataset, cfg.data.source)
+        result, task_records = evaluate_baseline(system, loaded, task_list, cfg)
+    except (DataError, ValueError) as error:
+        raise _fail(error) from None
+    result["config"].update(tasks=str(tasks.name), users=users, scenario=scenario)
+    write_json(result, out)
+    if records:
+        write_records(task_records, records)
+    m = result["metrics"]
+    typer.echo(
+        f"{system}: n={result['n_tasks']} AvgHR={m['AvgHR']:.2f} HR@1={m['HR@1']:.2f} "
+        f"NDCG@10={m['NDCG@10']:.2f} valid={m['valid_rate']:.1f} -> {out}"
+    )
+
+
+@app.command("report")
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Results JSON files.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write the table to this file.")] = None,
+) -> None:
+    """Print a markdown table of results JSON files."""
+    from starrec.evaluation.report import load_results, markdown_table
+
+    table = markdown_table(load_results(results))
+    typer.echo(table)
+    if out:
+        out.write_text(table + "\n", encoding="utf-8")
+
+
+@app.command("pipeline")
+def pipeline(
+    dataset: DatasetOption = None,
+    systems: Annotated[
+        str, typer.Option(help="Comma-separated systems to evaluate.")
+    ] = "random,pop,itemknn,als,sasrec",
+    out: Annotated[Path, typer.Option(help="Folder for results JSON and the report table.")] = Path(
+        "runs/pipeline"
+    ),
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """The main job: prepare the tasks, evaluate every system on test (all users and
+    eval-200), and print the comparison table."""
+    from starrec.data.registry import dataset_slug, load_dataset
+    from starrec.data.tasks import load_tasks
+    from starrec.evaluation.report import markdown_table
+    from starrec.evaluation.runner import evaluate_baseline, subset_result, write_json
+
+    cfg = _config(config, set_)
+    dataset = dataset or cfg.data.dataset
+    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
+    loaded = load_dataset(dataset, cfg.data.source)
+    test = load_tasks(folder / "test.jsonl")
+    eval_ids = {t.task_id for t in load_tasks(folder / "eval-200.jsonl")}
+    slug = dataset_slug(dataset)
+    results = []
+    for name in [s.strip() for s in systems.split(",") if s.strip()]:
+        everyone, records = evaluate_baseline(name, loaded, test, cfg)
+        everyone["config"].update(tasks="test.jsonl", users="all", scenario="classic")
+        subset = subset_result(everyone, records, eval_ids, cfg)
+        subset["config"].update(tasks="eval-200.jsonl", users="eval-200")
+        for result, users in ((everyone, "all"), (subset, "eval-200")):
+            write_json(result, out / f"{slug}-{name}-test-{users}.json")
+            results.append(result)
+    table = markdown_table(results)
+    (out / f"{slug}-baselines.md").write_text(table + "\n", encoding="utf-8")
+    typer.echo(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Metrics, the evaluation loop and result reports (DESIGN.md 3.4)."""

@@ -1,0 +1,90 @@
+"""Ranking metrics of DESIGN.md 3.4.
+
+Every task counts: a system's output (possibly partial, with duplicates or foreign
+items, or nothing at all) is turned into a full ranking of the candidates first, and
+whether the output was a clean permutation is reported separately as the valid rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+METRICS = ("HR@1", "HR@3", "HR@5", "AvgHR", "NDCG@5", "NDCG@10", "MRR", "valid_rate")
+
+
+@dataclass(frozen=True)
+class CompletedRanking:
+    ranking: list[str]
+    valid: bool
+
+
+def complete_ranking(output: Sequence[str] | None, candidates: Sequence[str]) -> CompletedRanking:
+    """Candidates the system ranked, in its order (first mention wins), then the rest in
+    presented order. Valid only if the output was exactly a permutation of the candidates."""
+    if output is None:
+        return CompletedRanking(list(candidates), valid=False)
+    allowed = set(candidates)
+    ranked: list[str] = []
+    seen: set[str] = set()
+    for item in output:
+        if item in allowed and item not in seen:
+            seen.add(item)
+            ranked.append(item)
+    valid = len(output) == len(candidates) and len(ranked) == len(candidates)
+    ranked.extend(c for c in candidates if c not in seen)
+    return CompletedRanking(ranked, valid)
+
+
+def per_task_metrics(rank: int) -> dict[str, float]:
+    """Metrics of one task given the 1-based rank of its target."""
+    hits = {k: float(rank <= k) for k in (1, 3, 5)}
+    gain = 1.0 / np.log2(rank + 1)
+    return {
+        "HR@1": hits[1],
+        "HR@3": hits[3],
+        "HR@5": hits[5],
+        "AvgHR": (hits[1] + hits[3] + hits[5]) / 3,
+        "NDCG@5": gain if rank <= 5 else 0.0,
+        "NDCG@10": gain if rank <= 10 else 0.0,
+        "MRR": 1.0 / rank,
+    }
+
+
+def metric_table(ranks: Sequence[int], valid: Sequence[bool]) -> dict[str, np.ndarray]:
+    """Per-task values of every metric (unscaled), as arrays aligned with the tasks."""
+    if len(ranks) != len(valid):
+        raise ValueError("ranks and valid flags must have the same length")
+    rows = [per_task_metrics(int(r)) for r in ranks]
+    table = {name: np.array([row[name] for row in rows], dtype=float) for name in METRICS[:-1]}
+    table["valid_rate"] = np.asarray(valid, dtype=float)
+    return table
+
+
+def bootstrap_ci(
+    values: np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def summarize(
+    ranks: Sequence[int], valid: Sequence[bool], n_resamples: int = 1000, seed: int = 0
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Means x100 and 95% bootstrap intervals x100 of every metric."""
+    table = metric_table(ranks, valid)
+    means = {name: round(100 * float(values.mean()), 2) for name, values in table.items()}
+    ci = {
+        name: [round(100 * bound, 2) for bound in bootstrap_ci(values, n_resamples, seed)]
+        for name, values in table.items()
+    }
+    return means, ci

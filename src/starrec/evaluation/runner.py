@@ -1,0 +1,198 @@
+"""One evaluation loop for every system: baselines, the teacher, the student.
+
+A system turns a task into a `Recommendation`; the runner times it, completes the
+ranking, and writes the results JSON of DESIGN.md 7 plus, on request, one record per
+task so that any number can be traced back to the outputs behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from starrec.baselines.base import FitData, Recommender
+from starrec.data.schema import Dataset
+from starrec.data.splits import fit_interactions
+from starrec.data.tasks import Task
+from starrec.evaluation.metrics import complete_ranking, summarize
+
+
+@dataclass
+class Recommendation:
+    """A system's answer to one task. `ranking` holds item ids in the system's order as it
+    produced them (possibly partial or malformed); None when nothing could be parsed."""
+
+    ranking: list[str] | None
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class System(Protocol):
+    name: str
+
+    def recommend(self, task: Task) -> Recommendation: ...
+
+
+class RecommenderSystem:
+    """A fitted score-based recommender seen as a System."""
+
+    def __init__(self, recommender: Recommender) -> None:
+        self.recommender = recommender
+        self.name = recommender.name
+
+    def recommend(self, task: Task) -> Recommendation:
+        return Recommendation(self.recommender.rank(task))
+
+
+def split_of(tasks: list[Task]) -> str:
+    splits = {t.split for t in tasks}
+    if len(splits) != 1:
+        raise ValueError(f"tasks mix splits {sorted(splits)}; evaluate one split at a time")
+    return splits.pop()
+
+
+def fit_recommender(recommender: Recommender, dataset: Dataset, split: str) -> float:
+    """Fit on what `split` allows (never a target of it or anything after); return seconds."""
+    start = time.perf_counter()
+    recommender.fit(FitData(fit_interactions(dataset, split), dataset.items, split))
+    return time.perf_counter() - start
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    target: str
+    rank: int
+    valid: bool
+    seconds: float
+    llm_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    ranking: list[str]
+
+
+def run_tasks(system: System, tasks: Iterable[Task], progress: bool = True) -> list[TaskRecord]:
+    tasks = list(tasks)
+    records = []
+    for task in tqdm(tasks, desc=f"eval {system.name}", unit="task", disable=not progress):
+        start = time.perf_counter()
+        answer = system.recommend(task)
+        seconds = time.perf_counter() - start
+        completed = complete_ranking(answer.ranking, task.candidates)
+        records.append(
+            TaskRecord(
+                task_id=task.task_id,
+                target=task.target,
+                rank=completed.ranking.index(task.target) + 1,
+                valid=completed.valid,
+                seconds=seconds,
+                llm_calls=answer.llm_calls,
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=answer.completion_tokens,
+                ranking=completed.ranking,
+            )
+        )
+    return records
+
+
+def results_json(
+    system: str,
+    dataset: str,
+    split: str,
+    records: list[TaskRecord],
+    config: dict[str, Any],
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    if not records:
+        raise ValueError("no task was evaluated")
+    metrics, ci = summarize([r.rank for r in records], [r.valid for r in records], n_resamples, seed)
+    seconds = np.array([r.seconds for r in records])
+
+    def per_task(attribute: str) -> float:
+        return round(float(np.mean([getattr(r, attribute) for r in records])), 2)
+
+    return {
+        "system": system,
+        "dataset": dataset,
+        "split": split,
+        "n_tasks": len(records),
+        "metrics": metrics,
+        "ci95": ci,
+        "efficiency": {
+            "median_s": round(float(np.median(seconds)), 6),
+            "p95_s": round(float(np.percentile(seconds, 95)), 6),
+            "llm_calls_per_task": per_task("llm_calls"),
+            "prompt_tokens_per_task": per_task("prompt_tokens"),
+            "completion_tokens_per_task": per_task("completion_tokens"),
+        },
+        "config": {**config, "machine": machine_description()},
+    }
+
+
+def machine_description() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+
+
+def write_json(payload: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def write_records(records: list[TaskRecord], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(asdict(record)) + "\n")
+
+
+def evaluate_baseline(
+    name: str, dataset: Dataset, tasks: list[Task], config: Any
+) -> tuple[dict[str, Any], list[TaskRecord]]:
+    """Fit baseline `name` on what the tasks' split allows, then evaluate it on them."""
+    from starrec.baselines.registry import make_recommender
+
+    split = split_of(tasks)
+    recommender = make_recommender(name, config.baselines)
+    fit_seconds = fit_recommender(recommender, dataset, split)
+    records = run_tasks(RecommenderSystem(recommender), tasks)
+    params = getattr(config.baselines, name, None)
+    result = results_json(
+        name,
+        dataset.name,
+        split,
+        records,
+        {"params": params.model_dump() if params is not None else {}, "fit_s": round(fit_seconds, 3)},
+        config.eval.bootstrap_resamples,
+        config.eval.bootstrap_seed,
+    )
+    return result, records
+
+
+def subset_result(
+    result: dict[str, Any], records: list[TaskRecord], task_ids: set[str], config: Any
+) -> dict[str, Any]:
+    """The same run restricted to some tasks (eval-200 out of all test users): one fit and
+    one pass serve both numbers, so they cannot disagree about the model."""
+    kept = [r for r in records if r.task_id in task_ids]
+    return results_json(
+        result["system"],
+        result["dataset"],
+        result["split"],
+        kept,
+        dict(result["config"]),
+        config.eval.bootstrap_resamples,
+        config.eval.bootstrap_seed,
+    )

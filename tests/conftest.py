@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny datasets built through the real validation path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from starrec.data.schema import Dataset, TableSource, build_dataset
+
+
+def make_dataset(n_users: int = 12, n_items: int = 40, per_user: int = 8, seed: int = 0) -> Dataset:
+    """Random users with distinct items each, timestamps increasing per user."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        items = rng.choice(n_items, size=per_user, replace=False)
+        start = int(rng.integers(0, 1000))
+        rows += [(f"u{u}", f"i{i}", start + 10 * k, 4.0) for k, i in enumerate(items)]
+    inter = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
+    items = pd.DataFrame({"item": [f"i{i}" for i in range(n_items)],
+                          "title": [f"Item {i}" for i in range(n_items)]})
+    return build_dataset("tiny", inter, TableSource("inter.csv", 2), items, TableSource("items.csv", 2))
+
+
+@pytest.fixture
+def tiny() -> Dataset:
+    return make_dataset()
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Dataset:
+    from starrec.data.movielens import load_movielens_100k
+
+    return load_movielens_100k("recbole")

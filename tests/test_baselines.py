@@ -1,0 +1,112 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from starrec.baselines.base import FitData, Recommender
+from starrec.baselines.registry import BASELINES, make_recommender
+from starrec.config import load_config
+from starrec.data.schema import TableSource, build_dataset
+from starrec.data.splits import target_mask
+from starrec.data.tasks import Task, build_split_tasks
+from starrec.evaluation.runner import evaluate_baseline
+
+FAST = load_config(overrides=["baselines.sasrec.epochs=2", "baselines.als.iterations=3",
+                              "eval.bootstrap_resamples=50"])
+
+
+def two_cluster_dataset():
+    """Users 0-19 consume items a0-a9, users 20-39 items b0-b9, in random order."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(40):
+        prefix = "a" if u < 20 else "b"
+        for k, i in enumerate(rng.permutation(10)[:7]):
+            rows.append((f"u{u}", f"{prefix}{i}", k))
+    inter = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
+    ids = [f"{p}{i}" for p in "ab" for i in range(10)] + [f"c{i}" for i in range(20)]
+    items = pd.DataFrame({"item": ids, "title": ids})
+    return build_dataset("clusters", inter, TableSource("i", 2), items, TableSource("t", 2))
+
+
+def task(history, candidates, target=None):
+    return Task("t", "u", "classic", history, candidates, target or candidates[0])
+
+
+@pytest.mark.parametrize("name", ["itemknn", "als"])
+def test_cf_baselines_prefer_the_users_cluster(name):
+    dataset = two_cluster_dataset()
+    model = make_recommender(name, load_config(overrides=["baselines.als.factors=2"]).baselines)
+    model.fit(FitData(dataset.interactions, dataset.items, "test"))
+    scores = model.score(task(["a1", "a2", "a3"], ["b4", "a5", "b6", "a7"]))
+    assert min(scores[1], scores[3]) > max(scores[0], scores[2])
+
+
+def test_pop_counts_users_in_the_fit_data():
+    inter = pd.DataFrame({"user": ["1", "2", "3", "1"], "item": ["x", "x", "x", "y"]})
+    model = make_recommender("pop").fit(FitData(inter, pd.DataFrame(index=["x", "y", "z"]), "test"))
+    assert list(model.score(task([], ["z", "y", "x"]))) == [0, 1, 3]
+
+
+def test_ties_keep_presented_order():
+    class Flat(Recommender):
+        name = "flat"
+
+        def fit(self, data):
+            return self
+
+        def score(self, task):
+            return np.array([0.0, 1.0, 0.0, 1.0])
+
+    assert Flat().rank(task([], ["a", "b", "c", "d"])) == ["b", "d", "a", "c"]
+
+
+def test_random_is_reproducible_per_task():
+    model = make_recommender("random")
+    t = task([], [str(i) for i in range(20)])
+    assert model.rank(t) == model.rank(t)
+    assert model.rank(t) != t.candidates
+
+
+def test_unknown_baseline_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown baseline 'svd'"):
+        make_recommender("svd")
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_no_baseline_fit_contains_a_test_interaction(name, tiny, monkeypatch):
+    """Spy on what each baseline is fit on when it serves test tasks."""
+    seen: list[FitData] = []
+    model = make_recommender(name, FAST.baselines)
+    original = type(model).fit
+
+    def spy(self, data):
+        seen.append(data)
+        return original(self, data)
+
+    monkeypatch.setattr(type(model), "fit", spy)
+    monkeypatch.setattr("starrec.baselines.registry.make_recommender", lambda *a, **k: model)
+    tasks = build_split_tasks(tiny, "test")
+    result, records = evaluate_baseline(name, tiny, tasks, FAST)
+    assert len(seen) == 1 and result["n_tasks"] == len(tasks) == len(records)
+    test_rows = tiny.interactions[target_mask(tiny, "test")]
+    test_pairs = set(zip(test_rows["user"], test_rows["item"]))
+    fit_pairs = set(zip(seen[0].interactions["user"], seen[0].interactions["item"]))
+    assert test_pairs and not test_pairs & fit_pairs
+    # and for validation tasks, validation targets are out too
+    valid_rows = tiny.interactions[target_mask(tiny, "valid")]
+    seen.clear()
+    evaluate_baseline(name, tiny, build_split_tasks(tiny, "valid"), FAST)
+    fit_pairs = set(zip(seen[0].interactions["user"], seen[0].interactions["item"]))
+    assert not set(zip(valid_rows["user"], valid_rows["item"])) & fit_pairs
+
+
+@pytest.mark.slow
+def test_ml100k_baselines_are_ordered_as_expected(ml100k):
+    tasks = build_split_tasks(ml100k, "test")
+    avg = {}
+    for name in ("random", "pop", "itemknn"):
+        result, _ = evaluate_baseline(name, ml100k, tasks, FAST)
+        avg[name] = result["metrics"]["AvgHR"]
+    assert 12 < avg["random"] < 19
+    assert avg["pop"] > avg["random"] + 15
+    assert avg["itemknn"] > avg["pop"]

@@ -1,0 +1,82 @@
+import json
+
+from typer.testing import CliRunner
+
+from starrec.cli.main import app
+from tests.conftest import make_dataset
+
+runner = CliRunner()
+RESULT_KEYS = {"system", "dataset", "split", "n_tasks", "metrics", "ci95", "efficiency", "config"}
+METRIC_KEYS = {"HR@1", "HR@3", "HR@5", "AvgHR", "NDCG@5", "NDCG@10", "MRR", "valid_rate"}
+EFFICIENCY_KEYS = {"median_s", "p95_s", "llm_calls_per_task", "prompt_tokens_per_task",
+                   "completion_tokens_per_task"}
+
+
+def write_tables(folder):
+    dataset = make_dataset(n_users=30, n_items=50)
+    folder.mkdir()
+    dataset.interactions.to_csv(folder / "interactions.csv", index=False)
+    dataset.items.reset_index().to_csv(folder / "items.csv", index=False)
+    return folder
+
+
+def test_prepare_eval_report_on_a_folder_of_tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    data = write_tables(tmp_path / "shop")
+    out = tmp_path / "tasks"
+    result = runner.invoke(app, ["data", "prepare", "--dataset", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "test.jsonl" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["test.jsonl"]["count"] == 30
+
+    results = tmp_path / "pop.json"
+    records = tmp_path / "pop.records.jsonl"
+    result = runner.invoke(app, ["eval", "--system", "pop", "--dataset", str(data), "--tasks",
+                                 str(out / "test.jsonl"), "--out", str(results), "--records",
+                                 str(records), "--set", "eval.bootstrap_resamples=20"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(results.read_text())
+    assert set(payload) == RESULT_KEYS
+    assert set(payload["metrics"]) == METRIC_KEYS == set(payload["ci95"])
+    assert set(payload["efficiency"]) == EFFICIENCY_KEYS
+    assert payload["n_tasks"] == 30 and payload["split"] == "test"
+    assert payload["metrics"]["valid_rate"] == 100.0
+    assert len(records.read_text().splitlines()) == 30
+
+    result = runner.invoke(app, ["report", str(results)])
+    assert result.exit_code == 0 and "| pop | test all | 30 |" in result.output
+
+
+def test_eval_limit_and_default_task_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    data = write_tables(tmp_path / "shop")
+    results = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", "--system", "random", "--dataset", str(data), "--users",
+                                 "eval-200", "--limit", "7", "--out", str(results)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(results.read_text())["n_tasks"] == 7
+    assert (tmp_path / "home" / "data" / "shop" / "manifest.json").exists()
+
+
+def test_bad_input_fails_with_the_file_and_line(tmp_path):
+    data = write_tables(tmp_path / "shop")
+    lines = (data / "interactions.csv").read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 2)[0] + ",yesterday-ish,4.0"
+    (data / "interactions.csv").write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["data", "prepare", "--dataset", str(data), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "interactions.csv" in result.output and "line 4" in result.output
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    result = runner.invoke(app, ["data", "prepare", "--set", "data.sed=3"])
+    assert result.exit_code != 0
+    assert "sed" in result.output
+
+
+def test_every_command_has_help():
+    for command in (["--help"], ["data", "prepare", "--help"], ["eval", "--help"],
+                    ["report", "--help"], ["pipeline", "--help"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0 and "Usage" in result.output
