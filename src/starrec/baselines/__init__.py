@@ -1,0 +1,1 @@
+"""Score-based recommenders every LLM number is compared against."""
