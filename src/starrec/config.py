@@ -61,6 +61,21 @@ class BaselinesConfig(Strict):
     sasrec: SASRecConfig = SASRecConfig()
 
 
+class CSTConfig(Strict):
+    neighbours: int = 20  # precomputed neighbours per item (co-consumption, next, content)
+    recent_fraction: float = 0.1  # "recent" popularity: last 10% of the data's time span
+    recent_items: int = 3  # a history's recent items, for sequential evidence
+    similar_users: int = 50  # neighbourhood size of user-CF
+    content: bool = True  # MiniLM title/genre embeddings (needed for cold items)
+    token_budget: int = 1200  # verbalised evidence per prompt section, in tokens
+    # weights of the non-LLM `cst` ranker over the per-candidate evidence
+    weight_cooccurrence: float = 1.0
+    weight_transition: float = 0.5
+    weight_similar_users: float = 1.0
+    weight_popularity: float = 0.5
+    weight_content: float = 0.1
+
+
 class EvalConfig(Strict):
     bootstrap_resamples: int = 1000
     bootstrap_seed: int = 0
@@ -69,6 +84,7 @@ class EvalConfig(Strict):
 class StarConfig(Strict):
     data: DataConfig = DataConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    cst: CSTConfig = CSTConfig()
     eval: EvalConfig = EvalConfig()
 
 

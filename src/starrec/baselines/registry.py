@@ -1,39 +1,41 @@
-"""Baselines by name, built from their config section."""
+"""Score-based recommenders by name, built from their config section."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from starrec.baselines.base import Recommender
-from starrec.config import BaselinesConfig
-
-
-def _sasrec(config: BaselinesConfig) -> Recommender:
-    # imported lazily: torch costs seconds of start-up that the other baselines never need
-    from starrec.baselines.sasrec import SASRec
-
-    return SASRec(**config.sasrec.model_dump())
-
-
-def _factories() -> dict[str, Callable[[BaselinesConfig], Recommender]]:
-    from starrec.baselines.als import ALS
-    from starrec.baselines.itemknn import ItemKNN
-    from starrec.baselines.simple import PopularityRecommender, RandomRecommender
-
-    return {
-        "random": lambda c: RandomRecommender(**c.random.model_dump()),
-        "pop": lambda c: PopularityRecommender(),
-        "itemknn": lambda c: ItemKNN(**c.itemknn.model_dump()),
-        "als": lambda c: ALS(**c.als.model_dump()),
-        "sasrec": _sasrec,
-    }
-
+from starrec.config import StarConfig
 
 BASELINES = ("random", "pop", "itemknn", "als", "sasrec")
+RANKERS = (*BASELINES, "cst")
 
 
-def make_recommender(name: str, config: BaselinesConfig | None = None) -> Recommender:
-    factories = _factories()
-    if name not in factories:
-        raise ValueError(f"unknown baseline {name!r}; expected one of {sorted(factories)}")
-    return factories[name](config or BaselinesConfig())
+def make_recommender(name: str, config: StarConfig | None = None, dataset: str = "dataset") -> Recommender:
+    """Imports are per name: torch (sasrec) and transformers (cst content signals) cost
+    seconds of start-up that the other rankers never need."""
+    config = config or StarConfig()
+    b = config.baselines
+    if name == "random":
+        from starrec.baselines.simple import RandomRecommender
+
+        return RandomRecommender(**b.random.model_dump())
+    if name == "pop":
+        from starrec.baselines.simple import PopularityRecommender
+
+        return PopularityRecommender()
+    if name == "itemknn":
+        from starrec.baselines.itemknn import ItemKNN
+
+        return ItemKNN(**b.itemknn.model_dump())
+    if name == "als":
+        from starrec.baselines.als import ALS
+
+        return ALS(**b.als.model_dump())
+    if name == "sasrec":
+        from starrec.baselines.sasrec import SASRec
+
+        return SASRec(**b.sasrec.model_dump())
+    if name == "cst":
+        from starrec.cst.ranker import CSTRanker
+
+        return CSTRanker(config.cst, dataset=dataset)
+    raise ValueError(f"unknown system {name!r}; expected one of {list(RANKERS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Load a dataset and write its fixed ranking tasks.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+cst_app = typer.Typer(
+    help="Collaborative Signal Translation: build the evidence store, inspect a task's evidence.",
+    no_args_is_help=True,
+)
+app.add_typer(cst_app, name="cst")
 
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")
@@ -65,8 +71,6 @@ def _prepared(dataset: str, source: str, seed: int, out: Path | None) -> Path:
     folder = out or prepared_dir(dataset_slug(dataset))
     manifest = folder / "manifest.json"
     if manifest.exists():
-        import json
-
         if json.loads(manifest.read_text()).get("seed") == seed:
             return folder
     prepare(load_dataset(dataset, source), folder, seed=seed)
@@ -108,7 +112,7 @@ def data_prepare(
 
 @app.command("eval")
 def evaluate(
-    system: Annotated[str, typer.Option(help="random, pop, itemknn, als or sasrec.")],
+    system: Annotated[str, typer.Option(help="random, pop, itemknn, als, sasrec or cst.")],
     out: Annotated[Path, typer.Option(help="Where to write the results JSON.")],
     tasks: Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")] = None,
     dataset: DatasetOption = None,
@@ -157,6 +161,99 @@ def evaluate(
     )
 
 
+def _task_set(dataset: str, split: str, tasks: Path | None, cfg: StarConfig):
+    from starrec.data.tasks import load_tasks
+
+    if tasks is None:
+        tasks = _prepared(dataset, cfg.data.source, cfg.data.seed, None) / f"{split}.jsonl"
+    return load_tasks(tasks)
+
+
+def _evidence_store(dataset: str, split: str, tasks: Path | None, cfg: StarConfig, out: Path | None = None):
+    """The store serving a task set, built if needed: (store path, dataset, tasks)."""
+    from starrec.cst.store import ensure_store
+    from starrec.data.registry import dataset_slug, load_dataset
+    from starrec.data.splits import task_interactions
+
+    task_list = _task_set(dataset, split, tasks, cfg)
+    loaded = load_dataset(dataset, cfg.data.source)
+    allowed = task_interactions(loaded, task_list, task_list[0].split)
+    path = ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset),
+                        split=task_list[0].split, path=out)
+    return path, loaded, task_list
+
+
+@cst_app.command("build")
+def cst_build(
+    dataset: DatasetOption = None,
+    split: Annotated[str, typer.Option(help="Whose tasks the store serves: train, valid or test.")] = "test",
+    tasks: Annotated[
+        Optional[Path], typer.Option(help="Task file the store serves (default: the split's file).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Store file (default: under $STAR_HOME/cst).")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Precompute the CF signals into one SQLite file, from the interactions the tasks may
+    use (each task user only up to the task's history). Reused when inputs are unchanged."""
+    from starrec.cst.store import EvidenceStore
+    from starrec.data.errors import DataError
+
+    cfg = _config(config, set_)
+    try:
+        path, _, _ = _evidence_store(dataset or cfg.data.dataset, split, tasks, cfg, out)
+    except DataError as error:
+        raise _fail(error) from None
+    meta = EvidenceStore(path).meta
+    typer.echo(f"{path}\n  version {meta['version']}  {meta['n_interactions']} interactions, "
+               f"{meta['n_items']} items, built in {meta['build_s']} s")
+
+
+@cst_app.command("show")
+def cst_show(
+    task: Annotated[str, typer.Option("--task", help="Task id, e.g. test-1 or test-short_term-1.")],
+    dataset: DatasetOption = None,
+    tasks: Annotated[Optional[Path], typer.Option(help="Task file holding the task.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Print what an agent would see for one task: history, candidates with their
+    evidence, and the answers of the main tools."""
+    from starrec.cst.store import EvidenceStore
+    from starrec.cst.tools import ToolExecutor
+    from starrec.data.errors import DataError
+
+    cfg = _config(config, set_)
+    dataset = dataset or cfg.data.dataset
+    split, _, rest = task.partition("-")
+    scenario = rest.rpartition("-")[0]
+    if tasks is None:
+        folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
+        tasks = folder / (f"{split}-{scenario}.jsonl" if scenario else f"{split}.jsonl")
+    try:
+        path, _, task_list = _evidence_store(dataset, split, tasks, cfg)
+    except (DataError, FileNotFoundError) as error:
+        raise _fail(error) from None
+    chosen = next((t for t in task_list if t.task_id == task), None)
+    if chosen is None:
+        raise _fail(ValueError(f"no task {task!r} in {tasks}"))
+    store = EvidenceStore(path)
+    tools = ToolExecutor(store, chosen)
+    recent = [store.title(i) for i in chosen.history[-10:]]
+    typer.echo(f"task {chosen.task_id}  user {chosen.user_id}  scenario {chosen.scenario}  "
+               f"history {len(chosen.history)} items; the last {len(recent)}:")
+    typer.echo("  " + "; ".join(recent))
+    calls = [("candidate_evidence", {})]
+    if chosen.history:
+        calls += [("item_neighbours", {"item_id": chosen.history[-1]}),
+                  ("next_items", {"item_id": chosen.history[-1]})]
+    calls += [("sequence_candidates", {}), ("similar_users", {"user_id": chosen.user_id}),
+              ("popularity", {"item_ids": chosen.candidates[:5]})]
+    for name, arguments in calls:
+        typer.echo(f"\n<tool_call>{{\"name\": \"{name}\", \"arguments\": {json.dumps(arguments)}}}</tool_call>")
+        typer.echo(tools.call(name, arguments).text)
+
+
 @app.command("report")
 def report(
     results: Annotated[list[Path], typer.Argument(help="Results JSON files.")],
@@ -176,7 +273,7 @@ def pipeline(
     dataset: DatasetOption = None,
     systems: Annotated[
         str, typer.Option(help="Comma-separated systems to evaluate.")
-    ] = "random,pop,itemknn,als,sasrec",
+    ] = "random,pop,itemknn,als,sasrec,cst",
     out: Annotated[Path, typer.Option(help="Folder for results JSON and the report table.")] = Path(
         "runs/pipeline"
     ),

@@ -57,3 +57,29 @@ def fit_interactions(dataset: Dataset, split: Split) -> pd.DataFrame:
     has_tasks = length >= MIN_INTERACTIONS
     keep = ~has_tasks | (position < length - TARGET_OFFSET[split])
     return dataset.interactions[keep].reset_index(drop=True)
+
+
+def task_interactions(dataset: Dataset, tasks, split: Split) -> pd.DataFrame:
+    """The interactions evidence for a set of tasks may use (DESIGN.md 3.3).
+
+    A user with a task keeps only the rows up to the last item of that task's history, in
+    sequence order, so nothing at or after the target's time exists for that user, and
+    removing the target row from the raw data changes nothing. Users without a task keep
+    what `fit_interactions` allows for the split (never a target of it, so never a test
+    interaction when serving test tasks).
+    """
+    cut: dict[str, str | None] = {}
+    for task in tasks:
+        if task.user_id in cut:
+            raise ValueError(f"user {task.user_id!r} has two tasks in one task set")
+        cut[task.user_id] = task.history[-1] if task.history else None
+    position, length = sequence_positions(dataset)
+    frame = dataset.interactions
+    with_task = frame["user"].isin(cut.keys()).to_numpy()
+    last_item = frame["user"].map(cut)
+    is_last = (frame["item"] == last_item).to_numpy()
+    cut_position = pd.Series(np.where(is_last, position, -1)).groupby(frame["user"].to_numpy()).transform("max").to_numpy()
+    keep_task_user = with_task & (position <= cut_position)
+    has_tasks = length >= MIN_INTERACTIONS
+    keep_other = ~with_task & (~has_tasks | (position < length - TARGET_OFFSET[split]))
+    return frame[keep_task_user | keep_other].reset_index(drop=True)

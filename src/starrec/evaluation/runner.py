@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
+from starrec.progress import progress as progress_bar
 
 from starrec.baselines.base import FitData, Recommender
 from starrec.data.schema import Dataset
@@ -84,7 +84,7 @@ class TaskRecord:
 def run_tasks(system: System, tasks: Iterable[Task], progress: bool = True) -> list[TaskRecord]:
     tasks = list(tasks)
     records = []
-    for task in tqdm(tasks, desc=f"eval {system.name}", unit="task", disable=not progress):
+    for task in progress_bar(tasks, f"eval {system.name}", unit="task", enabled=progress):
         start = time.perf_counter()
         answer = system.recommend(task)
         seconds = time.perf_counter() - start
@@ -165,10 +165,10 @@ def evaluate_baseline(
     from starrec.baselines.registry import make_recommender
 
     split = split_of(tasks)
-    recommender = make_recommender(name, config.baselines)
+    recommender = make_recommender(name, config, dataset.name)
     fit_seconds = fit_recommender(recommender, dataset, split)
     records = run_tasks(RecommenderSystem(recommender), tasks)
-    params = getattr(config.baselines, name, None)
+    params = config.cst if name == "cst" else getattr(config.baselines, name, None)
     result = results_json(
         name,
         dataset.name,

@@ -1,0 +1,1 @@
+"""Collaborative Signal Translation: CF signals as natural-language evidence and tools."""

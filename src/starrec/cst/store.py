@@ -1,0 +1,284 @@
+"""The evidence store: one SQLite file with the precomputed CF signals.
+
+Built once from the interactions a task set may use, versioned by a hash of those
+inputs and of the CST settings, written atomically (a crash leaves no half store), and
+read by the tools, the per-task summaries and the `cst` ranker alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from starrec.config import CSTConfig
+from starrec.cst.signals import (
+    Graph,
+    Neighbours,
+    build_graph,
+    cooccurrence_neighbours,
+    embedding_neighbours,
+    percentile_ranks,
+    recent_popularity,
+    transition_neighbours,
+)
+from starrec.paths import star_home
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE items (idx INTEGER PRIMARY KEY, item TEXT NOT NULL UNIQUE, title TEXT NOT NULL,
+    text TEXT NOT NULL, pop INTEGER NOT NULL, pop_pct REAL NOT NULL, recent INTEGER NOT NULL,
+    recent_pct REAL NOT NULL);
+CREATE TABLE interactions (seq INTEGER PRIMARY KEY, user TEXT NOT NULL, item INTEGER NOT NULL,
+    ts REAL NOT NULL);
+CREATE TABLE neighbours (kind TEXT NOT NULL, item INTEGER NOT NULL, rank INTEGER NOT NULL,
+    neighbour INTEGER NOT NULL, count REAL NOT NULL, strength REAL NOT NULL,
+    PRIMARY KEY (kind, item, rank)) WITHOUT ROWID;
+CREATE TABLE transitions (item INTEGER NOT NULL, next INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (item, next)) WITHOUT ROWID;
+CREATE TABLE embeddings (idx INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+"""
+INDEXES = "CREATE INDEX interactions_user ON interactions (user);"
+KINDS = ("cooccurrence", "transition", "content")
+
+
+def inputs_hash(interactions: pd.DataFrame, items: pd.DataFrame, config: CSTConfig) -> str:
+    """Changes when any input interaction, item text or CST setting does."""
+    digest = hashlib.sha256(f"cst-v{FORMAT_VERSION}".encode())
+    frame = interactions[["user", "item", "timestamp"]]
+    digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+    digest.update(pd.util.hash_pandas_object(items.reset_index(), index=False).values.tobytes())
+    digest.update(config.model_dump_json().encode())
+    return digest.hexdigest()[:16]
+
+
+def default_store_path(dataset: str, split: str, version: str) -> Path:
+    return star_home() / "cst" / f"{dataset}-{split}-{version}.sqlite"
+
+
+def build_store(
+    interactions: pd.DataFrame,
+    items: pd.DataFrame,
+    path: Path,
+    config: CSTConfig,
+    *,
+    version: str | None = None,
+    dataset: str = "",
+    split: str = "",
+    progress: bool = True,
+) -> Path:
+    """Compute every signal and write the store to `path` (atomically)."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        log.info("cst: %s in %.2fs", name, now - since)
+        return now
+
+    tick = time.perf_counter()
+    graph = build_graph(interactions, items.index)
+    tick = lap("graph", tick)
+    cooc = cooccurrence_neighbours(graph, config.neighbours)
+    tick = lap("co-consumption neighbours", tick)
+    trans = transition_neighbours(graph, config.neighbours)
+    tick = lap("transition neighbours", tick)
+    pop = graph.popularity
+    recent = recent_popularity(interactions, graph.items, config.recent_fraction)
+    catalogue = items.reindex(graph.items)
+    titles = catalogue["title"].fillna(pd.Series(graph.items, index=graph.items)).astype(str)
+    from starrec.cst.content import embed_texts, item_texts
+
+    texts = item_texts(catalogue.assign(title=titles))
+    vectors = None
+    content = None
+    if config.content:
+        vectors = embed_texts(texts, progress=progress)
+        content = embedding_neighbours(vectors, config.neighbours)
+        tick = lap("content embeddings", tick)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    db = sqlite3.connect(tmp)
+    try:
+        db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
+        db.executemany(
+            "INSERT INTO items VALUES (?,?,?,?,?,?,?,?)",
+            zip(range(len(graph.items)), graph.items.astype(str), titles, texts,
+                pop.astype(int).tolist(), percentile_ranks(pop).tolist(),
+                recent.astype(int).tolist(), percentile_ranks(recent).tolist()),
+        )
+        db.executemany(
+            "INSERT INTO interactions VALUES (?,?,?,?)",
+            zip(range(len(interactions)), interactions["user"].astype(str),
+                graph.items.get_indexer(interactions["item"]).tolist(),
+                interactions["timestamp"].astype(float).tolist()),
+        )
+        for kind, table in (("cooccurrence", cooc), ("transition", trans), ("content", content)):
+            if table is not None:
+                _insert_neighbours(db, kind, table)
+        transitions = graph.transitions.tocoo()
+        db.executemany(
+            "INSERT INTO transitions VALUES (?,?,?)",
+            zip(transitions.row.tolist(), transitions.col.tolist(),
+                transitions.data.astype(int).tolist()),
+        )
+        if vectors is not None:
+            db.executemany("INSERT INTO embeddings VALUES (?,?)",
+                           ((i, v.tobytes()) for i, v in enumerate(vectors)))
+        db.executescript(INDEXES)
+        tick = lap("write", tick)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "version": version or inputs_hash(interactions, items, config),
+            "dataset": dataset,
+            "split": split,
+            "config": config.model_dump(),
+            "n_users": len(graph.users),
+            "n_items": len(graph.items),
+            "n_interactions": len(interactions),
+            "timings_s": timings,
+            "build_s": round(time.perf_counter() - started, 3),
+        }
+        db.executemany("INSERT INTO meta VALUES (?,?)",
+                       ((k, json.dumps(v)) for k, v in meta.items()))
+        db.commit()
+    finally:
+        db.close()
+    tmp.replace(path)
+    return path
+
+
+def _insert_neighbours(db: sqlite3.Connection, kind: str, table: Neighbours) -> None:
+    db.executemany(
+        "INSERT INTO neighbours VALUES (?,?,?,?,?,?)",
+        zip([kind] * len(table.item), table.item.tolist(), table.rank.tolist(),
+            table.neighbour.tolist(), table.count.tolist(), table.strength.tolist()),
+    )
+
+
+def ensure_store(
+    interactions: pd.DataFrame,
+    items: pd.DataFrame,
+    config: CSTConfig,
+    *,
+    dataset: str,
+    split: str,
+    path: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """The store for these inputs, built only if no store of the same version exists."""
+    version = inputs_hash(interactions, items, config)
+    path = path or default_store_path(dataset, split, version)
+    if path.exists() and EvidenceStore(path).meta.get("version") == version:
+        log.info("cst: reusing %s", path)
+        return path
+    log.info("cst: building %s", path)
+    return build_store(interactions, items, path, config, version=version, dataset=dataset,
+                       split=split, progress=progress)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    item: str
+    title: str
+    rank: int
+    count: float
+    strength: float
+
+
+class EvidenceStore:
+    """Read access to a built store. Look-ups of precomputed neighbours are SQL queries;
+    the signals that depend on a task's history are computed from the graph, which is
+    rebuilt from the stored interactions on first use."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no evidence store (run `star cst build`)")
+        self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self.meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+        frame = pd.read_sql_query(
+            "SELECT idx, item, title, pop, pop_pct, recent, recent_pct FROM items ORDER BY idx", self.db
+        )
+        self.items = frame.set_index("item")
+        self.item_ids = pd.Index(frame["item"])
+
+    def close(self) -> None:
+        self.db.close()
+
+    @property
+    def config(self) -> CSTConfig:
+        return CSTConfig.model_validate(self.meta["config"])
+
+    def index(self, item: str) -> int | None:
+        position = self.item_ids.get_indexer([item])[0]
+        return None if position < 0 else int(position)
+
+    def title(self, item: str) -> str:
+        return str(self.items.at[item, "title"]) if item in self.items.index else f"item {item}"
+
+    def neighbours(self, kind: str, item: str, k: int) -> list[Neighbour]:
+        if kind not in KINDS:
+            raise ValueError(f"unknown neighbour kind {kind!r}")
+        index = self.index(item)
+        if index is None:
+            return []
+        rows = self.db.execute(
+            "SELECT neighbour, rank, count, strength FROM neighbours WHERE kind=? AND item=? "
+            "AND rank<=? ORDER BY rank",
+            (kind, index, k),
+        ).fetchall()
+        return [
+            Neighbour(self.item_ids[n], self.title(self.item_ids[n]), rank, count, strength)
+            for n, rank, count, strength in rows
+        ]
+
+    def next_step_total(self, item: str) -> int:
+        index = self.index(item)
+        if index is None:
+            return 0
+        (total,) = self.db.execute("SELECT COALESCE(SUM(count), 0) FROM transitions WHERE item=?",
+                                   (index,)).fetchone()
+        return int(total)
+
+    def user_history(self, user: str) -> list[str]:
+        rows = self.db.execute("SELECT item FROM interactions WHERE user=? ORDER BY seq", (user,))
+        return [self.item_ids[i] for (i,) in rows]
+
+    def knows_user(self, user: str) -> bool:
+        return self.db.execute("SELECT 1 FROM interactions WHERE user=? LIMIT 1", (user,)).fetchone() is not None
+
+    @cached_property
+    def graph(self) -> Graph:
+        frame = pd.read_sql_query("SELECT user, item, ts AS timestamp FROM interactions ORDER BY seq",
+                                  self.db)
+        frame["item"] = self.item_ids[frame["item"].to_numpy()]
+        graph = build_graph(frame, self.item_ids)
+        if not graph.items.equals(self.item_ids):
+            raise RuntimeError(f"{self.path}: item order of the store and its graph differ")
+        return graph
+
+    @cached_property
+    def item_users(self):
+        return self.graph.matrix.T.tocsr()
+
+    @cached_property
+    def embeddings(self) -> np.ndarray | None:
+        rows = self.db.execute("SELECT vector FROM embeddings ORDER BY idx").fetchall()
+        if not rows:
+            return None
+        return np.stack([np.frombuffer(blob, dtype=np.float32) for (blob,) in rows])

@@ -1,0 +1,97 @@
+"""CF signals as short sentences with their numbers, from templates in a file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from importlib import resources
+
+import yaml
+
+from starrec.cst.evidence import CandidateEvidence
+from starrec.cst.store import EvidenceStore, Neighbour
+
+TokenCounter = Callable[[str], int]
+
+
+@lru_cache(maxsize=1)
+def templates() -> dict[str, str]:
+    text = resources.files("starrec.resources").joinpath("cst/templates.yaml").read_text("utf-8")
+    return {key: " ".join(value.split()) for key, value in yaml.safe_load(text).items()}
+
+
+def render(key: str, **fields: object) -> str:
+    return templates()[key].format(**fields)
+
+
+def approx_tokens(text: str) -> int:
+    """About 4 characters a token for English with numbers (no tokenizer needed)."""
+    return max(1, (len(text) + 3) // 4)
+
+
+def fit_budget(lines: list[str], budget: int, count: TokenCounter = approx_tokens) -> list[str]:
+    """Keep lines in order while they fit; say how many were dropped."""
+    kept: list[str] = []
+    used = 0
+    for i, line in enumerate(lines):
+        cost = count(line)
+        if used + cost > budget:
+            kept.append(render("truncated", n=len(lines) - i))
+            break
+        kept.append(line)
+        used += cost
+    return kept
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def neighbour_lines(store: EvidenceStore, kind: str, item: str, rows: list[Neighbour]) -> list[str]:
+    base = store.title(item)
+    if kind == "cooccurrence":
+        base_pop = int(store.items.at[item, "pop"]) if item in store.items.index else 0
+        return [render("item_neighbour", base=base, base_pop=base_pop, count=int(n.count),
+                       title=n.title, share=percent(n.count / max(base_pop, 1)),
+                       strength=f"{n.strength:.2f}", rank=n.rank)
+                for n in rows]
+    if kind == "transition":
+        total = store.next_step_total(item)
+        return [render("next_item", base=base, count=int(n.count), total=total, title=n.title,
+                       share=percent(n.strength), rank=n.rank) for n in rows]
+    return [render("content_neighbour", title=n.title, base=base,
+                   similarity=f"{n.strength:.2f}", rank=n.rank) for n in rows]
+
+
+def popularity_line(store: EvidenceStore, item: str) -> str:
+    row = store.items.loc[item]
+    return render("popularity", title=store.title(item), pop=int(row["pop"]),
+                  pop_pct=f"{row['pop_pct']:.0f}", recent_pct=f"{row['recent_pct']:.0f}")
+
+
+def candidate_line(index: int, evidence: CandidateEvidence, n_history: int,
+                   titles: Callable[[str], str]) -> str:
+    """One candidate's links to the history in one sentence."""
+    parts = []
+    if not evidence.known:
+        parts.append(render("candidate_cold"))
+    elif evidence.cooc_best_item is not None:
+        parts.append(render("candidate_cooccurrence", linked=evidence.cooc_linked,
+                            n_history=n_history, base=titles(evidence.cooc_best_item),
+                            count=evidence.cooc_best_count, base_pop=evidence.cooc_best_base,
+                            share=percent(evidence.cooc_best_count / max(evidence.cooc_best_base, 1))))
+    else:
+        parts.append(render("candidate_no_link"))
+    if evidence.transition_best_item is not None:
+        parts.append(render("candidate_transition", base=titles(evidence.transition_best_item),
+                            count=evidence.transition_best_count,
+                            total=evidence.transition_best_total))
+    if evidence.similar_users:
+        parts.append(render("candidate_similar_users", votes=evidence.user_votes,
+                            n=evidence.similar_users))
+    if evidence.known:
+        parts.append(render("candidate_popularity", pop_pct=f"{evidence.pop_pct:.0f}"))
+    if evidence.content_best_item is not None and (not evidence.known or evidence.cooc_best_item is None):
+        parts.append(render("candidate_content", base=titles(evidence.content_best_item),
+                            similarity=f"{evidence.content_similarity:.2f}"))
+    return f"{render('candidate', index=index, title=evidence.title)}: " + "; ".join(parts) + "."

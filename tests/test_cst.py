@@ -1,0 +1,202 @@
+import json
+import os
+
+import jsonschema
+import numpy as np
+import pandas as pd
+import pytest
+
+from starrec.config import CSTConfig
+from starrec.cst.evidence import candidate_evidence
+from starrec.cst.signals import build_graph, cooccurrence_neighbours, percentile_ranks, transition_neighbours
+from starrec.cst.store import EvidenceStore, build_store, ensure_store, inputs_hash
+from starrec.cst.tools import ToolExecutor, tool_names, tool_specs
+from starrec.cst.verbalize import approx_tokens, fit_budget
+from starrec.data.schema import Dataset
+from starrec.data.splits import target_mask, task_interactions
+from starrec.data.tasks import build_split_tasks
+from tests.conftest import make_dataset
+
+NO_CONTENT = CSTConfig(content=False)
+
+
+def store_for(dataset: Dataset, tasks, tmp_path, config=NO_CONTENT, name="s.sqlite"):
+    allowed = task_interactions(dataset, tasks, tasks[0].split)
+    return EvidenceStore(build_store(allowed, dataset.items, tmp_path / name, config))
+
+
+def brute_cooccurrence(interactions):
+    users = interactions.groupby("user")["item"].agg(set)
+    counts = {}
+    for items in users:
+        for a in items:
+            for b in items:
+                if a != b:
+                    counts[(a, b)] = counts.get((a, b), 0) + 1
+    return counts
+
+
+def test_cooccurrence_neighbours_match_brute_force(tiny):
+    graph = build_graph(tiny.interactions, tiny.items.index)
+    table = cooccurrence_neighbours(graph, k=5, block=7)  # small blocks cross block edges
+    counts = brute_cooccurrence(tiny.interactions)
+    pop = tiny.interactions["item"].value_counts()
+    for item, rank, neighbour, count, strength in zip(table.item, table.rank, table.neighbour,
+                                                       table.count, table.strength):
+        a, b = graph.items[item], graph.items[neighbour]
+        assert counts[(a, b)] == count
+        assert strength == pytest.approx(count / np.sqrt(pop[a] * pop[b]))
+    # ranks are by strength, and nothing stronger was left out
+    for item in np.unique(table.item):
+        rows = table.item == item
+        assert list(table.rank[rows]) == list(range(1, rows.sum() + 1))
+        assert np.all(np.diff(table.strength[rows]) <= 1e-12)
+        a = graph.items[item]
+        weakest = table.strength[rows].min()
+        others = [c / np.sqrt(pop[a] * pop[b]) for (x, b), c in counts.items()
+                  if x == a and graph.items.get_loc(b) not in set(table.neighbour[rows])]
+        assert all(o <= weakest + 1e-12 for o in others)
+
+
+def test_transitions_count_consecutive_items_per_user():
+    frame = pd.DataFrame({"user": ["u", "u", "u", "v", "v", "w"],
+                          "item": ["a", "b", "c", "a", "b", "a"],
+                          "timestamp": [1, 2, 3, 1, 2, 1]})
+    graph = build_graph(frame, pd.Index(["a", "b", "c"]))
+    dense = graph.transitions.toarray()
+    assert dense[0, 1] == 2 and dense[1, 2] == 1 and dense.sum() == 3
+    table = transition_neighbours(graph, k=3)
+    first = table.item == 0
+    assert table.count[first][0] == 2 and table.strength[first][0] == 1.0
+
+
+def test_percentiles():
+    assert list(percentile_ranks(np.array([5, 1, 3, 3]))) == [75.0, 0.0, 25.0, 25.0]
+
+
+def test_store_is_versioned_and_reused(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("STAR_HOME", str(tmp_path))
+    tasks = build_split_tasks(tiny, "test")
+    allowed = task_interactions(tiny, tasks, "test")
+    first = ensure_store(allowed, tiny.items, NO_CONTENT, dataset="tiny", split="test")
+    stamp = os.stat(first).st_mtime_ns
+    again = ensure_store(allowed, tiny.items, NO_CONTENT, dataset="tiny", split="test")
+    assert again == first and os.stat(again).st_mtime_ns == stamp
+    other = ensure_store(allowed, tiny.items, CSTConfig(content=False, neighbours=3),
+                         dataset="tiny", split="test")
+    assert other != first
+    assert EvidenceStore(first).meta["version"] == inputs_hash(allowed, tiny.items, NO_CONTENT)
+    assert not list(tmp_path.rglob("*.tmp")), "no half-written store is left behind"
+
+
+def test_store_holds_no_target_and_nothing_after_it(tiny, tmp_path):
+    for split in ("test", "train"):
+        tasks = build_split_tasks(tiny, split)
+        store = store_for(tiny, tasks, tmp_path, name=f"{split}.sqlite")
+        for task in tasks:
+            assert store.user_history(task.user_id) == task.history
+        test_rows = tiny.interactions[target_mask(tiny, "test")]
+        stored = pd.read_sql_query("SELECT user, item FROM interactions", store.db)
+        stored["item"] = store.item_ids[stored["item"].to_numpy()]
+        assert not set(zip(test_rows["user"], test_rows["item"])) & set(zip(stored["user"], stored["item"]))
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_removing_the_target_interaction_does_not_change_the_evidence(tiny, tmp_path, split):
+    tasks = build_split_tasks(tiny, split)
+    task = tasks[2]
+    row = (tiny.interactions["user"] == task.user_id) & (tiny.interactions["item"] == task.target)
+    assert row.sum() == 1
+    without = Dataset("tiny", tiny.interactions[~row].reset_index(drop=True), tiny.items)
+    full = store_for(tiny, tasks, tmp_path, name="full.sqlite")
+    cut = store_for(without, tasks, tmp_path, name="cut.sqlite")
+    assert [e.to_dict() for e in candidate_evidence(full, task)] == \
+        [e.to_dict() for e in candidate_evidence(cut, task)]
+    calls = [("candidate_evidence", {}), ("similar_users", {"user_id": task.user_id}),
+             ("item_neighbours", {"item_id": task.history[-1]}), ("sequence_candidates", {}),
+             ("popularity", {"item_ids": task.candidates})]
+    answers = [[ToolExecutor(store, task).call(n, a).text for n, a in calls] for store in (full, cut)]
+    assert answers[0] == answers[1]
+
+
+def test_candidate_evidence_numbers(tmp_path):
+    frame = pd.DataFrame({
+        "user": ["u1", "u1", "u2", "u2", "u3", "u3", "me"],
+        "item": ["a", "b", "a", "b", "a", "c", "a"],
+        "timestamp": [1, 2, 1, 2, 1, 2, 1]})
+    items = pd.DataFrame({"title": ["A", "B", "C", "D"]}, index=pd.Index(list("abcd"), name="item"))
+    path = build_store(frame, items, tmp_path / "s.sqlite", NO_CONTENT)
+    from starrec.data.tasks import Task
+
+    task = Task("t", "me", "classic", ["a"], ["b", "c", "d"], "b")
+    b, c, d = candidate_evidence(EvidenceStore(path), task)
+    assert (b.cooc_best_item, b.cooc_best_count, b.cooc_best_base) == ("a", 2, 4)
+    assert b.transition_count == 2 and c.transition_count == 1 and d.transition_count == 0
+    assert b.user_votes == 2 and c.user_votes == 1 and b.similar_users == 3
+    assert not d.known and d.pop == 0
+    assert b.cooc_score == pytest.approx(2 / np.sqrt(4 * 2))
+
+
+def test_tool_specs_are_valid_openai_functions():
+    assert set(tool_names()) == {"item_neighbours", "next_items", "content_neighbours", "popularity",
+                                 "similar_users", "sequence_candidates", "candidate_evidence"}
+    for spec in tool_specs():
+        assert spec["type"] == "function" and spec["function"]["description"]
+        jsonschema.Draft202012Validator.check_schema(spec["function"]["parameters"])
+
+
+def test_executor_returns_errors_never_raises(tiny, tmp_path):
+    tasks = build_split_tasks(tiny, "test")
+    tools = ToolExecutor(store_for(tiny, tasks, tmp_path), tasks[0])
+    cases = [
+        ("nope", "{}", "unknown tool 'nope'"),
+        ("item_neighbours", {"item_id": "zzz"}, "Unknown item id 'zzz'"),
+        ("item_neighbours", {}, "'item_id' is a required property"),
+        ("item_neighbours", {"item_id": "i1", "k": "five"}, "invalid k"),
+        ("item_neighbours", {"item_id": "i1", "k": 500}, "invalid k"),
+        ("item_neighbours", '{"item_id": ', "not valid JSON"),
+        ("popularity", {"item_ids": "i1"}, "invalid item_ids"),
+        ("similar_users", {"user_id": "ghost"}, "unknown user id 'ghost'"),
+        ("candidate_evidence", {"item_ids": ["i39999"]}, "not candidates of this task"),
+        ("content_neighbours", {"item_id": "i1"}, "without content signals"),
+    ]
+    for name, arguments, message in cases:
+        result = tools.call(name, arguments)
+        assert not result.ok and result.text.startswith("Error:") and message in result.text, result.text
+    assert sum(tools.stats.errors.values()) == len(cases)
+    ok = tools.call("item_neighbours", {"item_id": tasks[0].history[-1], "k": 2})
+    assert ok.ok and ok.text.count("\n") <= 1 and "users who consumed" in ok.text
+    assert tools.stats.calls["item_neighbours"] == 6
+
+
+def test_numeric_ids_are_accepted(tmp_path):
+    frame = pd.DataFrame({"user": ["1", "1", "2", "2"], "item": ["50", "181", "50", "181"],
+                          "timestamp": [1, 2, 1, 2]})
+    items = pd.DataFrame({"title": ["Star Wars", "Return of the Jedi"]},
+                         index=pd.Index(["50", "181"], name="item"))
+    tools = ToolExecutor(EvidenceStore(build_store(frame, items, tmp_path / "s.sqlite", NO_CONTENT)))
+    result = tools.call("item_neighbours", {"item_id": 50})
+    assert result.ok and "Of the 2 users who consumed Star Wars, 2 also consumed Return of the Jedi" in result.text
+
+
+def test_budget_truncates_and_says_so():
+    lines = [f"line {i} " + "x" * 40 for i in range(10)]
+    kept = fit_budget(lines, budget=40)
+    assert len(kept) < 10 and "more lines omitted" in kept[-1]
+    assert sum(approx_tokens(l) for l in kept[:-1]) <= 40
+    assert fit_budget(lines[:2], budget=1000) == lines[:2]
+
+
+def test_content_signals_with_minilm(tmp_path):
+    frame = pd.DataFrame({"user": ["u", "u"], "item": ["a", "b"], "timestamp": [1, 2]})
+    items = pd.DataFrame(
+        {"title": ["Star Wars (1977)", "Return of the Jedi (1983)", "Pride and Prejudice (1995)"],
+         "genres": ["Sci-Fi, Adventure", "Sci-Fi, Adventure", "Romance, Drama"]},
+        index=pd.Index(["a", "b", "c"], name="item"))
+    store = EvidenceStore(build_store(frame, items, tmp_path / "s.sqlite", CSTConfig(), progress=False))
+    assert store.embeddings.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(store.embeddings, axis=1), 1, atol=1e-5)
+    top = store.neighbours("content", "a", 1)[0]
+    assert top.item == "b"
+    text = ToolExecutor(store).call("content_neighbours", {"item_id": "c"}).text
+    assert "Pride and Prejudice" in text and "similarity" in text
