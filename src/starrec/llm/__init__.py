@@ -1,0 +1,1 @@
+"""LLM backends behind one chat interface, structured output, and model loading."""

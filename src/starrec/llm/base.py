@@ -1,0 +1,98 @@
+"""The one interface every LLM backend implements, and the records it returns.
+
+Agents, the trajectory recorder and student inference only ever see `ChatModel`; which
+engine runs underneath (an OpenAI-compatible server, in-process transformers, in-process
+llama.cpp) is a config choice. Constraints describe the *shape* an output must have; a
+backend that can enforce one while decoding does so, the others return free text that
+the caller parses, validates and repairs (`starrec.llm.structured`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, TypedDict, runtime_checkable
+
+
+class Message(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class ChoiceConstraint:
+    """The output must be exactly one of `options` (e.g. every well-formed tool call the
+    task admits, enumerated over its item ids)."""
+
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PermutationConstraint:
+    """The output must be `[i1, i2, ..., in]`: a permutation of 0..n-1, comma-separated."""
+
+    n: int
+
+
+@dataclass(frozen=True)
+class JSONSchemaConstraint:
+    """The output must be one JSON value valid against `schema`."""
+
+    schema: dict
+
+
+Constraint = ChoiceConstraint | PermutationConstraint | JSONSchemaConstraint
+
+
+@dataclass
+class Completion:
+    """One generation. Token counts come from the backend's own tokenizer (or the
+    server's usage report); `seconds` is wall time including queueing and retries."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    finish_reason: str = "stop"  # stop | length
+    constrained: bool = False  # the constraint was enforced while decoding
+    extra: dict = field(default_factory=dict)
+
+
+class LLMError(RuntimeError):
+    """The backend could not answer (timeout, server error after retries, OOM).
+    Callers record it in the trajectory and fall back; it never ends a whole run."""
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    name: str
+
+    def supports(self, constraint: Constraint) -> bool:
+        """Whether `chat`/`complete` can enforce this constraint while decoding."""
+
+    def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        constraint: Constraint | None = None,
+        seed: int | None = None,
+    ) -> Completion:
+        """Answer the conversation (chat template applied by the backend)."""
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        constraint: Constraint | None = None,
+        seed: int | None = None,
+    ) -> Completion:
+        """Continue raw text (no template): the student's single pass, which stops at
+        `</tool_call>`, gets the tool response appended, and continues."""
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """The exact text `chat` would feed the model for these messages."""

@@ -1,0 +1,1 @@
+"""Teacher run records, their serialisation to the student language, filters and datasets."""
