@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny datasets built through the real validation path."""
+"""Shared fixtures: tiny datasets built through the real validation path, and a tiny LM."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,3 +35,11 @@ def ml100k() -> Dataset:
     from starrec.data.movielens import load_movielens_100k
 
     return load_movielens_100k("recbole")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama + BPE tokenizer folder (tests/tiny_lm.py), built once per run."""
+    from tiny_lm import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

@@ -8,7 +8,7 @@ and a misspelt one always is.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -81,11 +81,113 @@ class EvalConfig(Strict):
     bootstrap_seed: int = 0
 
 
+class LLMConfig(Strict):
+    """Which engine answers `ChatModel` calls (see `starrec.llm.models.load_chat_model`)."""
+
+    backend: Literal["auto", "transformers", "llamacpp", "openai"] = "auto"
+    model: str = "smollm2"  # smollm2 | local folder | hub id | .gguf file | http(s)://host:port/v1
+    base_url: str | None = None  # OpenAI-compatible server; `model` is then the served name
+    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key, never the key
+    timeout_s: float = 120.0
+    max_retries: int = 3  # on timeouts, 5xx and connection errors, with exponential backoff
+    concurrency: int = 8  # parallel requests to a server
+    # server-side constrained decoding: vllm (>=0.12 structured_outputs), vllm-legacy
+    # (guided_*), llamacpp (llama.cpp server grammar/json_schema) or none
+    guided: Literal["none", "vllm", "vllm-legacy", "llamacpp"] = "none"
+    threads: int | None = None  # in-process backends; None = all cores
+    max_tokens: int = 512
+    temperature: float = 0.0
+
+
+class MarsTokens(Strict):
+    """Generated tokens per call, by role: SmolLM2-135M decodes ~11 tokens/s on a CPU."""
+
+    planner: int = 96
+    analyst: int = 128  # per turn: a tool call or the findings
+    reflector: int = 64
+    ranker: int = 120  # a permutation of 20 indices with its tags
+
+
+class MarsConfig(Strict):
+    """The multi-agent teacher (`starrec.agents.mars`): roles, caps, decoding."""
+
+    analysts: list[Literal["user_profile", "long_term", "recent", "divergence"]] = [
+        "user_profile", "long_term", "recent", "divergence"]
+    max_turns: int = 4  # LLM turns per analyst run, the final answer included
+    max_tool_calls: int = 2  # per analyst run; at the cap its next turn must answer
+    reflection_rounds: int = 1  # times the Reflector may send analysts back; 0: no Reflector
+    max_repairs: int = 2  # re-asks after an unparsable answer, per call
+    temperature: float = 0.0
+    seed: int = 0  # a run's seed is seed + sample unless given
+    history_items: int = 10  # most recent history items shown in every prompt
+    evidence_budget: int | None = 400  # tokens per tool response; None: the store's cst.token_budget
+    max_tokens: MarsTokens = MarsTokens()
+
+
+class StudentFormatConfig(Strict):
+    """What a student's sequence holds and how its prompt shows a task. Copied into the
+    model's star_model.json, so inference renders exactly what training saw."""
+
+    plan: bool = True  # False: ablation without <plan>
+    tools: bool = True  # False: ablation without CST tool calls and responses
+    reflection: bool = True  # False: ablation without <reflection>
+    history_items: int = 20  # most recent history titles shown in the prompt
+    max_tool_calls: int = 8  # teacher calls kept per sequence (the first ones)
+    keep_failed_tools: bool = False  # also keep calls a tool answered with an error
+
+
+class TrajectoryFilterConfig(Strict):
+    top_k: int = 1  # keep runs whose ranking put the target within the first k
+    per_task: Literal["first", "best", "all"] = "first"  # which samples of a task to keep
+    balance: bool = False  # equal counts per (target popularity, history length) stratum
+    per_stratum: int | None = None  # with balance: cap per stratum; None = smallest stratum
+    seed: int = 0
+
+
+class SFTSettings(Strict):
+    base_model: str = "smollm2"  # model spec, resolved like llm.model (folder, hub id, ...)
+    lora: bool = True  # False: full fine-tune
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    merge: bool = True  # merge LoRA into the weights: eval/serve load a plain model folder
+    learning_rate: float = 2e-5
+    epochs: float = 3.0
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    max_length: int = 4096  # longer sequences are dropped, never cut before <recommend>
+    batch_size: int = 1
+    grad_accum: int = 8
+    warmup: float = 0.03  # fraction of the steps
+    eval_fraction: float = 0.1  # tasks held out for validation when no validation file is given
+    eval_steps: int = 50
+    save_steps: int = 50  # checkpoint every N steps (resume restarts from the latest)
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    gradient_checkpointing: bool = False  # GPUs only; always off on CPU (13x slower there)
+    seed: int = 0
+    format: StudentFormatConfig = StudentFormatConfig()
+    filter: TrajectoryFilterConfig = TrajectoryFilterConfig()
+
+
+class StudentConfig(Strict):
+    """Single-pass inference of a distilled student (`star eval --system star`, serve)."""
+
+    max_tool_calls: int = 8  # later calls are answered with a "limit reached" message
+    max_new_tokens: int = 1024  # generated tokens per task, over all continuations
+    temperature: float = 0.0
+    seed: int | None = None
+
+
 class StarConfig(Strict):
     data: DataConfig = DataConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     cst: CSTConfig = CSTConfig()
     eval: EvalConfig = EvalConfig()
+    llm: LLMConfig = LLMConfig()
+    mars: MarsConfig = MarsConfig()
+    sft: SFTSettings = SFTSettings()
+    student: StudentConfig = StudentConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

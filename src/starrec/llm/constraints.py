@@ -1,0 +1,255 @@
+"""Constrained decoding by token masking, shared by the in-process backends.
+
+A constraint becomes a small state machine over generated token ids (`ConstraintState`):
+it says which token ids may come next and advances on the one that was picked. The
+backends only translate it into their hook (a transformers `LogitsProcessor`, a
+llama-cpp-python `logits_processor`), so both enforce exactly the same language.
+
+Cost per step is independent of the vocabulary size: a choice is a trie over the options'
+token ids; a permutation only ever considers the few vocabulary tokens made of digits,
+spaces, commas and brackets (found once per tokenizer), and the mask is one vector op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from starrec.llm.base import ChoiceConstraint, Constraint, PermutationConstraint
+
+LIST_CHARS = frozenset("0123456789, []")
+# Raw vocabulary pieces can only spell LIST_CHARS if they use these characters: the
+# byte-level BPE space "Ġ" and the sentencepiece space "▁" stand for " ".
+_RAW_LIST_CHARS = LIST_CHARS | {"Ġ", "▁"}
+
+
+@dataclass(frozen=True)
+class TokenVocab:
+    """What a constraint needs to know about a tokenizer."""
+
+    size: int  # width of the logits vector (may exceed the tokenizer's length)
+    eos_ids: tuple[int, ...]
+    list_tokens: dict[int, str]  # token id -> exact text, for tokens spelling only LIST_CHARS
+    encode: Callable[[str], list[int]]  # text -> token ids, no special tokens added
+
+
+def find_list_tokens(pieces: Sequence[str], decode: Callable[[list[int]], str],
+                     anchor: list[int]) -> dict[int, str]:
+    """Exact text of every token that spells only digits, spaces, commas and brackets.
+
+    `pieces` are the raw vocabulary strings (cheap pre-filter); the text is then read by
+    decoding after an anchor token, because many decoders drop a leading space on the
+    first token of a sequence.
+    """
+    prefix = decode(anchor)
+    out: dict[int, str] = {}
+    for token_id, piece in enumerate(pieces):
+        if not piece or not set(piece) <= _RAW_LIST_CHARS:
+            continue
+        full = decode(anchor + [token_id])
+        text = full[len(prefix):] if full.startswith(prefix) else ""
+        if text and set(text) <= LIST_CHARS:
+            out[token_id] = text
+    return out
+
+
+class ConstraintState(Protocol):
+    def allowed(self) -> np.ndarray:
+        """Token ids that may come next (never empty)."""
+
+    def advance(self, token_id: int) -> None:
+        """Consume the token that was generated."""
+
+
+class ChoiceState:
+    """Exactly one of the options, spelled with the tokenizer's own tokenization of it,
+    then end of sequence."""
+
+    def __init__(self, options: Sequence[str], vocab: TokenVocab) -> None:
+        if not options:
+            raise ValueError("ChoiceConstraint needs at least one option")
+        # A trie node is a dict token id -> child; key None marks "an option ends here".
+        self.root: dict = {}
+        for option in options:
+            ids = vocab.encode(option)
+            if not ids:
+                raise ValueError(f"option {option!r} encodes to no tokens")
+            node = self.root
+            for token_id in ids:
+                node = node.setdefault(token_id, {})
+            node[None] = True
+        self.eos = np.asarray(vocab.eos_ids, dtype=np.int64)
+        self.node: dict | None = self.root
+
+    def allowed(self) -> np.ndarray:
+        if self.node is None:  # left the trie (only possible if the hook was bypassed)
+            return self.eos
+        ids = np.fromiter((k for k in self.node if k is not None), dtype=np.int64)
+        return np.concatenate([ids, self.eos]) if None in self.node else ids
+
+    def advance(self, token_id: int) -> None:
+        self.node = None if self.node is None else self.node.get(token_id)
+
+
+# Permutation grammar, one character at a time:
+#   "[" NUM ("," " "? NUM)* "]"  with n numbers, each < n, no repeats, no leading zeros.
+_OPEN, _NUM_START, _IN_NUM, _AFTER_COMMA, _CLOSED = range(5)
+
+
+@dataclass(frozen=True)
+class _PermState:
+    phase: int = _OPEN
+    digits: str = ""
+    used: frozenset[int] = frozenset()
+
+
+class PermutationState:
+    """`[i1, i2, ..., in]`, a permutation of 0..n-1, then end of sequence."""
+
+    def __init__(self, n: int, vocab: TokenVocab) -> None:
+        if n < 1:
+            raise ValueError(f"PermutationConstraint needs n >= 1, got {n}")
+        if not vocab.list_tokens:
+            raise ValueError("the tokenizer has no tokens for digits/brackets/commas")
+        self.n = n
+        self.texts = vocab.list_tokens
+        self.eos = np.asarray(vocab.eos_ids, dtype=np.int64)
+        self.state: _PermState | None = _PermState()
+
+    def _open_prefix(self, digits: str, used: frozenset[int]) -> bool:
+        """Some unused number < n is spelled starting with `digits`."""
+        if len(digits) > 1 and digits[0] == "0":
+            return False
+        return any(str(v).startswith(digits) for v in range(self.n) if v not in used)
+
+    def _step(self, s: _PermState, ch: str) -> _PermState | None:
+        if s.phase == _OPEN:
+            return _PermState(_NUM_START, "", s.used) if ch == "[" else None
+        if s.phase in (_NUM_START, _AFTER_COMMA):
+            if ch == " " and s.phase == _AFTER_COMMA:
+                return _PermState(_NUM_START, "", s.used)
+            if ch.isdigit() and self._open_prefix(ch, s.used):
+                return _PermState(_IN_NUM, ch, s.used)
+            return None
+        if s.phase == _IN_NUM:
+            if ch.isdigit():
+                digits = s.digits + ch
+                return _PermState(_IN_NUM, digits, s.used) if self._open_prefix(digits, s.used) else None
+            value = int(s.digits)
+            if value >= self.n or value in s.used or (len(s.digits) > 1 and s.digits[0] == "0"):
+                return None
+            used = s.used | {value}
+            if ch == "," and len(used) < self.n:
+                return _PermState(_AFTER_COMMA, "", used)
+            if ch == "]" and len(used) == self.n:
+                return _PermState(_CLOSED, "", used)
+            return None
+        return None  # nothing may follow "]"
+
+    def _feed(self, s: _PermState | None, text: str) -> _PermState | None:
+        for ch in text:
+            if s is None:
+                return None
+            s = self._step(s, ch)
+        return s
+
+    def allowed(self) -> np.ndarray:
+        if self.state is None or self.state.phase == _CLOSED:
+            return self.eos
+        ids = [tid for tid, text in self.texts.items() if self._feed(self.state, text) is not None]
+        # A tokenizer lacking some single character could strand the list; ending lets
+        # the caller's validation and repair take over instead of looping.
+        return np.asarray(ids, dtype=np.int64) if ids else self.eos
+
+    def advance(self, token_id: int) -> None:
+        if self.state is not None and self.state.phase != _CLOSED:
+            text = self.texts.get(token_id)
+            self.state = None if text is None else self._feed(self.state, text)
+
+
+def make_state(constraint: Constraint, vocab: TokenVocab) -> ConstraintState:
+    if isinstance(constraint, ChoiceConstraint):
+        return ChoiceState(constraint.options, vocab)
+    if isinstance(constraint, PermutationConstraint):
+        return PermutationState(constraint.n, vocab)
+    raise TypeError(f"{type(constraint).__name__} cannot be enforced by token masking")
+
+
+def maskable(constraint: Constraint) -> bool:
+    """Whether `make_state` handles this constraint."""
+    return isinstance(constraint, ChoiceConstraint | PermutationConstraint)
+
+
+class SequenceMasker:
+    """One state per sequence of a batch, fed with whatever was generated since the last
+    call: the hooks see the whole token sequence (prompt included) at every step."""
+
+    def __init__(self, make: Callable[[], ConstraintState], prompt_len: int) -> None:
+        self.make = make
+        self.prompt_len = prompt_len
+        self.states: dict[int, tuple[ConstraintState, int]] = {}
+
+    def allowed(self, row: int, ids: Sequence[int]) -> np.ndarray:
+        state, seen = self.states.get(row) or (self.make(), 0)
+        generated = ids[self.prompt_len:]
+        for token_id in generated[seen:]:
+            state.advance(int(token_id))
+        self.states[row] = (state, len(generated))
+        return state.allowed()
+
+
+def hf_logits_processor(constraint: Constraint, vocab: TokenVocab, prompt_len: int):
+    """A transformers `LogitsProcessor` enforcing `constraint` after `prompt_len` tokens."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class _Processor(LogitsProcessor):
+        def __init__(self) -> None:
+            self.masker = SequenceMasker(lambda: make_state(constraint, vocab), prompt_len)
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            mask = torch.full_like(scores, float("-inf"))
+            for row in range(input_ids.shape[0]):
+                allowed = self.masker.allowed(row, input_ids[row].tolist())
+                mask[row, torch.from_numpy(allowed).to(scores.device)] = 0.0
+            return scores + mask
+
+    return _Processor()
+
+
+def llamacpp_logits_processor(constraint: Constraint, vocab: TokenVocab, prompt_len: int):
+    """A llama-cpp-python logits processor (`fn(input_ids, scores) -> scores`)."""
+    masker = SequenceMasker(lambda: make_state(constraint, vocab), prompt_len)
+
+    def process(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        masked = np.full_like(scores, -np.inf)
+        allowed = masker.allowed(0, input_ids.tolist())
+        masked[allowed] = scores[allowed]
+        return masked
+
+    return process
+
+
+def permutation_regex(n: int) -> str:
+    """The shape of a permutation's text for servers that take a regex. It pins the
+    count and the range of the numbers, not their distinctness: callers still validate."""
+    number = "(" + "|".join(str(i) for i in range(n)) + ")"
+    return r"\[" + number + ("(, " + number + "){" + str(n - 1) + "}" if n > 1 else "") + r"\]"
+
+
+def _gbnf_literal(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def gbnf_grammar(constraint: ChoiceConstraint | PermutationConstraint) -> str:
+    """A llama.cpp GBNF grammar for a choice (exact) or a permutation (shape only)."""
+    if isinstance(constraint, ChoiceConstraint):
+        return "root ::= " + " | ".join(_gbnf_literal(o) for o in constraint.options)
+    n = constraint.n
+    number = " | ".join(_gbnf_literal(str(i)) for i in range(n))
+    repeat = f' ("," " " num){{{n - 1}}}' if n > 1 else ""
+    return f'root ::= "[" num{repeat} "]"\nnum ::= {number}'

@@ -1,0 +1,156 @@
+"""In-process transformers backend: any causal LM folder, cached hub id or GGUF file.
+
+Generation is serialised behind a lock (one model, one forward pass at a time; callers
+may still share the object across threads). On CPU it runs in fp32 with torch's thread
+pool capped to the cores this process may use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from starrec.llm.base import Completion, Constraint, LLMError, Message
+from starrec.llm.constraints import TokenVocab, find_list_tokens, hf_logits_processor, maskable
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cap_torch_threads(threads: int | None) -> int:
+    """Set torch's intra-op pool to `threads` (default: all usable cores), never more."""
+    import torch
+
+    cores = available_cores()
+    n = max(1, min(threads or cores, cores))
+    torch.set_num_threads(n)
+    return n
+
+
+def _eos_ids(model, tokenizer) -> tuple[int, ...]:
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    ids.discard(None)
+    if not ids:
+        raise LLMError("the model has no end-of-sequence token (generation_config.eos_token_id)")
+    return tuple(sorted(ids))
+
+
+class HFChatModel:
+    """`ChatModel` over a loaded transformers model and its tokenizer."""
+
+    def __init__(self, model, tokenizer, name: str, threads: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.threads = cap_torch_threads(threads) if model.device.type == "cpu" else None
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._vocab: TokenVocab | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, gguf_file: str | None = None, threads: int | None = None,
+             name: str | None = None) -> HFChatModel:
+        """Load a folder or hub id (hub: only from the local cache unless online); with
+        `gguf_file`, de-quantise that GGUF inside `path`."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cuda = torch.cuda.is_available()
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), **extra)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
+        except OSError as exc:
+            raise LLMError(f"cannot load a transformers model from {path!r}"
+                           f"{' / ' + gguf_file if gguf_file else ''}: {exc}") from exc
+        if cuda:
+            model = model.to("cuda")
+        return cls(model, tokenizer, name=name or str(path), threads=threads)
+
+    @property
+    def vocab(self) -> TokenVocab:
+        """Built on first use: scanning the vocabulary costs ~0.1 s for 49k tokens."""
+        if self._vocab is None:
+            tok = self.tokenizer
+            pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+
+            def decode(ids: list[int]) -> str:
+                return tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+            anchor = tok.encode("a", add_special_tokens=False)
+            self._vocab = TokenVocab(
+                size=self.model.get_output_embeddings().weight.shape[0],
+                eos_ids=self.eos_ids,
+                list_tokens=find_list_tokens(pieces, decode, anchor),
+                encode=lambda text: tok.encode(text, add_special_tokens=False))
+        return self._vocab
+
+    def supports(self, constraint: Constraint) -> bool:
+        return maskable(constraint)
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        if not self.tokenizer.chat_template:
+            raise LLMError(f"{self.name} has no chat template; use complete() with raw text")
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: list[Message], *, max_tokens: int = 256, temperature: float = 0.0,
+             stop: list[str] | None = None, constraint: Constraint | None = None,
+             seed: int | None = None) -> Completion:
+        # The template already writes any BOS the model expects.
+        return self._generate(self.render_chat(messages), False, max_tokens, temperature, stop,
+                              constraint, seed)
+
+    def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0,
+                 stop: list[str] | None = None, constraint: Constraint | None = None,
+                 seed: int | None = None) -> Completion:
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))
+        return self._generate(prompt, add_special, max_tokens, temperature, stop, constraint, seed)
+
+    def _generate(self, text: str, add_special: bool, max_tokens: int, temperature: float,
+                  stop: list[str] | None, constraint: Constraint | None,
+                  seed: int | None) -> Completion:
+        import torch
+
+        start = time.perf_counter()
+        if constraint is not None and not self.supports(constraint):
+            constraint = None  # free text; the caller parses and repairs (see base.py)
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        prompt_len = enc["input_ids"].shape[1]
+        pad = self.tokenizer.pad_token_id
+        kwargs: dict = {"max_new_tokens": max_tokens, "eos_token_id": list(self.eos_ids),
+                        "pad_token_id": self.eos_ids[0] if pad is None else pad}
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        if constraint is not None:
+            kwargs["logits_processor"] = [hf_logits_processor(constraint, self.vocab, prompt_len)]
+        devices = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
+        with self._lock, torch.random.fork_rng(devices=devices), torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            try:
+                out = self.model.generate(**enc, **kwargs)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise LLMError(f"{self.name}: out of memory generating {max_tokens} tokens "
+                               f"after {prompt_len} prompt tokens") from exc
+        new_ids = out[0, prompt_len:].tolist()
+        text_out = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        finish = "stop" if new_ids and new_ids[-1] in self.eos_ids else "length"
+        cut = min((i for i in (text_out.find(s) for s in stop or []) if i >= 0), default=-1)
+        if cut >= 0:
+            text_out, finish = text_out[:cut], "stop"
+        return Completion(text=text_out, prompt_tokens=prompt_len, completion_tokens=len(new_ids),
+                          seconds=time.perf_counter() - start, finish_reason=finish,
+                          constrained=constraint is not None)

