@@ -31,19 +31,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from starrec.baselines.base import FitData, Recommender
 from starrec.data.splits import sorted_ids
 from starrec.data.tasks import Task
+from starrec.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,10 @@ class SASRec(Recommender):
 
     # -- Recommender ----------------------------------------------------------------------
 
-    def fit(self, data: FitData) -> SASRec:
+    def fit(self, data: FitData,
+            on_epoch: Callable[[int, SASRec], None] | None = None) -> SASRec:
+        """`on_epoch(epoch, self)` runs after every epoch with the network in eval mode, so a
+        caller can score validation tasks while training (how `epochs` is chosen)."""
         started = time.perf_counter()
         frame = data.interactions
         items = sorted_ids(list(frame["item"].astype(str)) + [str(i) for i in data.items.index])
@@ -210,7 +212,7 @@ class SASRec(Recommender):
         elif torch.get_num_threads() > limit:
             torch.set_num_threads(limit)
 
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
+        show = self.progress if self.progress is not None else True
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             rng = np.random.default_rng(self.seed)
@@ -222,8 +224,8 @@ class SASRec(Recommender):
             n_batches = math.ceil(len(windows) / self.batch_size) if len(windows) else 0
             self.losses = []
             net.train()
-            bar = tqdm(range(self.epochs), desc="sasrec", disable=not show or n_batches == 0,
-                       unit="epoch")
+            bar = progress_bar(range(self.epochs), "sasrec", unit="epoch",
+                               enabled=show and n_batches > 0)
             for _ in bar:
                 if n_batches == 0:
                     break
@@ -243,6 +245,10 @@ class SASRec(Recommender):
                     total += loss.item()
                 self.losses.append(total / n_batches)
                 bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
+                if on_epoch is not None:
+                    self.net = net.eval()
+                    on_epoch(len(self.losses), self)
+                    net.train()
             net.eval()
         self.net = net
         self.fit_seconds = time.perf_counter() - started

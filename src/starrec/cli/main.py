@@ -110,9 +110,56 @@ def data_prepare(
         typer.echo(f"  {name:28s} {entry['count']:6d} tasks  sha256 {entry['sha256'][:16]}")
 
 
+def _task_list(tasks: Path | None, dataset: str, split: str, users: str, scenario: str,
+               limit: int | None, cfg: StarConfig):
+    """The task file given, or the prepared file of split / users / scenario."""
+    from starrec.data.tasks import load_tasks
+
+    if tasks is None:
+        if users not in ("all", "eval-200"):
+            raise typer.BadParameter("expected all or eval-200", param_hint="--users")
+        if users == "eval-200" and split != "test":
+            raise typer.BadParameter("eval-200 is a set of test users; use --split test",
+                                     param_hint="--users")
+        stem = "eval-200" if users == "eval-200" else split
+        if scenario != "classic":
+            stem = f"{stem}-{scenario}"
+        tasks = _prepared(dataset, cfg.data.source, cfg.data.seed, None) / f"{stem}.jsonl"
+    return load_tasks(tasks, limit)
+
+
+LLM_SYSTEMS = ("mars", "star")
+
+
+def _llm_system(name: str, model: str | None, store_path: Path, cfg: StarConfig,
+                trajectories: Path | None):
+    """The teacher or a student as an evaluation System, bound to the task set's store."""
+    from starrec.cst.store import EvidenceStore
+    from starrec.llm.models import load_chat_model
+
+    store = EvidenceStore(store_path)
+    if name == "star":
+        from starrec.inference.system import load_star_system
+
+        if model is None:
+            raise typer.BadParameter("--system star needs --model DIR (a distilled student)",
+                                     param_hint="--model")
+        return load_star_system(model, store, cfg)
+    from starrec.agents.mars import MarsTeacher
+    from starrec.agents.system import MarsSystem
+    from starrec.trajectories.recorder import TrajectoryWriter
+
+    writer = TrajectoryWriter(trajectories) if trajectories is not None else None
+    if writer is not None:
+        writer.open()
+    return MarsSystem(MarsTeacher(load_chat_model(model, cfg.llm), store, cfg.mars), writer)
+
+
 @app.command("eval")
 def evaluate(
-    system: Annotated[str, typer.Option(help="random, pop, itemknn, als, sasrec or cst.")],
+    system: Annotated[str, typer.Option(
+        help="A baseline (random, pop, itemknn, als, sasrec), cst (evidence ranker), mars (the "
+        "multi-agent teacher) or star (a distilled student, with --model).")],
     out: Annotated[Path, typer.Option(help="Where to write the results JSON.")],
     tasks: Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")] = None,
     dataset: DatasetOption = None,
@@ -122,37 +169,56 @@ def evaluate(
         str, typer.Option(help="classic, user_cold, item_cold, long_term or short_term.")
     ] = "classic",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N tasks.")] = None,
-    records: Annotated[
-        Optional[Path], typer.Option(help="Also write one JSON line per task (ranking, rank, time).")
-    ] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="mars / star: smollm2, a model folder, a hub id, a .gguf file or "
+        "http(s)://host:port/v1. Default for mars: llm.model of the config.")] = None,
+    records: Annotated[Optional[Path], typer.Option(
+        help="One JSON line per task (ranking, rank, time, tokens). For mars / star it is "
+        "written as tasks finish and a rerun skips the tasks already in it (default: next to "
+        "--out).")] = None,
+    fresh: Annotated[bool, typer.Option(
+        help="mars / star: ignore and replace an existing --records file.")] = False,
+    trajectories: Annotated[Optional[Path], typer.Option(
+        help="mars: also append every full teacher run to this JSON lines file.")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
-    """Evaluate one system on a task file and write the results JSON (metrics x100)."""
+    """Evaluate one system on a task file and write the results JSON (metrics x100).
+
+    Long LLM evaluations resume: run the same command again after a crash or Ctrl-C."""
+    from starrec.baselines.registry import RANKERS
     from starrec.data.errors import DataError
     from starrec.data.registry import load_dataset
-    from starrec.data.tasks import load_tasks
-    from starrec.evaluation.runner import evaluate_baseline, write_json, write_records
+    from starrec.evaluation.runner import evaluate_baseline, evaluate_system, write_json, write_records
+    from starrec.llm.base import LLMError
 
+    if system not in (*RANKERS, *LLM_SYSTEMS):
+        raise typer.BadParameter(f"unknown system {system!r}; expected one of "
+                                 f"{', '.join((*RANKERS, *LLM_SYSTEMS))}", param_hint="--system")
     cfg = _config(config, set_)
     dataset = dataset or cfg.data.dataset
     try:
-        if tasks is None:
-            if users not in ("all", "eval-200"):
-                raise typer.BadParameter("expected all or eval-200", param_hint="--users")
-            folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
-            stem = "eval-200" if users == "eval-200" else split
-            if scenario != "classic":
-                stem = f"{stem}-{scenario}"
-            tasks = folder / f"{stem}.jsonl"
-        task_list = load_tasks(tasks, limit)
+        task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg)
         loaded = load_dataset(dataset, cfg.data.source)
-        result, task_records = evaluate_baseline(system, loaded, task_list, cfg)
-    except (DataError, ValueError) as error:
+        if system in LLM_SYSTEMS:
+            store_path = _store_for(loaded, task_list, cfg, dataset)
+            records = records or out.with_suffix(".records.jsonl")
+            if fresh:
+                records.unlink(missing_ok=True)
+            llm_system = _llm_system(system, model, store_path, cfg, trajectories)
+            section = cfg.mars if system == "mars" else cfg.student
+            params = {"params": section.model_dump(), "model": model or cfg.llm.model,
+                      "llm": cfg.llm.model_dump(), "cst_store": store_path.name}
+            result, task_records = evaluate_system(llm_system, loaded.name, task_list, cfg,
+                                                   params, checkpoint=records)
+        else:
+            result, task_records = evaluate_baseline(system, loaded, task_list, cfg)
+    except (DataError, ValueError, LLMError) as error:
         raise _fail(error) from None
-    result["config"].update(tasks=str(tasks.name), users=users, scenario=scenario)
+    result["config"].update(tasks=tasks.name if tasks else f"{users}:{split}", users=users,
+                            scenario=scenario)
     write_json(result, out)
-    if records:
+    if records and system not in LLM_SYSTEMS:
         write_records(task_records, records)
     m = result["metrics"]
     typer.echo(
@@ -161,26 +227,25 @@ def evaluate(
     )
 
 
-def _task_set(dataset: str, split: str, tasks: Path | None, cfg: StarConfig):
-    from starrec.data.tasks import load_tasks
+def _store_for(loaded, task_list, cfg: StarConfig, dataset: str, out: Path | None = None) -> Path:
+    """The evidence store serving exactly this task set (DESIGN.md 3.3), built if needed."""
+    from starrec.cst.store import ensure_store
+    from starrec.data.registry import dataset_slug
+    from starrec.data.splits import task_interactions
 
-    if tasks is None:
-        tasks = _prepared(dataset, cfg.data.source, cfg.data.seed, None) / f"{split}.jsonl"
-    return load_tasks(tasks)
+    split = task_list[0].split
+    allowed = task_interactions(loaded, task_list, split)
+    return ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset), split=split,
+                        path=out)
 
 
 def _evidence_store(dataset: str, split: str, tasks: Path | None, cfg: StarConfig, out: Path | None = None):
     """The store serving a task set, built if needed: (store path, dataset, tasks)."""
-    from starrec.cst.store import ensure_store
-    from starrec.data.registry import dataset_slug, load_dataset
-    from starrec.data.splits import task_interactions
+    from starrec.data.registry import load_dataset
 
-    task_list = _task_set(dataset, split, tasks, cfg)
+    task_list = _task_list(tasks, dataset, split, "all", "classic", None, cfg)
     loaded = load_dataset(dataset, cfg.data.source)
-    allowed = task_interactions(loaded, task_list, task_list[0].split)
-    path = ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset),
-                        split=task_list[0].split, path=out)
-    return path, loaded, task_list
+    return _store_for(loaded, task_list, cfg, dataset, out), loaded, task_list
 
 
 @cst_app.command("build")

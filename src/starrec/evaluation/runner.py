@@ -8,6 +8,7 @@ task so that any number can be traced back to the outputs behind it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Iterable
@@ -16,13 +17,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from starrec.progress import progress as progress_bar
 
 from starrec.baselines.base import FitData, Recommender
 from starrec.data.schema import Dataset
 from starrec.data.splits import fit_interactions
 from starrec.data.tasks import Task
 from starrec.evaluation.metrics import complete_ranking, summarize
+from starrec.progress import progress as progress_bar
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Recommendation:
     produced them (possibly partial or malformed); None when nothing could be parsed."""
 
     ranking: list[str] | None
+    fallback: bool = False  # the ranking is a fallback, not the system's own answer: invalid
     llm_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -81,28 +83,65 @@ class TaskRecord:
     ranking: list[str]
 
 
-def run_tasks(system: System, tasks: Iterable[Task], progress: bool = True) -> list[TaskRecord]:
+def read_records(path: Path) -> dict[str, TaskRecord]:
+    """Per-task records of an earlier (possibly interrupted) run; a line cut short by a
+    crash is ignored, so its task simply runs again."""
+    done: dict[str, TaskRecord] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = TaskRecord(**json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        done[record.task_id] = record
+    return done
+
+
+def run_tasks(system: System, tasks: Iterable[Task], progress: bool = True,
+              checkpoint: Path | None = None) -> list[TaskRecord]:
+    """Answer every task; with `checkpoint`, each record is appended to that file as soon
+    as it exists and tasks already there are not run again, so a long LLM evaluation
+    resumes where it stopped."""
     tasks = list(tasks)
-    records = []
-    for task in progress_bar(tasks, f"eval {system.name}", unit="task", enabled=progress):
-        start = time.perf_counter()
-        answer = system.recommend(task)
-        seconds = time.perf_counter() - start
-        completed = complete_ranking(answer.ranking, task.candidates)
-        records.append(
-            TaskRecord(
+    done = read_records(checkpoint) if checkpoint is not None else {}
+    by_id = {t.task_id: t for t in tasks}
+    for task_id, record in done.items():
+        if task_id in by_id and by_id[task_id].target != record.target:
+            raise ValueError(f"{checkpoint}: task {task_id} has another target there; it "
+                             "belongs to a different task file (use a new --records file)")
+    todo = [t for t in tasks if t.task_id not in done]
+    handle = None
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        handle = checkpoint.open("a", encoding="utf-8")
+    try:
+        for task in progress_bar(todo, f"eval {system.name}", total=len(tasks), unit="task",
+                                 enabled=progress, initial=len(tasks) - len(todo)):
+            start = time.perf_counter()
+            answer = system.recommend(task)
+            seconds = time.perf_counter() - start
+            completed = complete_ranking(answer.ranking, task.candidates)
+            record = TaskRecord(
                 task_id=task.task_id,
                 target=task.target,
                 rank=completed.ranking.index(task.target) + 1,
-                valid=completed.valid,
+                valid=completed.valid and not answer.fallback,
                 seconds=seconds,
                 llm_calls=answer.llm_calls,
                 prompt_tokens=answer.prompt_tokens,
                 completion_tokens=answer.completion_tokens,
                 ranking=completed.ranking,
             )
-        )
-    return records
+            done[task.task_id] = record
+            if handle is not None:
+                handle.write(json.dumps(asdict(record)) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+    finally:
+        if handle is not None:
+            handle.close()
+    return [done[t.task_id] for t in tasks]
 
 
 def results_json(
@@ -141,8 +180,6 @@ def results_json(
 
 
 def machine_description() -> str:
-    import os
-
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
 
 
@@ -158,27 +195,31 @@ def write_records(records: list[TaskRecord], path: Path) -> None:
             handle.write(json.dumps(asdict(record)) + "\n")
 
 
+def evaluate_system(
+    system: System, dataset: str, tasks: list[Task], config: Any, params: dict[str, Any],
+    checkpoint: Path | None = None,
+) -> tuple[dict[str, Any], list[TaskRecord]]:
+    """Run `system` on `tasks` (resumable through `checkpoint`) and summarise."""
+    split = split_of(tasks)
+    records = run_tasks(system, tasks, checkpoint=checkpoint)
+    result = results_json(system.name, dataset, split, records, params,
+                          config.eval.bootstrap_resamples, config.eval.bootstrap_seed)
+    return result, records
+
+
 def evaluate_baseline(
     name: str, dataset: Dataset, tasks: list[Task], config: Any
 ) -> tuple[dict[str, Any], list[TaskRecord]]:
     """Fit baseline `name` on what the tasks' split allows, then evaluate it on them."""
     from starrec.baselines.registry import make_recommender
 
-    split = split_of(tasks)
     recommender = make_recommender(name, config, dataset.name)
-    fit_seconds = fit_recommender(recommender, dataset, split)
-    records = run_tasks(RecommenderSystem(recommender), tasks)
+    fit_seconds = fit_recommender(recommender, dataset, split_of(tasks))
     params = config.cst if name == "cst" else getattr(config.baselines, name, None)
-    result = results_json(
-        name,
-        dataset.name,
-        split,
-        records,
+    return evaluate_system(
+        RecommenderSystem(recommender), dataset.name, tasks, config,
         {"params": params.model_dump() if params is not None else {}, "fit_s": round(fit_seconds, 3)},
-        config.eval.bootstrap_resamples,
-        config.eval.bootstrap_seed,
     )
-    return result, records
 
 
 def subset_result(
