@@ -1,0 +1,209 @@
+"""MARS, the multi-agent teacher: plan, analyse with CST tools, reflect, rank.
+
+One run per task: the Planner assigns analysts; each analyst works in a bounded tool
+loop; the Reflector checks the findings against the evidence and may send analysts back
+(`mars.reflection_rounds` times at most); the Ranker orders the candidates, decoded
+under `PermutationConstraint` where the backend supports it (plans, verdicts and tool
+calls under `ChoiceConstraint` with `mars.constrain`, see `starrec.agents.choices`). The run is recorded in
+full as a `TeacherRun`. Model misbehaviour never raises: unparsable answers are
+repaired, and a ranking that stays broken, or a backend that fails, gives the `cst`
+ranker's order as a recorded fallback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from starrec.agents.answers import Verdict, parse_findings, parse_plan, parse_verdict
+from starrec.agents.choices import plan_options, tool_call_options, verdict_options
+from starrec.agents.core import Agent, AgentSpec, BackendFailure, record_message
+from starrec.agents.prompts import (
+    candidate_block,
+    context_block,
+    evidence_block,
+    role_prompt,
+    roles,
+    snippet,
+)
+from starrec.config import MarsConfig
+from starrec.cst.ranker import CSTRanker
+from starrec.cst.store import EvidenceStore
+from starrec.cst.tools import ToolExecutor
+from starrec.data.tasks import Task
+from starrec.llm.base import ChatModel, ChoiceConstraint, PermutationConstraint
+from starrec.llm.structured import parse_ranking
+from starrec.trajectories.schema import TeacherRun
+
+log = logging.getLogger(__name__)
+
+NO_FINDINGS = "(no findings)"
+
+
+def fallback_order(store: EvidenceStore, task: Task) -> tuple[list[int], str]:
+    """Candidate indices in the `cst` ranker's order (presented order if even that
+    fails), and which of the two it is."""
+    try:
+        ranker = CSTRanker(store.config)
+        ranker.store = store  # an open store is all a fitted CSTRanker holds
+        order = ranker.rank(task)
+        return [task.candidates.index(item) for item in order], "cst ranker order"
+    except Exception as error:  # the fallback of last resort must not fail
+        log.warning("cst fallback failed for %s: %s", task.task_id, error)
+        return list(range(len(task.candidates))), "presented order"
+
+
+class MarsTeacher:
+    def __init__(self, model: ChatModel, store: EvidenceStore, config: MarsConfig | None = None) -> None:
+        self.model = model
+        self.store = store
+        self.config = config or MarsConfig()
+
+    def run(self, task: Task, sample: int = 0, seed: int | None = None) -> TeacherRun:
+        """One task, start to end, recorded in full. Never raises on what the model or
+        its backend does; a bug in this code is recorded as status "error" as well."""
+        started = time.perf_counter()
+        seed = self.config.seed + sample if seed is None else seed
+        record = TeacherRun(
+            task_id=task.task_id, task=json.loads(task.to_json()), model=self.model.name,
+            config={"mars": self.config.model_dump(), "cst_version": self.store.meta.get("version")},
+            sample=sample, seed=seed)
+        try:
+            _Run(self, task, record).execute()
+        except BackendFailure as error:
+            self._fail(task, record, str(error))  # "backend error: ..."
+        except Exception as error:  # one task's bug must not end a batch of hundreds
+            log.exception("teacher run %s failed", record.key)
+            self._fail(task, record, f"{type(error).__name__}: {error}")
+        record.seconds = time.perf_counter() - started
+        return record
+
+    def _fail(self, task: Task, record: TeacherRun, reason: str) -> None:
+        record.status, record.error = "error", reason
+        if not record.ranking:
+            set_fallback(self.store, task, record, reason, round=record.reflection_rounds)
+
+
+def set_fallback(store: EvidenceStore, task: Task, record: TeacherRun, reason: str,
+                 round: int) -> None:
+    order, source = fallback_order(store, task)
+    record.fallback = f"{reason}; ranked by {source}"
+    record.ranking_indices = order
+    record.ranking = [task.candidates[i] for i in order]
+    record_message(record, "ranker", round, "", parsed=order, error=record.fallback)
+
+
+class _Run:
+    """The state of one teacher run: the task's prompt blocks, the findings so far."""
+
+    def __init__(self, teacher: MarsTeacher, task: Task, record: TeacherRun) -> None:
+        self.teacher = teacher
+        self.config = teacher.config
+        self.task = task
+        self.record = record
+        store = teacher.store
+        self.tools = ToolExecutor(store, task, budget=self.config.evidence_budget)
+        self.context = context_block(task, store, self.config.history_items)
+        self.candidates = candidate_block(task, store)
+        self._evidence: str | None = None
+
+    @property
+    def evidence(self) -> str:
+        if self._evidence is None:
+            self._evidence = evidence_block(self.task, self.teacher.store)
+        return self._evidence
+
+    def agent(self, role: str, tools: bool = False) -> Agent:
+        c = self.config
+        tokens = c.max_tokens.analyst if tools else getattr(c.max_tokens, role)
+        spec = AgentSpec(role, tokens, max_turns=c.max_turns if tools else 1,
+                         max_tool_calls=c.max_tool_calls if tools else 0, max_repairs=c.max_repairs)
+        choices = (tool_call_options(role, self.task, self.teacher.store, c.history_items)
+                   if tools and c.constrain else ())
+        return Agent(spec, self.teacher.model, self.record, self.tools if tools else None,
+                     c.temperature, self.record.seed, tool_choices=choices)
+
+    def choice(self, options: tuple[str, ...]) -> ChoiceConstraint | None:
+        return ChoiceConstraint(options) if self.config.constrain else None
+
+    def execute(self) -> None:
+        assigned = self.plan()
+        for analyst, instruction in assigned.items():
+            self.analyse(analyst, instruction, round=0)
+        for round in range(1, self.config.reflection_rounds + 1):
+            verdict = self.reflect(round)
+            if verdict.accept:
+                break
+            for analyst, fix in verdict.revise.items():
+                self.analyse(analyst, assigned.get(analyst, ""), round, fix=fix)
+            self.record.reflection_rounds = round
+        self.rank()
+
+    def plan(self) -> dict[str, str]:
+        analysts = self.config.analysts
+        user = role_prompt("planner").user.substitute(
+            context=self.context, candidates=self.candidates,
+            analysts="\n".join(f"- {a}: {roles()[a].description}" for a in analysts))
+        result = self.agent("planner").run(user, lambda text: parse_plan(text, analysts),
+                                           constraint=self.choice(plan_options(analysts)))
+        self.record.plan = result.text
+        error = None
+        assigned = result.value
+        if assigned is None:  # the plan used is every analyst on its own focus; say so
+            assigned = {a: roles()[a].description for a in analysts}
+            self.record.plan = plan_options(analysts)[0]
+            error = f"{result.error}; every analyst assigned"
+        record_message(self.record, "planner", 0, result.text, parsed=assigned, error=error)
+        return assigned
+
+    def analyse(self, analyst: str, instruction: str, round: int, fix: str | None = None) -> None:
+        feedback = ""
+        if fix is not None:
+            previous = self.record.findings.get(analyst) or NO_FINDINGS
+            feedback = "\n" + snippet("revise", fix=fix or "(no reason given)", previous=previous)
+        user = role_prompt(analyst).user.substitute(
+            context=self.context, candidates=self.candidates,
+            instruction=instruction or "(none)", feedback=feedback)
+        result = self.agent(analyst, tools=True).run(user, parse_findings, round=round)
+        findings = result.value or ""
+        self.record.findings[analyst] = findings
+        record_message(self.record, analyst, round, findings,
+                       parsed={"forced": result.forced}, error=result.error)
+
+    def findings_block(self) -> str:
+        return "\n".join(f"{name}: {' '.join((text or NO_FINDINGS).split())}"
+                         for name, text in self.record.findings.items()) or NO_FINDINGS
+
+    def reflect(self, round: int) -> Verdict:
+        analysts = self.config.analysts
+        user = role_prompt("reflector").user.substitute(
+            context=self.context, evidence=self.evidence, findings=self.findings_block())
+        result = self.agent("reflector").run(
+            user, lambda text: parse_verdict(text, analysts), round=round,
+            constraint=self.choice(verdict_options(list(self.record.findings))))
+        self.record.reflection = result.text
+        verdict = result.value
+        error = None
+        if verdict is None:
+            verdict, error = Verdict(True), f"{result.error}; taken as ACCEPT"
+            self.record.reflection = "ACCEPT"
+        record_message(self.record, "reflector", round, result.text, parsed=verdict.as_dict(),
+                       error=error)
+        return verdict
+
+    def rank(self) -> None:
+        n = len(self.task.candidates)
+        round = self.record.reflection_rounds
+        user = role_prompt("ranker").user.substitute(
+            context=self.context, evidence=self.evidence, findings=self.findings_block(),
+            n=n, last=n - 1)
+        result = self.agent("ranker").run(user, lambda text: parse_ranking(text, n), round=round,
+                                          constraint=PermutationConstraint(n))
+        if result.value is None:
+            set_fallback(self.teacher.store, self.task, self.record,
+                         f"ranking unusable ({result.error})", round)
+            return
+        self.record.ranking_indices = result.value
+        self.record.ranking = [self.task.candidates[i] for i in result.value]
+        record_message(self.record, "ranker", round, result.text, parsed=result.value)

@@ -1,0 +1,131 @@
+"""The MARS prompt files and the task blocks every role's prompt shares.
+
+Prompts live in `starrec/resources/prompts/`: `<role>.md` holds a role's system prompt
+and user message (sections `--- system ---` and `--- user ---`, `$name` placeholders;
+text before the first section is a note for prompt authors), `roles.yaml` the roles'
+tools and descriptions, the other files small shared pieces. Placeholders use
+`string.Template`, so JSON braces in a prompt need no escaping.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from string import Template
+from typing import Any
+
+import yaml
+
+from starrec.cst.evidence import candidate_evidence
+from starrec.cst.store import EvidenceStore
+from starrec.cst.tools import tool_specs
+from starrec.cst.verbalize import candidate_line
+from starrec.data.tasks import Task
+
+_SECTION = "--- {} ---"
+
+
+@lru_cache(maxsize=None)
+def prompt_text(name: str) -> str:
+    """A file of `resources/prompts/`, e.g. "repair.md"."""
+    path = resources.files("starrec.resources").joinpath(f"prompts/{name}")
+    return path.read_text("utf-8")
+
+
+def snippet(name: str, **fields: Any) -> str:
+    """A one-section prompt file with its placeholders filled."""
+    return Template(prompt_text(f"{name}.md").strip()).substitute(fields)
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    tools: tuple[str, ...]
+    description: str
+    aliases: tuple[str, ...]
+    revise: str  # the Reflector's fixed request when it chooses among options
+
+
+@lru_cache(maxsize=1)
+def roles() -> dict[str, Role]:
+    table = yaml.safe_load(prompt_text("roles.yaml"))
+    known = {spec["function"]["name"] for spec in tool_specs()}
+    result = {}
+    for name, entry in table.items():
+        unknown = set(entry.get("tools", [])) - known
+        if unknown:
+            raise ValueError(f"roles.yaml: role {name} lists unknown tool(s) {sorted(unknown)}")
+        result[name] = Role(name, tuple(entry.get("tools", [])), entry.get("description", ""),
+                            tuple(entry.get("aliases", [])), entry.get("revise", ""))
+    return result
+
+
+def role_tool_specs(role: str) -> list[dict[str, Any]]:
+    allowed = roles()[role].tools
+    return [spec for spec in tool_specs() if spec["function"]["name"] in allowed]
+
+
+def tool_line(spec: dict[str, Any]) -> str:
+    """`name(required, optional=default): description`, the shortest faithful signature."""
+    function = spec["function"]
+    parameters = function["parameters"]
+    required = parameters.get("required", [])
+    args = [name if name in required else
+            f"{name}={json.dumps(prop['default'])}" if "default" in prop else f"[{name}]"
+            for name, prop in parameters["properties"].items()]
+    return f"- {function['name']}({', '.join(args)}): {' '.join(function['description'].split())}"
+
+
+@dataclass(frozen=True)
+class RolePrompt:
+    system: str
+    user: Template
+
+
+@lru_cache(maxsize=None)
+def role_prompt(role: str) -> RolePrompt:
+    text = prompt_text(f"{role}.md")
+    system_mark, user_mark = _SECTION.format("system"), _SECTION.format("user")
+    if system_mark not in text or user_mark not in text:
+        raise ValueError(f"prompts/{role}.md needs a '{system_mark}' and a '{user_mark}' line")
+    system, user = text.split(system_mark, 1)[1].split(user_mark, 1)
+    specs = role_tool_specs(role)
+    tools = snippet("tools", tools="\n".join(map(tool_line, specs))) if specs else ""
+    return RolePrompt(Template(system.strip()).substitute(tools=tools).strip(), Template(user.strip()))
+
+
+def system_prompt(role: str) -> str:
+    """A role's system prompt: fixed per role, so a transcript shows which agent spoke."""
+    return role_prompt(role).system
+
+
+@lru_cache(maxsize=1)
+def scenarios() -> dict[str, str]:
+    return yaml.safe_load(prompt_text("scenarios.yaml"))
+
+
+def _item(store: EvidenceStore, item: str) -> str:
+    return f"{store.title(item)} (id {item})"
+
+
+def context_block(task: Task, store: EvidenceStore, history_items: int) -> str:
+    """Scenario and the most recent history: the part of every prompt about the user."""
+    if task.scenario not in scenarios():
+        raise ValueError(f"no scenario sentence for {task.scenario!r} in prompts/scenarios.yaml")
+    shown = task.history[-history_items:] if history_items > 0 else []
+    return snippet("context", scenario=scenarios()[task.scenario], user_id=task.user_id,
+                   n_history=len(task.history), n_shown=len(shown),
+                   history="\n".join(f"- {_item(store, i)}" for i in shown) or "- (none)")
+
+
+def candidate_block(task: Task, store: EvidenceStore) -> str:
+    return "\n".join(f"[{i}] {_item(store, c)}" for i, c in enumerate(task.candidates))
+
+
+def evidence_block(task: Task, store: EvidenceStore) -> str:
+    """Every candidate with its CST evidence sentence, never truncated: the reflector
+    and ranker must see all candidates."""
+    return "\n".join(candidate_line(i, e, len(task.history), store.title)
+                     for i, e in enumerate(candidate_evidence(store, task)))

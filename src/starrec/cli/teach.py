@@ -1,0 +1,102 @@
+"""`star teach`: run the MARS teacher over a task set, appending one trajectory per run.
+
+Registered by `starrec.cli.main` (`app.command("teach")(teach)`). Shared helpers of
+main.py are imported inside the function, so either module can import the other first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from starrec.config import StarConfig
+    from starrec.llm.base import ChatModel
+
+
+def _load_model(spec: str | None, cfg: StarConfig) -> ChatModel:
+    """The teacher's model (a seam for tests, which use a scripted one)."""
+    from starrec.llm.models import load_chat_model
+
+    return load_chat_model(spec, cfg.llm)
+
+
+def teach(
+    out: Annotated[Path, typer.Option(help="Trajectories file: JSON lines, appended, resumable.")] = Path(
+        "trajectories.jsonl"),
+    tasks: Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="ml-100k, agentrecbench:DATA_DIR[,TASK_DIR], or a folder with interactions.* and "
+        "items.* tables. Default: data.dataset of the config.")] = None,
+    split: Annotated[str, typer.Option(help="train, valid or test (when --tasks is not given).")] = "train",
+    users: Annotated[str, typer.Option(help="all or eval-200 (test split only).")] = "all",
+    scenario: Annotated[
+        str, typer.Option(help="classic, user_cold, item_cold, long_term or short_term.")
+    ] = "classic",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="smollm2, a model folder, a hub id, a .gguf file or http(s)://host:port/v1. "
+        "Default: llm.model of the config.")] = None,
+    samples: Annotated[int, typer.Option(help="Runs per task (use a temperature above 0).")] = 1,
+    concurrency: Annotated[int, typer.Option(
+        help="Runs in parallel threads; worth it with a server backend only.")] = 1,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Sampling temperature of every agent. Default: mars.temperature.")] = None,
+    retry_errors: Annotated[bool, typer.Option(
+        help="Run again the tasks whose recorded run ended in an error.")] = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML config file (see configs/default.yaml).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config value, e.g. --set mars.max_tool_calls=3.")] = None,
+) -> None:
+    """Run the multi-agent teacher on every task and append its full trajectories.
+
+    Resumable: tasks already in --out are skipped; Ctrl-C loses only the runs in flight.
+    The CST store is built (or reused) from exactly what these tasks may see.
+    """
+    from starrec.agents.mars import MarsTeacher
+    from starrec.cli.main import _config, _fail, _task_list
+    from starrec.cst.store import EvidenceStore, ensure_store
+    from starrec.data.errors import DataError
+    from starrec.data.registry import dataset_slug, load_dataset
+    from starrec.data.splits import task_interactions
+    from starrec.evaluation.runner import split_of
+    from starrec.llm.base import LLMError
+    from starrec.trajectories.recorder import TrajectoryFileError, run_teacher
+
+    overrides = list(set_ or [])
+    if temperature is not None:
+        overrides.append(f"mars.temperature={temperature}")
+    cfg = _config(config, overrides)
+    if samples > 1 and cfg.mars.temperature == 0:
+        typer.secho("warning: several samples at temperature 0 are identical; pass --temperature",
+                    fg=typer.colors.YELLOW, err=True)
+    dataset = dataset or cfg.data.dataset
+    try:
+        task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg)
+        task_split = split_of(task_list)
+        loaded = load_dataset(dataset, cfg.data.source)
+        allowed = task_interactions(loaded, task_list, task_split)
+        store = ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset),
+                             split=task_split)
+        chat_model = _load_model(model, cfg)
+    except (DataError, ValueError, LLMError) as error:
+        raise _fail(error) from None
+
+    def teacher() -> MarsTeacher:
+        # one store connection per worker thread
+        return MarsTeacher(chat_model, EvidenceStore(store), cfg.mars)
+
+    try:
+        summary = run_teacher(teacher, task_list, out, samples=samples, concurrency=concurrency,
+                              retry_errors=retry_errors)
+    except (TrajectoryFileError, ValueError) as error:
+        raise _fail(error) from None
+    typer.echo(f"teach {chat_model.name}: {summary.written} run(s) written, {summary.done_before} "
+               f"already done, {summary.errors} error(s), {summary.fallbacks} fallback ranking(s) "
+               f"in {summary.seconds:.1f} s -> {out}")
+    if summary.interrupted:
+        typer.echo("interrupted: run the same command again to resume")
+        raise typer.Exit(code=130)

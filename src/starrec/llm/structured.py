@@ -1,0 +1,278 @@
+"""Structured answers from free text: parse, validate, and repair by asking again.
+
+A 135M model gets the format wrong often; none of that may crash a teacher run. Every
+parser here either returns a value or raises `ParseError` with a message written for
+the model (what was wrong, what the answer must look like), which `generate_structured`
+feeds back as a user message for a bounded number of repair rounds. Every attempt is
+returned, so the trajectory shows what the model said and what it was told.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from string import Template
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from starrec.llm.base import ChatModel, Constraint, LLMError, Message
+
+T = TypeVar("T")
+
+_TOOL_TAG = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)(?:```|$)", re.S)
+_RECOMMEND_TAG = re.compile(r"<recommend>(.*?)(?:</recommend>|$)", re.S)
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+_TOOL_CALL_START = re.compile(r"<tool_call>|\{\s*\"(?:name|function)\"\s*:")
+
+
+class ParseError(ValueError):
+    """An answer that does not have the required shape; the message is for the model."""
+
+
+class RankingError(ParseError):
+    """A list of indices that is not a permutation, with exactly what is wrong."""
+
+    def __init__(self, message: str, duplicates: list[int], out_of_range: list[int],
+                 missing: list[int]) -> None:
+        super().__init__(message)
+        self.duplicates = duplicates
+        self.out_of_range = out_of_range
+        self.missing = missing
+
+
+class ToolCall(NamedTuple):
+    name: str
+    arguments: dict[str, Any]
+
+    def render(self) -> str:
+        """The canonical form (DESIGN.md 3.5), as it goes back into the conversation."""
+        call = json.dumps({"name": self.name, "arguments": self.arguments}, ensure_ascii=False)
+        return f"<tool_call>{call}</tool_call>"
+
+
+def looks_like_tool_call(text: str) -> bool:
+    """Whether the model tried to call a tool (then a broken call is an error to repair,
+    not a final answer)."""
+    return _TOOL_CALL_START.search(text) is not None
+
+
+def _close_brackets(text: str) -> str:
+    """Append the closers a truncated JSON value is missing (strings respected)."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append("}" if char == "{" else "]")
+        elif char in "}]" and stack:
+            stack.pop()
+    return text + ('"' if in_string else "") + "".join(reversed(stack))
+
+
+def _lenient_object(text: str) -> dict[str, Any]:
+    """The first JSON object in `text`, trailing text ignored, with the repairs small
+    models need most: trailing commas, single quotes, a cut-off end."""
+    start = text.find("{")
+    if start < 0:
+        raise ParseError("no JSON object found")
+    fragment = text[start:]
+    decoder = json.JSONDecoder()
+    variants = [fragment, re.sub(r",\s*([}\]])", r"\1", fragment)]
+    if '"' not in fragment:
+        variants.append(variants[-1].replace("'", '"'))
+    variants.append(_close_brackets(variants[-1]))
+    errors = []
+    for variant in variants:
+        try:
+            return decoder.raw_decode(variant)[0]  # starts with "{": an object
+        except json.JSONDecodeError as error:
+            errors.append(error)
+    raise ParseError(f"the tool call is not valid JSON ({errors[0].msg} at character "
+                     f"{errors[0].pos})")
+
+
+def _example_call(names: Sequence[str]) -> str:
+    name = names[0] if names else "TOOL"
+    return f'<tool_call>{{"name": "{name}", "arguments": {{...}}}}</tool_call>'
+
+
+def parse_tool_call(text: str, tool_specs: Sequence[dict[str, Any]]) -> ToolCall:
+    """`(name, arguments)` of the call in `text`: JSON inside <tool_call> tags, a fenced
+    block, or bare; text after it is ignored. The name must be one of `tool_specs`
+    (OpenAI function format); argument values are checked by the tool executor, whose
+    error message the model reads as the tool's response."""
+    names = [spec["function"]["name"] for spec in tool_specs]
+    how = f"Call a tool as {_example_call(names)} with one of: {', '.join(names)}."
+    match = _TOOL_TAG.search(text) or _FENCE.search(text)
+    region = match.group(1) if match else text
+    try:
+        call = _lenient_object(region)
+    except ParseError as error:
+        raise ParseError(f"{error}. {how}") from None
+    if isinstance(call.get("function"), dict):  # OpenAI's {"type": "function", "function": {...}}
+        call = call["function"]
+    name = call.get("name")
+    if not isinstance(name, str) or not name:
+        raise ParseError(f'the tool call has no "name". {how}')
+    if name not in names:
+        raise ParseError(f"unknown tool {name!r}. {how}")
+    arguments = next((call[k] for k in ("arguments", "parameters", "args") if k in call), {})
+    if arguments is None:
+        arguments = {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ParseError(f"the arguments of {name} are not valid JSON ({error.msg}). {how}") from None
+    if not isinstance(arguments, dict):
+        raise ParseError(f'"arguments" of {name} must be a JSON object. {how}')
+    return ToolCall(name, arguments)
+
+
+def _int_list(body: str) -> list[int] | None:
+    parts = [p.strip() for p in body.split(",")]
+    if parts and parts[-1] == "":
+        parts.pop()  # "[3, 1, ]"
+    if not parts or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
+def _index_list(region: str) -> list[int] | None:
+    """The most plausible list of indices in `region`: the longest `[i, j, ...]`; else
+    the order of `[i] title` lines (candidates echoed back); else a cut-off `[i, j, ...`;
+    else a bare `i, j, ...` (inside <recommend> tags)."""
+    lists = [v for v in (_int_list(m.group(1)) for m in _BRACKETS.finditer(region)) if v is not None]
+    longest = max(lists, key=len, default=None)
+    if longest is not None and len(longest) > 1:
+        return longest
+    singles = [v[0] for v in lists if len(v) == 1]
+    if len(singles) > 1:
+        return singles
+    opened = region.rfind("[")
+    if opened >= 0 and "]" not in region[opened:]:
+        cut = _int_list(re.sub(r",?\s*$", "", region[opened + 1:]))
+        if cut is not None:
+            return cut
+    return longest or _int_list(region.strip())
+
+
+def parse_ranking(text: str, n: int) -> list[int]:
+    """A permutation of 0..n-1 from `[..]` or <recommend>[..]</recommend>; a
+    `RankingError` names the duplicated, out-of-range and missing indices."""
+    example = f"<recommend>[{', '.join(str(i) for i in range(min(n, 3)))}, ...]</recommend>"
+    tag = _RECOMMEND_TAG.search(text)
+    indices = _index_list(tag.group(1) if tag else text)
+    if indices is None:
+        raise ParseError(f"no list of candidate indices found. Answer {example} listing every "
+                         f"index from 0 to {n - 1} exactly once, best first.")
+    counts = Counter(indices)
+    duplicates = sorted(i for i, c in counts.items() if c > 1)
+    out_of_range = sorted({i for i in indices if not 0 <= i < n})
+    missing = sorted(set(range(n)) - set(indices))
+    if duplicates or out_of_range or missing:
+        problems = [f"{label} {values}" for label, values in
+                    (("duplicated:", duplicates), ("out of range:", out_of_range),
+                     ("missing:", missing)) if values]
+        raise RankingError(
+            f"the ranking must list each index from 0 to {n - 1} exactly once; "
+            f"{'; '.join(problems)}. Answer {example}.", duplicates, out_of_range, missing)
+    return indices
+
+
+@dataclass
+class Attempt:
+    """One generation: the prompt as sent, the raw output, and what went wrong with it."""
+
+    messages: list[Message]
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    error: str | None = None
+    constrained: bool = False
+    backend_error: bool = False  # the backend raised `LLMError`; `text` is empty
+
+
+@dataclass
+class Structured(Generic[T]):
+    """The parsed value (None when every attempt failed) and every attempt."""
+
+    value: T | None
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The output the value was parsed from (or the last output)."""
+        return self.attempts[-1].text if self.attempts else ""
+
+    @property
+    def error(self) -> str | None:
+        return self.attempts[-1].error if self.attempts and self.value is None else None
+
+    @property
+    def backend_failed(self) -> bool:
+        return bool(self.attempts) and self.attempts[-1].backend_error
+
+
+@lru_cache(maxsize=1)
+def _repair_template() -> Template:
+    path = resources.files("starrec.resources").joinpath("prompts/repair.md")
+    return Template(path.read_text("utf-8").strip())
+
+
+def repair_message(error: str) -> str:
+    return _repair_template().substitute(error=error)
+
+
+def generate_structured(
+    model: ChatModel,
+    messages: list[Message],
+    parse: Callable[[str], T],
+    constraint: Constraint | None = None,
+    max_repairs: int = 2,
+    **gen: Any,
+) -> Structured[T]:
+    """Ask, parse, and on a `ParseError` show the model its answer and the error and ask
+    again, up to `max_repairs` times, or until it repeats a rejected answer word for word
+    (small models at temperature 0 do). The constraint is passed only when the model can
+    enforce it. A backend `LLMError` ends the attempts (the backend already retried)."""
+    use = constraint if constraint is not None and model.supports(constraint) else None
+    conversation = list(messages)
+    result: Structured[T] = Structured(None)
+    for _ in range(max_repairs + 1):
+        start = time.perf_counter()
+        try:
+            completion = model.chat(conversation, constraint=use, **gen)
+        except LLMError as error:
+            result.attempts.append(Attempt(list(conversation), "", 0, 0, time.perf_counter() - start,
+                                           f"backend error: {error}", backend_error=True))
+            return result
+        attempt = Attempt(list(conversation), completion.text, completion.prompt_tokens,
+                          completion.completion_tokens, completion.seconds,
+                          constrained=completion.constrained)
+        result.attempts.append(attempt)
+        try:
+            result.value = parse(completion.text)
+            return result
+        except ParseError as error:
+            attempt.error = str(error)
+        if any(a.text == completion.text for a in result.attempts[:-1]):
+            break  # it repeats an answer already rejected: more rounds would too
+        conversation = [*conversation, {"role": "assistant", "content": completion.text},
+                        {"role": "user", "content": repair_message(attempt.error)}]
+    return result

@@ -1,0 +1,266 @@
+"""The student's language (DESIGN.md 3.5), rendered and parsed in one place.
+
+One sequence, parts in this order::
+
+    <plan>...</plan>
+    <tool_call>{"name": ..., "arguments": {...}}</tool_call><tool_response>...</tool_response>
+    ...                                      (zero or more calls, each answered at once)
+    <reflection>...</reflection>
+    <recommend>[i1, i2, ..., in]</recommend>
+
+Parts are separated by one newline; a tool response follows its call with no separator,
+because at inference the student stops at `</tool_call>` and the runtime appends the
+response right there. Ablated students (no plan, no tools, no reflection) speak the same
+language with parts left out, so the parser takes the set of required parts.
+
+`parse_student_output` is strict on form (the GRPO format reward uses `well_formed`) and
+lenient on content (it still returns whatever ranking indices it could read, so a
+malformed answer is completed and scored, DESIGN.md 3.4).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN, TOOL_CALL, TOOL_RESPONSE, REFLECTION, RECOMMEND = (
+    "plan", "tool_call", "tool_response", "reflection", "recommend")
+TAGS = (PLAN, TOOL_CALL, TOOL_RESPONSE, REFLECTION, RECOMMEND)
+SEPARATOR = "\n"
+# Where a generation must pause: a tool call is answered by the runtime, a ranking ends it.
+STOP_STRINGS = (f"</{TOOL_CALL}>", f"</{RECOMMEND}>")
+
+_OPEN = re.compile(r"<(%s)>" % "|".join(TAGS))
+_LIST = re.compile(r"\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*)?\]")
+_INT = re.compile(r"-?\d+")
+
+
+def open_tag(name: str) -> str:
+    return f"<{name}>"
+
+
+def close_tag(name: str) -> str:
+    return f"</{name}>"
+
+
+def wrap(name: str, content: str) -> str:
+    return f"{open_tag(name)}{content}{close_tag(name)}"
+
+
+@dataclass
+class ToolCall:
+    """A call as the student wrote it and the response the runtime gave it (None when the
+    sequence ended before a response)."""
+
+    name: str
+    arguments: dict[str, Any]
+    response: str | None = None
+
+
+@dataclass
+class StudentSequence:
+    """The parts of one sequence; None (or no calls) for a part that is absent."""
+
+    plan: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    reflection: str | None = None
+    ranking: list[int] | None = None
+
+
+@dataclass
+class ParsedOutput(StudentSequence):
+    """A parsed generation. `ranking` holds the indices as written (possibly with
+    duplicates or out-of-range values, or a prefix when the list was cut off);
+    `well_formed` is True only when every required part is there once, in order, with
+    nothing but whitespace between parts, every call is valid JSON answered by one
+    response, and the ranking is a permutation of 0..n-1. `errors` says what was wrong."""
+
+    well_formed: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def render_tool_call(name: str, arguments: dict[str, Any]) -> str:
+    return wrap(TOOL_CALL, json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False))
+
+
+def render_ranking(indices: Iterable[int]) -> str:
+    return wrap(RECOMMEND, "[" + ", ".join(str(int(i)) for i in indices) + "]")
+
+
+def render_sequence(sequence: StudentSequence) -> str:
+    """The text of a sequence; parts that are None are left out."""
+    parts: list[str] = []
+    if sequence.plan is not None:
+        parts.append(wrap(PLAN, sequence.plan))
+    for call in sequence.tool_calls:
+        text = render_tool_call(call.name, call.arguments)
+        if call.response is not None:
+            text += wrap(TOOL_RESPONSE, call.response)
+        parts.append(text)
+    if sequence.reflection is not None:
+        parts.append(wrap(REFLECTION, sequence.reflection))
+    if sequence.ranking is not None:
+        parts.append(render_ranking(sequence.ranking))
+    return SEPARATOR.join(parts)
+
+
+@dataclass
+class _Segment:
+    tag: str
+    content: str
+    closed: bool
+    start: int
+    end: int
+
+
+def _segments(text: str) -> tuple[list[_Segment], list[str]]:
+    """Split into tagged segments. Content runs to the matching close tag (no nesting), so
+    a tool response quoting `<plan>` cannot derail the parse; non-blank text between
+    segments is reported."""
+    segments: list[_Segment] = []
+    stray: list[str] = []
+    position = 0
+    while True:
+        match = _OPEN.search(text, position)
+        between = text[position: match.start() if match else len(text)]
+        if between.strip():
+            stray.append(between.strip()[:40])
+        if match is None:
+            break
+        tag = match.group(1)
+        closing = text.find(close_tag(tag), match.end())
+        if closing < 0:
+            segments.append(_Segment(tag, text[match.end():], False, match.start(), len(text)))
+            break
+        end = closing + len(close_tag(tag))
+        segments.append(_Segment(tag, text[match.end():closing], True, match.start(), end))
+        position = end
+    return segments, stray
+
+
+def parse_tool_call(content: str) -> tuple[str, dict[str, Any]]:
+    """`{"name": str, "arguments": {...}}` -> (name, arguments); ValueError naming what is
+    wrong otherwise (that message is what the student reads back as the tool response)."""
+    try:
+        value = json.loads(content)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"the tool call is not valid JSON ({error.msg} at char {error.pos})") from None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ValueError('a tool call must be {"name": "<tool>", "arguments": {...}}')
+    arguments = value.get("arguments", {})
+    if not isinstance(arguments, dict):
+        raise ValueError("the tool call's arguments must be a JSON object")
+    extra = set(value) - {"name", "arguments"}
+    if extra:
+        raise ValueError(f"unexpected keys in the tool call: {sorted(extra)}")
+    return value["name"], arguments
+
+
+def parse_ranking_list(content: str, n: int) -> tuple[list[int], list[str]]:
+    """Indices as written in `[i1, ..., ik]` plus what makes them not a permutation of
+    0..n-1. Without a proper list, any integers found are returned (and it is an error)."""
+    stripped = content.strip()
+    errors: list[str] = []
+    if not _LIST.fullmatch(stripped):
+        errors.append("the ranking is not a list like [3, 0, 1, ...]")
+    indices = [int(v) for v in _INT.findall(stripped)]
+    duplicates = sorted(i for i, count in Counter(indices).items() if count > 1)
+    if duplicates:
+        errors.append(f"duplicate indices {duplicates}")
+    outside = sorted({i for i in indices if not 0 <= i < n})
+    if outside:
+        errors.append(f"indices out of range 0..{n - 1}: {outside}")
+    missing = sorted(set(range(n)) - set(indices))
+    if missing:
+        errors.append(f"missing indices {missing}")
+    return indices, errors
+
+
+def parse_student_output(text: str, n: int, *, plan: bool = True, tools: bool = True,
+                         reflection: bool = True) -> ParsedOutput:
+    """Parse a full generation (tool responses included) of a task with `n` candidates.
+
+    The flags say which parts the student's format has (False = ablated): a required part
+    that is missing, or an ablated part that is present, makes the output malformed. Tool
+    calls are optional even when allowed."""
+    flags = ((PLAN, plan), (REFLECTION, reflection), (RECOMMEND, True))
+    required = [tag for tag, on in flags if on]
+    segments, stray = _segments(text)
+    out = ParsedOutput()
+    errors = out.errors
+    errors += [f"text outside the tags: {s!r}" for s in stray]
+    # Expected grammar: plan? (tool_call tool_response)* reflection? recommend, as a
+    # sequence of stages that only move forward.
+    stage = {PLAN: 0, TOOL_CALL: 1, TOOL_RESPONSE: 1, REFLECTION: 2, RECOMMEND: 3}
+    current = -1
+    counts = dict.fromkeys(TAGS, 0)
+    expect_response = False
+    for index, segment in enumerate(segments):
+        tag = segment.tag
+        counts[tag] += 1
+        if not segment.closed:
+            errors.append(f"{open_tag(tag)} is not closed")
+        if stage[tag] < current:
+            errors.append(f"{open_tag(tag)} comes after a later part")
+        current = max(current, stage[tag])
+        if tag == TOOL_RESPONSE:
+            if not expect_response:
+                errors.append("a tool response without a tool call before it")
+            elif out.tool_calls:
+                out.tool_calls[-1].response = segment.content
+            expect_response = False
+            continue
+        if expect_response:
+            errors.append("a tool call without a response")
+            expect_response = False
+        if tag == PLAN:
+            out.plan = segment.content if out.plan is None else out.plan
+        elif tag == REFLECTION:
+            out.reflection = segment.content if out.reflection is None else out.reflection
+        elif tag == TOOL_CALL:
+            if not tools:
+                errors.append("tool calls are not part of this format")
+            try:
+                name, arguments = parse_tool_call(segment.content)
+            except ValueError as error:
+                errors.append(str(error))
+                name, arguments = "", {}
+            out.tool_calls.append(ToolCall(name, arguments))
+            expect_response = segment.closed
+        elif tag == RECOMMEND:
+            if out.ranking is None:
+                out.ranking, ranking_errors = parse_ranking_list(segment.content, n)
+                errors += ranking_errors
+            if index != len(segments) - 1:
+                errors.append(f"parts after {close_tag(RECOMMEND)}")
+    if expect_response:
+        errors.append("a tool call without a response")
+    for tag in (PLAN, REFLECTION, RECOMMEND):
+        if counts[tag] > 1:
+            errors.append(f"{open_tag(tag)} appears {counts[tag]} times")
+    errors += [f"missing {open_tag(tag)}" for tag in required if counts[tag] == 0]
+    errors += [f"{open_tag(tag)} is not part of this format" for tag in (PLAN, REFLECTION)
+               if counts[tag] and tag not in required]
+    out.well_formed = not errors
+    return out
+
+
+def tool_response_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of every `<tool_response>...</tool_response>`, tags
+    included: the runtime inserts them, the student never writes them."""
+    return [(s.start, s.end) for s in _segments(text)[0] if s.tag == TOOL_RESPONSE]
+
+
+def pending_tag(text: str) -> str | None:
+    """The tag a generation stopped in: the last part when it is still open (a backend
+    that cuts the stop string) or closes exactly at the end (one that keeps it)."""
+    segments, _ = _segments(text)
+    if not segments:
+        return None
+    last = segments[-1]
+    return last.tag if not last.closed or last.end == len(text.rstrip()) else None

@@ -1,0 +1,100 @@
+"""A scripted `ChatModel` for tests: answers come from a script, not from a model.
+
+The script is a list consumed in call order, or a dict from MARS role to answers (the
+role is recognised from the system prompt, `starrec.agents.prompts.system_prompt`).
+An answer is a string, an exception instance (raised, e.g. `LLMError("timeout")`), or a
+callable `(messages) -> str`. A dict value that is not a list answers every call of
+that role. Every call is kept in `calls` for assertions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from starrec.agents.prompts import roles, system_prompt
+from starrec.llm.base import Completion, Constraint, Message
+
+Answer = Union[str, BaseException, Callable[[list[Message]], str]]
+
+
+def role_of(messages: Sequence[Message]) -> str | None:
+    if not messages or messages[0]["role"] != "system":
+        return None
+    return next((r for r in roles() if system_prompt(r) == messages[0]["content"]), None)
+
+
+@dataclass
+class Call:
+    role: str | None
+    messages: list[Message]
+    kwargs: dict[str, Any]
+    text: str
+
+
+def permutation(n: int = 20, first: Sequence[int] = ()) -> str:
+    """`<recommend>[...]</recommend>` with `first` at the top, then the rest in order."""
+    order = list(first) + [i for i in range(n) if i not in first]
+    return f"<recommend>[{', '.join(map(str, order))}]</recommend>"
+
+
+class ScriptedModel:
+    def __init__(self, script: list[Answer] | dict[str, Answer | list[Answer]],
+                 supports: Sequence[type] = (), name: str = "scripted") -> None:
+        self.name = name
+        self._supports = tuple(supports)
+        self._lock = threading.Lock()
+        if isinstance(script, dict):
+            self._by_role = {r: list(a) if isinstance(a, list) else a for r, a in script.items()}
+            self._queue = None
+        else:
+            self._by_role, self._queue = None, list(script)
+        self.calls: list[Call] = []
+
+    def supports(self, constraint: Constraint) -> bool:
+        return isinstance(constraint, self._supports)
+
+    def _next(self, role: str | None) -> Answer:
+        with self._lock:
+            if self._queue is not None:
+                source: Any = self._queue
+                where = "the script"
+            else:
+                if role not in self._by_role:
+                    raise AssertionError(f"no scripted answer for role {role!r}")
+                source, where = self._by_role[role], f"the script of {role}"
+            if not isinstance(source, list):
+                return source
+            if not source:
+                raise AssertionError(f"{where} is exhausted")
+            return source.pop(0)
+
+    def chat(self, messages: list[Message], *, max_tokens: int = 256, temperature: float = 0.0,
+             stop: list[str] | None = None, constraint: Constraint | None = None,
+             seed: int | None = None) -> Completion:
+        role = role_of(messages)
+        answer = self._next(role)
+        kwargs = {"max_tokens": max_tokens, "temperature": temperature, "stop": stop,
+                  "constraint": constraint, "seed": seed}
+        if isinstance(answer, BaseException):
+            self.calls.append(Call(role, list(messages), kwargs, ""))
+            raise answer
+        text = answer(messages) if callable(answer) else answer
+        for s in stop or []:  # like an OpenAI server: the stop string is not returned
+            text = text.split(s)[0]
+        self.calls.append(Call(role, list(messages), kwargs, text))
+        prompt = sum(len(m["content"]) for m in messages) // 4 + 1
+        return Completion(text, prompt, len(text) // 4 + 1, 0.001,
+                          constrained=constraint is not None and self.supports(constraint))
+
+    def complete(self, prompt: str, **kwargs: Any) -> Completion:
+        return self.chat([{"role": "user", "content": prompt}], **kwargs)
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def roles_called(self) -> list[str | None]:
+        return [c.role for c in self.calls]
