@@ -12,7 +12,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch is pinned in pyproject.toml to the CPU build 2.13.0: a bare "torch" would pull a
 # CUDA build of several GB onto machines that have no GPU.
-pip install -q -e ".[dev]"
+#
+# llama-cpp-python has no binary wheel on PyPI: it compiles once (about 9 minutes on 2
+# cores; pip caches the wheel, so later venvs on the same machine reuse it). It decodes
+# SmolLM2 ~10x faster than transformers on a CPU, which makes teacher runs practical.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+pip install -q -e ".[dev,llamacpp]"
 
 # Wheels used only for the files they carry. Their own dependency pins are broken or
 # heavy (recbole pins old numpy/torch), so they go in without dependencies:

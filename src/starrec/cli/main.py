@@ -373,5 +373,15 @@ def pipeline(
     typer.echo(table)
 
 
+def _register_subcommands() -> None:
+    """Commands whose modules import this one for the shared helpers above."""
+    from starrec.cli import distill, teach
+
+    app.command("teach")(teach.teach)
+    app.add_typer(distill.app, name="distill")
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     app()

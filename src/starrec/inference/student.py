@@ -1,0 +1,168 @@
+"""Single-pass student inference.
+
+The student writes its whole answer (plan, tool calls, reflection, ranking) as one
+generation. The generation pauses at `</tool_call>`: the call is executed against the
+CST store (a table look-up, not an LLM turn), `</tool_call><tool_response>...
+</tool_response>` is appended, and the same generation continues from there. It ends at
+`</recommend>`, at the end-of-turn token, when the token budget is spent, or when the
+student keeps calling tools past the cap (the first call over the cap is answered with
+a "limit reached" message, the second ends the pass).
+
+Continuations go through `ChatModel.complete` on the text so far, so a backend without
+a KV cache re-reads the prompt each time: `prompt_tokens` counts what the backend
+actually processed, summed over continuations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from string import Template
+from typing import Any
+
+from starrec.agents.prompts import prompt_text
+from starrec.config import StudentConfig, StudentFormatConfig
+from starrec.cst.store import EvidenceStore
+from starrec.cst.tools import ToolExecutor
+from starrec.data.tasks import Task
+from starrec.evaluation.metrics import CompletedRanking, complete_ranking
+from starrec.llm.base import ChatModel, LLMError
+from starrec.trajectories.format import (
+    RECOMMEND,
+    STOP_STRINGS,
+    TOOL_CALL,
+    TOOL_RESPONSE,
+    ParsedOutput,
+    close_tag,
+    open_tag,
+    parse_student_output,
+    parse_tool_call,
+    pending_tag,
+    wrap,
+)
+from starrec.trajectories.serialize import prompt_messages
+
+
+@dataclass
+class ExecutedCall:
+    name: str
+    arguments: dict[str, Any]
+    ok: bool
+    seconds: float
+
+
+@dataclass
+class StudentAnswer:
+    """One pass. `text` is the completion with the tool responses in it. `ranking` holds
+    item ids in the student's order as written (None without a `<recommend>`); an index
+    outside the candidate list becomes `#<index>`, which no candidate equals, so the
+    evaluation counts the output invalid. `completed` is the full ranking of DESIGN.md
+    3.4 (the student's order, then the rest in presented order)."""
+
+    text: str
+    parsed: ParsedOutput
+    ranking: list[str] | None
+    completed: CompletedRanking
+    tool_calls: list[ExecutedCall] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    segments: int = 0  # generation requests: 1 + one per answered tool call
+    stop: str = ""  # recommend | end | length | tool_cap | error
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Student:
+    """A student model bound to the evidence store of the task set it answers."""
+
+    def __init__(self, model: ChatModel, store: EvidenceStore,
+                 fmt: StudentFormatConfig | None = None,
+                 config: StudentConfig | None = None) -> None:
+        self.model = model
+        self.store = store
+        self.fmt = fmt or StudentFormatConfig()
+        self.config = config or StudentConfig()
+
+    def prompt(self, task: Task) -> str:
+        """The exact text the model continues: its chat template over the student prompt."""
+        return self.model.render_chat(prompt_messages(task, self.store.title, self.fmt))
+
+    def answer(self, task: Task) -> StudentAnswer:
+        started = time.perf_counter()
+        prompt = self.prompt(task)
+        tools = ToolExecutor(self.store, task)
+        answer = StudentAnswer(text="", parsed=ParsedOutput(), ranking=None,
+                               completed=complete_ranking(None, task.candidates))
+        # an ablated student without tools gets no look-ups: its calls stay plain text
+        stop = list(STOP_STRINGS) if self.fmt.tools else [close_tag(RECOMMEND)]
+        refused = 0
+        remaining = self.config.max_new_tokens
+        text = ""
+        while True:
+            if remaining <= 0:
+                answer.stop = "length"
+                break
+            try:
+                completion = self.model.complete(
+                    prompt + text, max_tokens=remaining, temperature=self.config.temperature,
+                    stop=stop, seed=self.config.seed)
+            except LLMError as error:
+                answer.stop, answer.error = "error", str(error)
+                break
+            answer.segments += 1
+            answer.prompt_tokens += completion.prompt_tokens
+            answer.completion_tokens += completion.completion_tokens
+            remaining -= completion.completion_tokens
+            text += completion.text
+            pending = pending_tag(text)
+            if completion.finish_reason == "length":
+                answer.stop = "length"
+                break
+            if pending == RECOMMEND:
+                text += "" if text.endswith(close_tag(RECOMMEND)) else close_tag(RECOMMEND)
+                answer.stop = "recommend"
+                break
+            if pending != TOOL_CALL or not self.fmt.tools:
+                answer.stop = "end"
+                break
+            text += "" if text.endswith(close_tag(TOOL_CALL)) else close_tag(TOOL_CALL)
+            if len(answer.tool_calls) >= self.config.max_tool_calls:
+                refused += 1
+                if refused > 1:
+                    answer.stop = "tool_cap"
+                    break
+                response = Template(prompt_text("student_tool_limit.md").strip()).substitute(
+                    limit=self.config.max_tool_calls)
+            else:
+                response = self._execute(text, tools, answer.tool_calls)
+            text += wrap(TOOL_RESPONSE, response)
+        answer.text = text
+        answer.parsed = parse_student_output(text, len(task.candidates), plan=self.fmt.plan,
+                                             tools=self.fmt.tools, reflection=self.fmt.reflection)
+        answer.ranking = self.item_ranking(answer.parsed, task)
+        answer.completed = complete_ranking(answer.ranking, task.candidates)
+        answer.seconds = time.perf_counter() - started
+        return answer
+
+    @staticmethod
+    def _execute(text: str, tools: ToolExecutor, calls: list[ExecutedCall]) -> str:
+        """Run the call that ends `text`; a call that does not parse is answered with the
+        parse error, as a tool error would be."""
+        start = text.rfind(open_tag(TOOL_CALL)) + len(open_tag(TOOL_CALL))
+        content = text[start: len(text) - len(close_tag(TOOL_CALL))]
+        began = time.perf_counter()
+        try:
+            name, arguments = parse_tool_call(content)
+        except ValueError as error:
+            calls.append(ExecutedCall("", {}, False, time.perf_counter() - began))
+            return f"Error: {error}"
+        result = tools.call(name, arguments)
+        calls.append(ExecutedCall(name, result.arguments or arguments, result.ok, result.seconds))
+        return result.text
+
+    @staticmethod
+    def item_ranking(parsed: ParsedOutput, task: Task) -> list[str] | None:
+        if parsed.ranking is None:
+            return None
+        n = len(task.candidates)
+        return [task.candidates[i] if 0 <= i < n else f"#{i}" for i in parsed.ranking]

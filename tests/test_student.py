@@ -1,0 +1,160 @@
+"""Single-pass student inference: tool calls answered mid-generation, rankings completed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from starrec.config import CSTConfig, LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
+from starrec.cst.store import EvidenceStore, build_store
+from starrec.cst.tools import ToolExecutor
+from starrec.data.splits import task_interactions
+from starrec.data.tasks import build_split_tasks
+from starrec.evaluation.runner import run_tasks
+from starrec.inference.student import Student
+from starrec.inference.system import StarSystem, load_star_system
+from starrec.llm.base import LLMError
+from starrec.training.card import ModelCard, write_model_card
+from tests.conftest import make_dataset
+from tests.fakes import ScriptedModel
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    dataset = make_dataset()
+    tasks = build_split_tasks(dataset, "test")
+    allowed = task_interactions(dataset, tasks, "test")
+    path = build_store(allowed, dataset.items, tmp_path_factory.mktemp("cst") / "s.sqlite",
+                       CSTConfig(content=False), progress=False)
+    return EvidenceStore(path), tasks
+
+
+def tool_call(name: str, **arguments) -> str:
+    return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
+
+
+def order(first: list[int], n: int = 20) -> str:
+    return "[" + ", ".join(map(str, first + [i for i in range(n) if i not in first])) + "]"
+
+
+def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_completed(world):
+    store, tasks = world
+    task = tasks[0]
+    last = task.history[-1]
+    expected = ToolExecutor(store, task).call("item_neighbours", {"item_id": last, "k": 2}).text
+    seen = {}
+
+    def after_tool(messages):
+        seen["text"] = messages[-1]["content"]
+        return "\n<reflection>neighbours favour 3</reflection>\n<recommend>[3, 3, 1, 25]</recommend>"
+
+    call = tool_call("item_neighbours", item_id=last, k=2)
+    model = ScriptedModel([f"<plan>look at the last item</plan>\n{call}", after_tool])
+    student = Student(model, store)
+    answer = student.answer(task)
+
+    # the continuation saw prompt + the call + the REAL tool response, nothing else
+    assert seen["text"].endswith(
+        f"</tool_call><tool_response>{expected}</tool_response>")
+    assert seen["text"].startswith(student.prompt(task))
+    assert model.calls[0].kwargs["stop"] == ["</tool_call>", "</recommend>"]
+    assert answer.text.endswith("</recommend>") and answer.stop == "recommend"
+    assert answer.segments == 2 and [c.name for c in answer.tool_calls] == ["item_neighbours"]
+    assert answer.parsed.tool_calls[0].response == expected
+    # duplicates and an out-of-range index: malformed, completed per DESIGN.md 3.4
+    assert not answer.parsed.well_formed
+    c = task.candidates
+    assert answer.ranking == [c[3], c[3], c[1], "#25"]
+    rest = [x for i, x in enumerate(c) if i not in (1, 3)]
+    assert answer.completed.ranking == [c[3], c[1], *rest] and not answer.completed.valid
+
+    model = ScriptedModel([f"<plan>p</plan>\n{tool_call('popularity', item_ids=[c[0]])}",
+                           "\n<reflection>r</reflection>\n<recommend>[3, 3]</recommend>"])
+    system = StarSystem(Student(model, store))
+    record, = run_tasks(system, [task], progress=False)
+    assert record.llm_calls == 1 and not record.valid and record.ranking[:2] == [c[3], c[0]]
+
+
+def test_tool_errors_reach_the_model(world):
+    store, tasks = world
+    task = tasks[1]
+    final = f"\n<reflection>r</reflection>\n<recommend>{order([5, 2])}</recommend>"
+    model = ScriptedModel([
+        "<plan>p</plan>\n" + tool_call("item_neighbours", item_id="nope"),
+        '\n<tool_call>{"name": "popularity", "arguments": ',  # broken JSON
+        final,
+    ])
+    recommendation = StarSystem(Student(model, store)).recommend(task)
+    text = recommendation.details["text"]
+    assert "<tool_response>Error: Unknown item id 'nope'" in text
+    assert "<tool_response>Error: the tool call is not valid JSON" in text
+    # a call the tool rejects is still well-formed; one that is not JSON is not
+    assert recommendation.details["errors"] == [
+        "the tool call is not valid JSON (Expecting value at char 36)"]
+    assert recommendation.ranking[:2] == [task.candidates[5], task.candidates[2]]
+    assert [c["ok"] for c in recommendation.details["tool_calls"]] == [False, False]
+    assert recommendation.llm_calls == 1 and recommendation.details["segments"] == 3
+    assert recommendation.prompt_tokens == sum(
+        len(call.messages[0]["content"]) // 4 + 1 for call in model.calls)
+
+    model = ScriptedModel(["<plan>p</plan>\n" + tool_call("item_neighbours", item_id="nope"), final])
+    recommendation = StarSystem(Student(model, store)).recommend(task)
+    assert recommendation.details["well_formed"], recommendation.details["errors"]
+
+
+def test_tool_cap_then_stop(world):
+    store, tasks = world
+    task = tasks[2]
+    call = tool_call("popularity", item_ids=[task.candidates[0]])
+    model = ScriptedModel(["<plan>p</plan>\n" + call, "\n" + call, "\n" + call])
+    answer = Student(model, store, config=StudentConfig(max_tool_calls=1)).answer(task)
+    assert len(answer.tool_calls) == 1 and answer.stop == "tool_cap"
+    assert "the limit of 1 tool calls is reached" in answer.text
+    assert answer.ranking is None and answer.completed.ranking == task.candidates
+
+
+def test_backend_error_keeps_what_was_generated(world):
+    store, tasks = world
+    task = tasks[0]
+    model = ScriptedModel(["<plan>p</plan>\n" + tool_call("popularity", item_ids=[task.candidates[0]]),
+                           LLMError("timeout")])
+    answer = Student(model, store).answer(task)
+    assert answer.stop == "error" and answer.error == "timeout"
+    assert answer.text.startswith("<plan>p</plan>") and "<tool_response>" in answer.text
+    assert not answer.completed.valid
+
+
+def test_ablated_student_is_parsed_in_its_own_format(world):
+    store, tasks = world
+    task = tasks[0]
+    model = ScriptedModel([f"<recommend>{order([1])}</recommend>"])
+    fmt = StudentFormatConfig(plan=False, tools=False, reflection=False)
+    student = Student(model, store, fmt)
+    answer = student.answer(task)
+    assert answer.parsed.well_formed and answer.completed.valid
+    assert model.calls[0].kwargs["stop"] == ["</recommend>"]  # no pause for tool calls
+    assert "<plan>" not in student.prompt(task) and "Tools (" not in student.prompt(task)
+    assert not Student(ScriptedModel([f"<recommend>{order([1])}</recommend>"]), store).answer(
+        task).parsed.well_formed
+
+
+def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
+    """The transformers backend end to end, through the model folder's star_model.json."""
+    store, tasks = world
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_lm_dir, folder)
+    fmt = StudentFormatConfig(tools=False)  # keeps the prompt inside the tiny model's 1024 positions
+    write_model_card(folder, ModelCard(stage="sft", base_model="tiny", base_model_path=str(tiny_lm_dir),
+                                       format=fmt))
+    config = StarConfig(llm=LLMConfig(threads=1), student=StudentConfig(max_new_tokens=12))
+    system = load_star_system(folder, store, config)
+    assert system.student.fmt == fmt
+    records = run_tasks(system, tasks[:2], progress=False)
+    for record, task in zip(records, tasks):
+        assert record.llm_calls == 1 and 0 < record.completion_tokens <= 12
+        assert record.prompt_tokens > 300
+        assert sorted(record.ranking) == sorted(task.candidates)
+    answer = system.student.answer(tasks[0])
+    assert answer.stop in ("length", "end", "recommend", "tool_cap") and answer.segments >= 1
