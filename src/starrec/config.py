@@ -117,6 +117,9 @@ class MarsConfig(Strict):
     max_tool_calls: int = 2  # per analyst run; at the cap its next turn must answer
     reflection_rounds: int = 1  # times the Reflector may send analysts back; 0: no Reflector
     max_repairs: int = 2  # re-asks after an unparsable answer, per call
+    # decode plans, verdicts and tool calls as a choice among well-formed options where the
+    # backend can (small models cannot follow those formats); findings stay free text
+    constrain: bool = True
     temperature: float = 0.0
     seed: int = 0  # a run's seed is seed + sample unless given
     history_items: int = 10  # most recent history items shown in every prompt
