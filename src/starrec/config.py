@@ -49,7 +49,7 @@ class SASRecConfig(Strict):
     dropout: float = 0.2
     lr: float = 1e-3
     batch_size: int = 128
-    epochs: int = 200
+    epochs: int = 50  # chosen on validation tasks: benchmarks/sasrec_epochs.py
     seed: int = 0
 
 
@@ -95,6 +95,9 @@ class LLMConfig(Strict):
     # (guided_*), llamacpp (llama.cpp server grammar/json_schema) or none
     guided: Literal["none", "vllm", "vllm-legacy", "llamacpp"] = "none"
     threads: int | None = None  # in-process backends; None = all cores
+    n_ctx: int = Field(8192, ge=256)  # llama.cpp context (prompt + answer), in tokens
+    # llama.cpp weights of a model folder, exported once next to it (model-<dtype>.gguf)
+    gguf_dtype: Literal["f32", "f16", "q8_0"] = "f16"
     max_tokens: int = 512
     temperature: float = 0.0
 

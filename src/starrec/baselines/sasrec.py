@@ -244,7 +244,7 @@ class SASRec(Recommender):
                     optimizer.step()
                     total += loss.item()
                 self.losses.append(total / n_batches)
-                bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
+                bar.set_postfix(loss=f"{self.losses[-1]:.3f}", refresh=False)
                 if on_epoch is not None:
                     self.net = net.eval()
                     on_epoch(len(self.losses), self)

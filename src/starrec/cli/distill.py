@@ -13,6 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from starrec.cli.options import ConfigOption, SetOption
+from starrec.cli.options import config_from as _config
+from starrec.cli.options import fail as _fail
+
 app = typer.Typer(help="Distil teacher trajectories into a single student model.",
                   no_args_is_help=True)
 
@@ -54,16 +58,13 @@ def sft(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue from the latest checkpoint in OUT/checkpoints.")] = False,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="YAML config file (see configs/default.yaml).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config value, e.g. --set sft.lora_r=8.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
 ) -> None:
     """Filter the teacher's runs, serialize them into the student language and fine-tune
     the base model on them (LoRA by default). Writes OUT as a model folder that
     `star eval --system star --model OUT` loads, with star_model.json, the loss curve,
     the filter report and the tokenized data."""
-    from starrec.cli.main import _config, _fail
     from starrec.data.errors import DataError
     from starrec.data.registry import load_dataset
     from starrec.llm.base import LLMError

@@ -9,7 +9,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from starrec.config import StarConfig, load_config
+from starrec.cli.options import (
+    ConfigOption,
+    DatasetOption,
+    LimitOption,
+    ModelOption,
+    ScenarioOption,
+    SetOption,
+    TasksOption,
+    UsersOption,
+)
+from starrec.cli.options import config_from as _config
+from starrec.cli.options import fail as _fail
+from starrec.config import StarConfig
 
 app = typer.Typer(
     help="STAR: reasoning-enhanced LLM recommendation. Prepare data, run baselines and "
@@ -25,22 +37,6 @@ cst_app = typer.Typer(
 )
 app.add_typer(cst_app, name="cst")
 
-ConfigOption = Annotated[
-    Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")
-]
-SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a config value, e.g. --set baselines.als.factors=128."),
-]
-DatasetOption = Annotated[
-    Optional[str],
-    typer.Option(
-        help="ml-100k, agentrecbench:DATA_DIR[,TASK_DIR], or a folder with interactions.* and "
-        "items.* tables. Default: data.dataset of the config."
-    ),
-]
-
-
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     logging.basicConfig(
@@ -48,18 +44,6 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-
-
-def _config(config: Path | None, overrides: list[str] | None) -> StarConfig:
-    try:
-        return load_config(config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        raise typer.BadParameter(str(error), param_hint="--config/--set") from None
-
-
-def _fail(error: Exception) -> typer.Exit:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def _prepared(dataset: str, source: str, seed: int, out: Path | None) -> Path:
@@ -161,17 +145,13 @@ def evaluate(
         help="A baseline (random, pop, itemknn, als, sasrec), cst (evidence ranker), mars (the "
         "multi-agent teacher) or star (a distilled student, with --model).")],
     out: Annotated[Path, typer.Option(help="Where to write the results JSON.")],
-    tasks: Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")] = None,
+    tasks: TasksOption = None,
     dataset: DatasetOption = None,
     split: Annotated[str, typer.Option(help="train, valid or test (when --tasks is not given).")] = "test",
-    users: Annotated[str, typer.Option(help="all or eval-200 (when --tasks is not given).")] = "all",
-    scenario: Annotated[
-        str, typer.Option(help="classic, user_cold, item_cold, long_term or short_term.")
-    ] = "classic",
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N tasks.")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        help="mars / star: smollm2, a model folder, a hub id, a .gguf file or "
-        "http(s)://host:port/v1. Default for mars: llm.model of the config.")] = None,
+    users: UsersOption = "all",
+    scenario: ScenarioOption = "classic",
+    limit: LimitOption = None,
+    model: ModelOption = None,
     records: Annotated[Optional[Path], typer.Option(
         help="One JSON line per task (ranking, rank, time, tokens). For mars / star it is "
         "written as tasks finish and a rerun skips the tasks already in it (default: next to "

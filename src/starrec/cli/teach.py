@@ -11,6 +11,19 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from starrec.cli.options import (
+    ConfigOption,
+    DatasetOption,
+    LimitOption,
+    ModelOption,
+    ScenarioOption,
+    SetOption,
+    TasksOption,
+    UsersOption,
+)
+from starrec.cli.options import config_from as _config
+from starrec.cli.options import fail as _fail
+
 if TYPE_CHECKING:
     from starrec.config import StarConfig
     from starrec.llm.base import ChatModel
@@ -26,19 +39,13 @@ def _load_model(spec: str | None, cfg: StarConfig) -> ChatModel:
 def teach(
     out: Annotated[Path, typer.Option(help="Trajectories file: JSON lines, appended, resumable.")] = Path(
         "trajectories.jsonl"),
-    tasks: Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")] = None,
-    dataset: Annotated[Optional[str], typer.Option(
-        help="ml-100k, agentrecbench:DATA_DIR[,TASK_DIR], or a folder with interactions.* and "
-        "items.* tables. Default: data.dataset of the config.")] = None,
+    tasks: TasksOption = None,
+    dataset: DatasetOption = None,
     split: Annotated[str, typer.Option(help="train, valid or test (when --tasks is not given).")] = "train",
-    users: Annotated[str, typer.Option(help="all or eval-200 (test split only).")] = "all",
-    scenario: Annotated[
-        str, typer.Option(help="classic, user_cold, item_cold, long_term or short_term.")
-    ] = "classic",
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N tasks.")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        help="smollm2, a model folder, a hub id, a .gguf file or http(s)://host:port/v1. "
-        "Default: llm.model of the config.")] = None,
+    users: UsersOption = "all",
+    scenario: ScenarioOption = "classic",
+    limit: LimitOption = None,
+    model: ModelOption = None,
     samples: Annotated[int, typer.Option(help="Runs per task (use a temperature above 0).")] = 1,
     concurrency: Annotated[int, typer.Option(
         help="Runs in parallel threads; worth it with a server backend only.")] = 1,
@@ -46,10 +53,8 @@ def teach(
         help="Sampling temperature of every agent. Default: mars.temperature.")] = None,
     retry_errors: Annotated[bool, typer.Option(
         help="Run again the tasks whose recorded run ended in an error.")] = False,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="YAML config file (see configs/default.yaml).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config value, e.g. --set mars.max_tool_calls=3.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
 ) -> None:
     """Run the multi-agent teacher on every task and append its full trajectories.
 
@@ -57,7 +62,7 @@ def teach(
     The CST store is built (or reused) from exactly what these tasks may see.
     """
     from starrec.agents.mars import MarsTeacher
-    from starrec.cli.main import _config, _fail, _task_list
+    from starrec.cli.main import _task_list
     from starrec.cst.store import EvidenceStore, ensure_store
     from starrec.data.errors import DataError
     from starrec.data.registry import dataset_slug, load_dataset
