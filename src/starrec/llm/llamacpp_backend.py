@@ -1,6 +1,7 @@
 """In-process llama.cpp through llama-cpp-python (the optional extra `llamacpp`).
 
-About 4x faster than transformers on CPU for SmolLM2-sized models. The chat template
+Decodes ~3x faster than transformers on CPU (SmolLM2-135M, 2 threads: ~40 vs ~13 tokens/s,
+benchmarks/llm_engines.py). The chat template
 comes from the GGUF's own metadata; prompts are tokenised here so that token counts and
 the constraint hooks see exactly what the model sees.
 """
@@ -10,14 +11,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from starrec.llm.base import Completion, Constraint, JSONSchemaConstraint, LLMError, Message
 from starrec.llm.constraints import TokenVocab, find_list_tokens, llamacpp_logits_processor, maskable
-from starrec.llm.hf_backend import available_cores
+from starrec.llm.hf_backend import available_cores, passive_openmp
 
 
 def import_llama_cpp():
+    passive_openmp()
     try:
         import llama_cpp
     except ImportError as exc:
@@ -39,6 +42,9 @@ class LlamaCppChatModel:
         n_threads = max(1, min(threads or available_cores(), available_cores()))
         self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
                                      n_threads_batch=n_threads, verbose=False)
+        # Free the model while the interpreter is intact: llama-cpp-python's own __del__
+        # at exit finds its modules torn down and prints a traceback.
+        weakref.finalize(self, self.llama.close)
         self.name = name or path.name
         self._llama_cpp = llama_cpp
         self.eos_ids = (self.llama.token_eos(),)

