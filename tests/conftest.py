@@ -43,3 +43,19 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_lm import make_tiny_lm
 
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny dataset's test tasks and the CST store serving them (no content signals)."""
+    from starrec.config import CSTConfig
+    from starrec.cst.store import EvidenceStore, build_store
+    from starrec.data.splits import task_interactions
+    from starrec.data.tasks import build_split_tasks
+
+    dataset = make_dataset()
+    tasks = build_split_tasks(dataset, "test")
+    allowed = task_interactions(dataset, tasks, "test")
+    path = build_store(allowed, dataset.items, tmp_path_factory.mktemp("cst") / "s.sqlite",
+                       CSTConfig(content=False), progress=False)
+    return EvidenceStore(path), tasks

@@ -14,12 +14,9 @@ from starrec.agents.mars import MarsTeacher, fallback_order
 from starrec.agents.choices import plan_options, tool_call_options
 from starrec.agents.prompts import roles, system_prompt
 from starrec.agents.system import MarsSystem
-from starrec.config import CSTConfig, MarsConfig
+from starrec.config import MarsConfig
 from starrec.cst.ranker import CSTRanker
-from starrec.cst.store import EvidenceStore, build_store
 from starrec.cst.tools import ToolExecutor, tool_specs
-from starrec.data.splits import task_interactions
-from starrec.data.tasks import build_split_tasks
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
 from starrec.llm.structured import (
     ParseError,
@@ -34,16 +31,6 @@ from tests.conftest import make_dataset
 from tests.fakes import ScriptedModel, permutation
 
 SPECS = list(tool_specs())
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    dataset = make_dataset()
-    tasks = build_split_tasks(dataset, "test")
-    allowed = task_interactions(dataset, tasks, "test")
-    path = build_store(allowed, dataset.items, tmp_path_factory.mktemp("cst") / "s.sqlite",
-                       CSTConfig(content=False), progress=False)
-    return EvidenceStore(path), tasks
 
 
 def teacher(model, world, **config):

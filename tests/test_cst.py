@@ -1,4 +1,3 @@
-import json
 import os
 
 import jsonschema
@@ -15,7 +14,6 @@ from starrec.cst.verbalize import approx_tokens, fit_budget
 from starrec.data.schema import Dataset
 from starrec.data.splits import target_mask, task_interactions
 from starrec.data.tasks import build_split_tasks
-from tests.conftest import make_dataset
 
 NO_CONTENT = CSTConfig(content=False)
 

@@ -5,30 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 
-from starrec.config import CSTConfig, LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
-from starrec.cst.store import EvidenceStore, build_store
+from starrec.config import LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
 from starrec.cst.tools import ToolExecutor
-from starrec.data.splits import task_interactions
-from starrec.data.tasks import build_split_tasks
 from starrec.evaluation.runner import run_tasks
 from starrec.inference.student import Student
 from starrec.inference.system import StarSystem, load_star_system
 from starrec.llm.base import LLMError
 from starrec.training.card import ModelCard, write_model_card
-from tests.conftest import make_dataset
 from tests.fakes import ScriptedModel
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    dataset = make_dataset()
-    tasks = build_split_tasks(dataset, "test")
-    allowed = task_interactions(dataset, tasks, "test")
-    path = build_store(allowed, dataset.items, tmp_path_factory.mktemp("cst") / "s.sqlite",
-                       CSTConfig(content=False), progress=False)
-    return EvidenceStore(path), tasks
 
 
 def tool_call(name: str, **arguments) -> str:
