@@ -1,7 +1,8 @@
 """A scripted `ChatModel` for tests: answers come from a script, not from a model.
 
 The script is a list consumed in call order, or a dict from MARS role to answers (the
-role is recognised from the system prompt, `starrec.agents.prompts.system_prompt`).
+role is recognised from the brief that opens its first user message,
+`starrec.agents.prompts.role_prompt`).
 An answer is a string, an exception instance (raised, e.g. `LLMError("timeout")`), or a
 callable `(messages) -> str`. A dict value that is not a list answers every call of
 that role. Every call is kept in `calls` for assertions.
@@ -14,16 +15,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from starrec.agents.prompts import roles, system_prompt
+from starrec.agents.prompts import role_prompt, roles
 from starrec.llm.base import Completion, Constraint, Message
 
 Answer = Union[str, BaseException, Callable[[list[Message]], str]]
 
 
 def role_of(messages: Sequence[Message]) -> str | None:
-    if not messages or messages[0]["role"] != "system":
+    if len(messages) < 2 or messages[0]["role"] != "system":
         return None
-    return next((r for r in roles() if system_prompt(r) == messages[0]["content"]), None)
+    opening = messages[1]["content"]
+    return next((r for r in roles() if opening.startswith(role_prompt(r).brief + "\n")), None)
 
 
 @dataclass

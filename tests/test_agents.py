@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 from starrec.agents.answers import parse_findings, parse_plan, parse_verdict
 from starrec.agents.mars import MarsTeacher, fallback_order
 from starrec.agents.choices import plan_options, tool_call_options
-from starrec.agents.prompts import roles, system_prompt
+from starrec.agents.prompts import role_prompt, roles
 from starrec.agents.system import MarsSystem
 from starrec.config import MarsConfig
 from starrec.cst.ranker import CSTRanker
 from starrec.cst.tools import ToolExecutor, tool_specs
+from starrec.data.tasks import Task
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
 from starrec.llm.structured import (
     ParseError,
@@ -40,6 +41,11 @@ def teacher(model, world, **config):
 
 def call(name, **arguments):
     return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
+
+
+def llm_system(model):
+    """The system prompt the model was sent (the same on every call of a run)."""
+    return model.calls[0].messages[0]["content"]
 
 
 def steps(run, kind, agent=None):
@@ -169,7 +175,7 @@ def test_full_run_with_multi_turn_tool_loops(world):
         "reflector": "ACCEPT",
         "ranker": permutation(20, [11, 12, 6]),
     })
-    run = teacher(model, world).run(task)
+    run = teacher(model, world, max_tool_calls=2).run(task)
     assert run.status == "ok" and run.fallback is None and run.error is None
     assert model.roles_called() == ["planner", "recent", "recent", "recent", "long_term",
                                     "long_term", "reflector", "ranker"]
@@ -189,7 +195,11 @@ def test_full_run_with_multi_turn_tool_loops(world):
                             "long_term": "Candidates [11] and [12] match the history."}
     assert run.reflection == "ACCEPT" and run.reflection_rounds == 0
     assert run.ranking_indices[:3] == [11, 12, 6]
-    assert run.ranking == [task.candidates[i] for i in run.ranking_indices]
+    # the model saw the candidates in the cst ranker's order, numbered in that order
+    shown = run.task["candidates"]
+    assert shown == CSTRanker.on_store(store).rank(task) and shown != task.candidates
+    assert "[0] " + store.title(shown[0]) in llm_system(model)
+    assert run.ranking == [shown[i] for i in run.ranking_indices]
     assert sorted(run.ranking) == sorted(task.candidates)
     # totals agree with the steps, every prompt is recorded as sent
     llm = steps(run, "llm")
@@ -197,8 +207,10 @@ def test_full_run_with_multi_turn_tool_loops(world):
     assert run.prompt_tokens == sum(s.prompt_tokens for s in llm) > 0
     assert run.completion_tokens == sum(s.completion_tokens for s in llm) > 0
     assert [s.messages for s in llm] == [c.messages for c in model.calls]
-    assert llm[0].messages[0]["content"] == system_prompt("planner")
-    assert "Scenario:" in llm[0].messages[1]["content"] and "[19]" in llm[0].messages[1]["content"]
+    assert llm[0].messages[1]["content"].startswith(role_prompt("planner").brief)
+    # one system prompt, the task with its evidence, opens every call: a KV cache reuses it
+    assert {s.messages[0]["content"] for s in llm} == {llm[0].messages[0]["content"]}
+    assert "Scenario:" in llm[0].messages[0]["content"] and "[19]" in llm[0].messages[0]["content"]
     messages = {s.agent: s for s in steps(run, "message")}
     assert messages["planner"].parsed == {"recent": "what follows the last items",
                                           "long_term": "lasting interests"}
@@ -270,10 +282,9 @@ def test_ranking_still_broken_gets_the_cst_fallback(world):
                            "ranker": "I like them all."})
     run = teacher(model, world, max_repairs=1).run(task)
     assert len(steps(run, "llm", "ranker")) == 2
-    ranker = CSTRanker(store.config)
-    ranker.store = store
-    assert run.ranking == ranker.rank(task)
-    assert run.ranking_indices == fallback_order(store, task)[0]
+    assert run.ranking == CSTRanker.on_store(store).rank(task)
+    # indices number the candidates as shown, which is already the cst order
+    assert run.ranking_indices == fallback_order(store, Task(**run.task))[0] == list(range(20))
     assert run.status == "ok" and run.fallback.startswith("ranking unusable (no list of candidate indices")
     assert "cst ranker order" in run.fallback
     assert steps(run, "message", "ranker")[-1].error == run.fallback
@@ -326,7 +337,8 @@ def test_backend_error_mid_run_completes_with_a_recorded_fallback(world):
     assert model.roles_called() == ["planner", "recent", "recent"]  # nothing after the failure
     assert run.status == "error" and "timeout after 120 s" in run.error
     assert run.fallback.startswith("backend error: timeout") and run.ranking
-    assert run.ranking_indices == fallback_order(store, task)[0]
+    assert run.ranking == CSTRanker.on_store(store).rank(task)
+    assert run.ranking_indices == list(range(20))  # numbered as shown, in cst order
     failed = steps(run, "llm", "recent")[-1]
     assert failed.error == "backend error: timeout after 120 s" and failed.output == ""
     assert run.llm_calls == 3 and run.tool_calls == 1
@@ -357,7 +369,7 @@ def test_ranker_decodes_under_the_permutation_constraint_when_supported(world):
     model = ScriptedModel(script, supports=[PermutationConstraint])
     run = teacher(model, world).run(tasks[8])
     constraints = {c.role: c.kwargs["constraint"] for c in model.calls}
-    assert constraints["ranker"] == PermutationConstraint(20)
+    assert constraints["ranker"] == PermutationConstraint(20, prefix="<recommend>")
     assert constraints["recent"] is None and constraints["planner"] is None
     assert steps(run, "llm", "ranker")[0].constrained and run.ranking_indices[0] == 19
     model = ScriptedModel(script)  # no support: free text, parsed
@@ -373,7 +385,7 @@ def test_plans_verdicts_and_tool_calls_are_choices_when_supported(world):
               "recent": [first, call("sequence_candidates"), "Findings."],
               "reflector": "ACCEPT", "ranker": permutation(20)}
     model = ScriptedModel(script, supports=[ChoiceConstraint, PermutationConstraint])
-    run = teacher(model, world, analysts=["recent", "long_term"]).run(task)
+    run = teacher(model, world, analysts=["recent", "long_term"], max_tool_calls=2).run(task)
     planner, turn0, turn1, final, reflector, ranker = [c.kwargs["constraint"] for c in model.calls]
     assert planner.options == plan_options(["recent", "long_term"]) and len(planner.options) == 3
     assert planner.options[0] == ("recent: the latest items and what users usually consume after "
@@ -384,10 +396,11 @@ def test_plans_verdicts_and_tool_calls_are_choices_when_supported(world):
     assert set(turn1.options) == set(turn0.options) - {first}  # no call twice
     assert final is None and run.findings == {"recent": "Findings."}
     assert reflector.options == ("ACCEPT", "recent: " + roles()["recent"].revise)
-    assert ranker == PermutationConstraint(20)
+    assert ranker == PermutationConstraint(20, prefix="<recommend>")
     # a choice may always finish its longest option, whatever the role's max_tokens
     assert model.calls[0].kwargs["max_tokens"] == max(map(len, planner.options)) > 96
-    assert model.calls[1].kwargs["max_tokens"] == 128  # the longest tool call is shorter
+    assert model.calls[1].kwargs["max_tokens"] == max(MarsConfig().max_tokens.analyst,
+                                                      max(map(len, turn0.options)))
     assert run.tool_calls == 2 and all(s.error is None for s in steps(run, "message"))
     model = ScriptedModel(script, supports=[ChoiceConstraint, PermutationConstraint])
     teacher(model, world, analysts=["recent"], constrain=False).run(task)
@@ -407,11 +420,22 @@ def test_tool_options_cover_every_tool_a_role_has(world):
             assert ToolExecutor(store, task).call(name, arguments).ok, option
 
 
+def test_presented_order_keeps_the_task_as_given(world):
+    store, tasks = world
+    model = ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
+                           "ranker": permutation(20, [5])})
+    config = MarsConfig(candidate_order="presented")
+    run = MarsTeacher(model, store, config).run(tasks[3])
+    assert run.task == json.loads(tasks[3].to_json())
+    assert run.ranking[0] == tasks[3].candidates[5]
+    assert "[5] " + store.title(tasks[3].candidates[5]) in llm_system(model)
+
+
 def test_a_bug_is_recorded_not_raised(world, monkeypatch):
     store, tasks = world
     model = ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
                            "ranker": permutation(20)})
-    monkeypatch.setattr("starrec.agents.mars.evidence_block", lambda *a: 1 / 0)
+    monkeypatch.setattr("starrec.agents.mars.team_prompt", lambda *a: 1 / 0)
     run = teacher(model, world).run(tasks[9], sample=2)
     assert run.status == "error" and run.error.startswith("ZeroDivisionError")
     assert run.ranking and run.sample == 2 and run.seed == 2
@@ -424,9 +448,9 @@ def test_mars_system_recommends_and_appends(world, tmp_path):
     with TrajectoryWriter(tmp_path / "t.jsonl") as writer:
         system = MarsSystem(teacher(model, world), writer)
         answer = system.recommend(tasks[0])
-    assert answer.ranking[0] == tasks[0].candidates[3] and answer.llm_calls == 4
-    assert not answer.fallback and answer.prompt_tokens > 0
     (run,) = read_runs(tmp_path / "t.jsonl")
+    assert answer.ranking[0] == run.task["candidates"][3] and answer.llm_calls == 4
+    assert not answer.fallback and answer.prompt_tokens > 0
     assert run.ranking == answer.ranking and run.llm_calls == answer.llm_calls
 
 

@@ -80,6 +80,17 @@ def test_permutation_state_allows_only_valid_continuations():
     assert _texts(zero, vocab) == {",", ", "}  # no leading zeros
 
 
+def test_permutation_prefix_is_forced_token_by_token():
+    vocab = _list_vocab()
+    state = PermutationState(2, vocab, prefix="<r>")
+    for char in "<r>":
+        assert state.allowed().tolist() == [ord(char)]  # only the prefix's next token
+        state.advance(ord(char))
+    assert _texts(state, vocab) == {"[", "[1"}  # then the list as without a prefix
+    _feed(state, vocab, "[", "1", ", ", "0", "]")
+    assert _texts(state, vocab) == {"<eos>"}
+
+
 def test_choice_state_walks_the_token_trie():
     vocab = _list_vocab()
     state = ChoiceState(["ab", "abc", "x"], vocab)
@@ -115,6 +126,9 @@ def test_server_side_grammars_have_the_right_shape():
     assert re.fullmatch(permutation_regex(1), "[0]")
     assert gbnf_grammar(ChoiceConstraint(('say "hi"', "b"))) == 'root ::= "say \\"hi\\"" | "b"'
     assert '("," " " num){2}' in gbnf_grammar(PermutationConstraint(3))
+    tagged = re.compile(permutation_regex(2, prefix="<recommend>"))
+    assert tagged.fullmatch("<recommend>[1, 0]") and not tagged.fullmatch("[1, 0]")
+    assert gbnf_grammar(PermutationConstraint(2, "<recommend>")).startswith('root ::= "<recommend>" "["')
 
 
 # --- transformers backend on the tiny model --------------------------------------
@@ -164,6 +178,9 @@ def test_permutation_constraint_yields_a_valid_permutation(hf, n):
                           temperature=temperature, seed=seed)
         assert sorted(json.loads(out.text)) == list(range(n)), out.text
         assert out.constrained and out.finish_reason == "stop"
+    tagged = hf.chat(MESSAGES, max_tokens=120, constraint=PermutationConstraint(n, "<recommend>"))
+    assert tagged.text.startswith("<recommend>[")
+    assert sorted(json.loads(tagged.text.removeprefix("<recommend>"))) == list(range(n))
 
 
 def test_choice_constraint_yields_exactly_one_option(hf):

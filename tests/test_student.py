@@ -7,6 +7,7 @@ import shutil
 
 
 from starrec.config import LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
+from starrec.cst.ranker import CSTRanker
 from starrec.cst.tools import ToolExecutor
 from starrec.evaluation.runner import run_tasks
 from starrec.inference.student import Student
@@ -28,7 +29,6 @@ def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_compl
     store, tasks = world
     task = tasks[0]
     last = task.history[-1]
-    expected = ToolExecutor(store, task).call("item_neighbours", {"item_id": last, "k": 2}).text
     seen = {}
 
     def after_tool(messages):
@@ -39,6 +39,11 @@ def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_compl
     model = ScriptedModel([f"<plan>look at the last item</plan>\n{call}", after_tool])
     student = Student(model, store)
     answer = student.answer(task)
+    # indices number the candidates in the cst ranker's order (format.candidate_order)
+    shown = student.shown(task)
+    assert shown.candidates == CSTRanker.on_store(store).rank(task) != task.candidates
+    assert f"0: {store.title(shown.candidates[0])}" in student.prompt(task)
+    expected = ToolExecutor(store, shown).call("item_neighbours", {"item_id": last, "k": 2}).text
 
     # the continuation saw prompt + the call + the REAL tool response, nothing else
     assert seen["text"].endswith(
@@ -50,16 +55,18 @@ def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_compl
     assert answer.parsed.tool_calls[0].response == expected
     # duplicates and an out-of-range index: malformed, completed per DESIGN.md 3.4
     assert not answer.parsed.well_formed
-    c = task.candidates
+    c = shown.candidates
     assert answer.ranking == [c[3], c[3], c[1], "#25"]
-    rest = [x for i, x in enumerate(c) if i not in (1, 3)]
+    # the rest follows in the task file's presented order (DESIGN.md 3.4)
+    rest = [x for x in task.candidates if x not in (c[1], c[3])]
     assert answer.completed.ranking == [c[3], c[1], *rest] and not answer.completed.valid
 
     model = ScriptedModel([f"<plan>p</plan>\n{tool_call('popularity', item_ids=[c[0]])}",
                            "\n<reflection>r</reflection>\n<recommend>[3, 3]</recommend>"])
     system = StarSystem(Student(model, store))
     record, = run_tasks(system, [task], progress=False)
-    assert record.llm_calls == 1 and not record.valid and record.ranking[:2] == [c[3], c[0]]
+    first_unranked = next(x for x in task.candidates if x != c[3])
+    assert record.llm_calls == 1 and not record.valid and record.ranking[:2] == [c[3], first_unranked]
 
 
 def test_tool_errors_reach_the_model(world):
@@ -78,7 +85,8 @@ def test_tool_errors_reach_the_model(world):
     # a call the tool rejects is still well-formed; one that is not JSON is not
     assert recommendation.details["errors"] == [
         "the tool call is not valid JSON (Expecting value at char 36)"]
-    assert recommendation.ranking[:2] == [task.candidates[5], task.candidates[2]]
+    shown = Student(model, store).shown(task).candidates
+    assert recommendation.ranking[:2] == [shown[5], shown[2]]
     assert [c["ok"] for c in recommendation.details["tool_calls"]] == [False, False]
     assert recommendation.llm_calls == 1 and recommendation.details["segments"] == 3
     assert recommendation.prompt_tokens == sum(

@@ -40,7 +40,7 @@ def make_task(task_id: str = "train-u1", target_index: int = 3, history: int = 6
 
 
 def make_run(task: Task | None = None, *, top: int | None = None, sample: int = 0,
-             status: str = "ok", fallback: str | None = None) -> TeacherRun:
+             status: str = "ok", fallback: str | None = None, shown: str = "cst") -> TeacherRun:
     """A run whose ranking puts candidate `top` (default: the target) first."""
     task = task or make_task()
     first = task.target_index if top is None else top
@@ -57,7 +57,8 @@ def make_run(task: Task | None = None, *, top: int | None = None, sample: int = 
              response="Film 103: 40 users, 90th percentile."),
     ]
     return TeacherRun(
-        task_id=task.task_id, task=json.loads(task.to_json()), model="fake", config={}, steps=steps,
+        task_id=task.task_id, task=json.loads(task.to_json()), model="fake",
+        config={"mars": {"candidate_order": shown}}, steps=steps,
         plan="Check recent items, then co-consumption.",
         findings={"long_term": "Likes dramas.", "recent": "Film 103 follows Film 5 often."},
         reflection="accept", ranking=[task.candidates[i] for i in order], ranking_indices=order,
@@ -198,14 +199,17 @@ def test_filter_steps_count_what_they_drop():
     test_task = make_task("test-u6")
     test_task.split = "test"
     runs.append(make_run(test_task))  # a perfect run, but on a test target
-    kept, report = filter_runs(runs, TrajectoryFilterConfig())
+    # a perfect run whose indices number another order than the student's prompt shows
+    runs.append(make_run(make_task("train-u7"), shown="presented"))
+    kept, report = filter_runs(runs, TrajectoryFilterConfig(), candidate_order="cst")
     assert [(r.task_id, r.sample) for r in kept] == [("train-u1", 0)]
     assert [(s.name, s.kept, s.dropped) for s in report.steps] == [
-        ("not a test task", 6, 1), ("status ok", 5, 1), ("no fallback ranking", 4, 1), ("valid permutation", 3, 1),
+        ("not a test task", 7, 1), ("status ok", 6, 1), ("candidates shown in cst order", 5, 1),
+        ("no fallback ranking", 4, 1), ("valid permutation", 3, 1),
         ("target in top 1", 2, 1), ("per task: first", 1, 1)]
-    assert report.total == 7 and report.kept == 1
+    assert report.total == 8 and report.kept == 1
     assert "target in top 1" in report.table()
-    kept, _ = filter_runs(runs, TrajectoryFilterConfig(top_k=5, per_task="all"))
+    kept, _ = filter_runs(runs, TrajectoryFilterConfig(top_k=5, per_task="all"), candidate_order="cst")
     assert [(r.task_id, r.sample) for r in kept] == [("train-u1", 0), ("train-u1", 1), ("train-u2", 0)]
 
 

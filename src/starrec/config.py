@@ -103,12 +103,16 @@ class LLMConfig(Strict):
 
 
 class MarsTokens(Strict):
-    """Generated tokens per call, by role: SmolLM2-135M decodes ~11 tokens/s on a CPU."""
+    """Generated tokens per call, by role: decoding is most of a teacher run's time
+    (SmolLM2-135M, llama.cpp, 2 cores: about 17 tokens/s at a 2.5k-token context)."""
 
     planner: int = 96
-    analyst: int = 128  # per turn: a tool call or the findings
+    analyst: int = 64  # per turn: a tool call or the findings
     reflector: int = 64
     ranker: int = 120  # a permutation of 20 indices with its tags
+
+
+CandidateOrder = Literal["cst", "presented"]
 
 
 class MarsConfig(Strict):
@@ -117,7 +121,7 @@ class MarsConfig(Strict):
     analysts: list[Literal["user_profile", "long_term", "recent", "divergence"]] = [
         "user_profile", "long_term", "recent", "divergence"]
     max_turns: int = 4  # LLM turns per analyst run, the final answer included
-    max_tool_calls: int = 2  # per analyst run; at the cap its next turn must answer
+    max_tool_calls: int = 1  # per analyst run; at the cap its next turn must answer
     reflection_rounds: int = 1  # times the Reflector may send analysts back; 0: no Reflector
     max_repairs: int = 2  # re-asks after an unparsable answer, per call
     # decode plans, verdicts and tool calls as a choice among well-formed options where the
@@ -126,6 +130,10 @@ class MarsConfig(Strict):
     temperature: float = 0.0
     seed: int = 0  # a run's seed is seed + sample unless given
     history_items: int = 10  # most recent history items shown in every prompt
+    # the order (and so the numbering) in which the model sees the candidates: "cst" =
+    # the cst ranker's order, a prior a small model's ranker mostly keeps; "presented" =
+    # the task file's shuffled order, which a 135M ranker answers at chance
+    candidate_order: CandidateOrder = "cst"
     evidence_budget: int | None = 400  # tokens per tool response; None: the store's cst.token_budget
     max_tokens: MarsTokens = MarsTokens()
 
@@ -140,6 +148,7 @@ class StudentFormatConfig(Strict):
     history_items: int = 20  # most recent history titles shown in the prompt
     max_tool_calls: int = 8  # teacher calls kept per sequence (the first ones)
     keep_failed_tools: bool = False  # also keep calls a tool answered with an error
+    candidate_order: CandidateOrder = "cst"  # as mars.candidate_order; must match the teacher's
 
 
 class TrajectoryFilterConfig(Strict):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from starrec.agents.prompts import role_tool_specs, snippet, system_prompt
+from starrec.agents.prompts import role_tool_specs, snippet
 from starrec.cst.tools import ToolExecutor, ToolResult
 from starrec.llm.base import ChatModel, ChoiceConstraint, Constraint, Message
 from starrec.llm.structured import (
@@ -84,12 +84,14 @@ class AgentResult(Generic[T]):
 
 
 class Agent:
-    def __init__(self, spec: AgentSpec, model: ChatModel, run: TeacherRun,
+    def __init__(self, spec: AgentSpec, model: ChatModel, run: TeacherRun, system: str,
                  tools: ToolExecutor | None = None, temperature: float = 0.0,
                  seed: int | None = None, tool_choices: Sequence[str] = ()) -> None:
-        """`tool_choices`: canonical tool calls; when given (and the backend can enforce
+        """`system`: the run's shared system prompt (`prompts.team_prompt`).
+        `tool_choices`: canonical tool calls; when given (and the backend can enforce
         a choice), every turn that may call a tool calls one of them, each at most once."""
         self.spec = spec
+        self.system = system
         self.model = model
         self.run_record = run
         self.specs = role_tool_specs(spec.role) if tools is not None else []
@@ -102,7 +104,7 @@ class Agent:
             constraint: Constraint | None = None) -> AgentResult[T]:
         """Loop until a final answer; raises `BackendFailure` if the backend does."""
         spec = self.spec
-        conversation: list[Message] = [{"role": "system", "content": system_prompt(spec.role)},
+        conversation: list[Message] = [{"role": "system", "content": self.system},
                                        {"role": "user", "content": user}]
         calls = 0
         made: set[str] = set()

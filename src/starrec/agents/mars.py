@@ -4,8 +4,9 @@ One run per task: the Planner assigns analysts; each analyst works in a bounded 
 loop; the Reflector checks the findings against the evidence and may send analysts back
 (`mars.reflection_rounds` times at most); the Ranker orders the candidates, decoded
 under `PermutationConstraint` where the backend supports it (plans, verdicts and tool
-calls under `ChoiceConstraint` with `mars.constrain`, see `starrec.agents.choices`). The run is recorded in
-full as a `TeacherRun`. Model misbehaviour never raises: unparsable answers are
+calls under `ChoiceConstraint` with `mars.constrain`, see `starrec.agents.choices`).
+The model sees the candidates in `mars.candidate_order` (by default the cst ranker's),
+numbered in that order. The run is recorded in full as a `TeacherRun`. Model misbehaviour never raises: unparsable answers are
 repaired, and a ranking that stays broken, or a backend that fails, gives the `cst`
 ranker's order as a recorded fallback.
 """
@@ -19,16 +20,9 @@ import time
 from starrec.agents.answers import Verdict, parse_findings, parse_plan, parse_verdict
 from starrec.agents.choices import plan_options, tool_call_options, verdict_options
 from starrec.agents.core import Agent, AgentSpec, BackendFailure, record_message
-from starrec.agents.prompts import (
-    candidate_block,
-    context_block,
-    evidence_block,
-    role_prompt,
-    roles,
-    snippet,
-)
+from starrec.agents.prompts import role_message, roles, snippet, team_prompt
 from starrec.config import MarsConfig
-from starrec.cst.ranker import CSTRanker
+from starrec.cst.ranker import CSTRanker, present
 from starrec.cst.store import EvidenceStore
 from starrec.cst.tools import ToolExecutor
 from starrec.data.tasks import Task
@@ -39,15 +33,14 @@ from starrec.trajectories.schema import TeacherRun
 log = logging.getLogger(__name__)
 
 NO_FINDINGS = "(no findings)"
+RANKING_OPENING = "<recommend>"  # the Ranker's answer starts as its prompt's example does
 
 
 def fallback_order(store: EvidenceStore, task: Task) -> tuple[list[int], str]:
     """Candidate indices in the `cst` ranker's order (presented order if even that
     fails), and which of the two it is."""
     try:
-        ranker = CSTRanker(store.config)
-        ranker.store = store  # an open store is all a fitted CSTRanker holds
-        order = ranker.rank(task)
+        order = CSTRanker.on_store(store).rank(task)
         return [task.candidates.index(item) for item in order], "cst ranker order"
     except Exception as error:  # the fallback of last resort must not fail
         log.warning("cst fallback failed for %s: %s", task.task_id, error)
@@ -70,6 +63,10 @@ class MarsTeacher:
             config={"mars": self.config.model_dump(), "cst_version": self.store.meta.get("version")},
             sample=sample, seed=seed)
         try:
+            # the record keeps the task as the model saw it: indices in the trajectory
+            # number the candidates in that order (mars.candidate_order)
+            task = present(task, self.store, self.config.candidate_order)
+            record.task = json.loads(task.to_json())
             _Run(self, task, record).execute()
         except BackendFailure as error:
             self._fail(task, record, str(error))  # "backend error: ..."
@@ -104,15 +101,8 @@ class _Run:
         self.record = record
         store = teacher.store
         self.tools = ToolExecutor(store, task, budget=self.config.evidence_budget)
-        self.context = context_block(task, store, self.config.history_items)
-        self.candidates = candidate_block(task, store)
-        self._evidence: str | None = None
-
-    @property
-    def evidence(self) -> str:
-        if self._evidence is None:
-            self._evidence = evidence_block(self.task, self.teacher.store)
-        return self._evidence
+        self.system = team_prompt(task, store, self.config.history_items,
+                                  self.config.candidate_order)
 
     def agent(self, role: str, tools: bool = False) -> Agent:
         c = self.config
@@ -121,7 +111,8 @@ class _Run:
                          max_tool_calls=c.max_tool_calls if tools else 0, max_repairs=c.max_repairs)
         choices = (tool_call_options(role, self.task, self.teacher.store, c.history_items)
                    if tools and c.constrain else ())
-        return Agent(spec, self.teacher.model, self.record, self.tools if tools else None,
+        return Agent(spec, self.teacher.model, self.record, self.system,
+                     self.tools if tools else None,
                      c.temperature, self.record.seed, tool_choices=choices)
 
     def choice(self, options: tuple[str, ...]) -> ChoiceConstraint | None:
@@ -142,9 +133,8 @@ class _Run:
 
     def plan(self) -> dict[str, str]:
         analysts = self.config.analysts
-        user = role_prompt("planner").user.substitute(
-            context=self.context, candidates=self.candidates,
-            analysts="\n".join(f"- {a}: {roles()[a].description}" for a in analysts))
+        user = role_message(
+            "planner", analysts="\n".join(f"- {a}: {roles()[a].description}" for a in analysts))
         result = self.agent("planner").run(user, lambda text: parse_plan(text, analysts),
                                            constraint=self.choice(plan_options(analysts)))
         self.record.plan = result.text
@@ -162,9 +152,8 @@ class _Run:
         if fix is not None:
             previous = self.record.findings.get(analyst) or NO_FINDINGS
             feedback = "\n" + snippet("revise", fix=fix or "(no reason given)", previous=previous)
-        user = role_prompt(analyst).user.substitute(
-            context=self.context, candidates=self.candidates,
-            instruction=instruction or "(none)", feedback=feedback)
+        user = role_message(
+            analyst, instruction=instruction or "(none)", feedback=feedback)
         result = self.agent(analyst, tools=True).run(user, parse_findings, round=round)
         findings = result.value or ""
         self.record.findings[analyst] = findings
@@ -177,8 +166,7 @@ class _Run:
 
     def reflect(self, round: int) -> Verdict:
         analysts = self.config.analysts
-        user = role_prompt("reflector").user.substitute(
-            context=self.context, evidence=self.evidence, findings=self.findings_block())
+        user = role_message("reflector", findings=self.findings_block())
         result = self.agent("reflector").run(
             user, lambda text: parse_verdict(text, analysts), round=round,
             constraint=self.choice(verdict_options(list(self.record.findings))))
@@ -195,11 +183,9 @@ class _Run:
     def rank(self) -> None:
         n = len(self.task.candidates)
         round = self.record.reflection_rounds
-        user = role_prompt("ranker").user.substitute(
-            context=self.context, evidence=self.evidence, findings=self.findings_block(),
-            n=n, last=n - 1)
+        user = role_message("ranker", findings=self.findings_block(), n=n, last=n - 1)
         result = self.agent("ranker").run(user, lambda text: parse_ranking(text, n), round=round,
-                                          constraint=PermutationConstraint(n))
+                                          constraint=PermutationConstraint(n, prefix=RANKING_OPENING))
         if result.value is None:
             set_fallback(self.teacher.store, self.task, self.record,
                          f"ranking unusable ({result.error})", round)

@@ -1,10 +1,14 @@
 """The MARS prompt files and the task blocks every role's prompt shares.
 
-Prompts live in `starrec/resources/prompts/`: `<role>.md` holds a role's system prompt
-and user message (sections `--- system ---` and `--- user ---`, `$name` placeholders;
-text before the first section is a note for prompt authors), `roles.yaml` the roles'
-tools and descriptions, the other files small shared pieces. Placeholders use
-`string.Template`, so JSON braces in a prompt need no escaping.
+Every call of a run shares one system prompt, `team.md`: the task (scenario, history,
+candidates with their CST evidence). A role's own text comes after it, in the first user
+message, so an engine that keeps its KV cache across calls (llama.cpp in process, vLLM
+or SGLang prefix caching) reads the task once per run, not once per call.
+
+`<role>.md` holds a role's brief and its request (sections `--- brief ---` and
+`--- request ---`, `$name` placeholders; text before the first section is a note for
+prompt authors), `roles.yaml` the roles' tools and descriptions, the other files small
+shared pieces. Placeholders use `string.Template`, so JSON braces need no escaping.
 """
 
 from __future__ import annotations
@@ -80,25 +84,28 @@ def tool_line(spec: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class RolePrompt:
-    system: str
-    user: Template
+    brief: str  # who the role is and how it answers; opens its first user message
+    request: Template  # what it is asked this time
 
 
 @lru_cache(maxsize=None)
 def role_prompt(role: str) -> RolePrompt:
     text = prompt_text(f"{role}.md")
-    system_mark, user_mark = _SECTION.format("system"), _SECTION.format("user")
-    if system_mark not in text or user_mark not in text:
-        raise ValueError(f"prompts/{role}.md needs a '{system_mark}' and a '{user_mark}' line")
-    system, user = text.split(system_mark, 1)[1].split(user_mark, 1)
+    brief_mark, request_mark = _SECTION.format("brief"), _SECTION.format("request")
+    if brief_mark not in text or request_mark not in text:
+        raise ValueError(f"prompts/{role}.md needs a '{brief_mark}' and a '{request_mark}' line")
+    brief, request = text.split(brief_mark, 1)[1].split(request_mark, 1)
     specs = role_tool_specs(role)
     tools = snippet("tools", tools="\n".join(map(tool_line, specs))) if specs else ""
-    return RolePrompt(Template(system.strip()).substitute(tools=tools).strip(), Template(user.strip()))
+    return RolePrompt(Template(brief.strip()).substitute(tools=tools).strip(),
+                      Template(request.strip()))
 
 
-def system_prompt(role: str) -> str:
-    """A role's system prompt: fixed per role, so a transcript shows which agent spoke."""
-    return role_prompt(role).system
+def role_message(role: str, **fields: Any) -> str:
+    """A role's first user message: its brief (fixed per role, so a transcript shows
+    which agent spoke), then its request with `fields` filled in."""
+    prompt = role_prompt(role)
+    return f"{prompt.brief}\n\n{prompt.request.substitute(fields)}"
 
 
 @lru_cache(maxsize=1)
@@ -120,12 +127,21 @@ def context_block(task: Task, store: EvidenceStore, history_items: int) -> str:
                    history="\n".join(f"- {_item(store, i)}" for i in shown) or "- (none)")
 
 
-def candidate_block(task: Task, store: EvidenceStore) -> str:
-    return "\n".join(f"[{i}] {_item(store, c)}" for i, c in enumerate(task.candidates))
-
-
 def evidence_block(task: Task, store: EvidenceStore) -> str:
     """Every candidate with its CST evidence sentence, never truncated: the reflector
     and ranker must see all candidates."""
     return "\n".join(candidate_line(i, e, len(task.history), store.title)
                      for i, e in enumerate(candidate_evidence(store, task)))
+
+
+@lru_cache(maxsize=1)
+def candidate_headings() -> dict[str, str]:
+    return yaml.safe_load(prompt_text("candidate_order.yaml"))
+
+
+def team_prompt(task: Task, store: EvidenceStore, history_items: int, order: str) -> str:
+    """The system prompt every call of a run shares: the task and its evidence, the
+    candidates introduced as listed in `order` (mars.candidate_order)."""
+    return snippet("team", context=context_block(task, store, history_items),
+                   candidates_heading=candidate_headings()[order],
+                   evidence=evidence_block(task, store))

@@ -7,10 +7,12 @@ within the task; the weights are config values (`cst.weight_*`).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from starrec.baselines.base import FitData, Recommender
-from starrec.config import CSTConfig
+from starrec.config import CandidateOrder, CSTConfig
 from starrec.cst.evidence import candidate_evidence
 from starrec.cst.store import EvidenceStore, ensure_store
 from starrec.data.tasks import Task
@@ -30,6 +32,13 @@ class CSTRanker(Recommender):
         self.dataset = dataset
         self.progress = progress
 
+    @classmethod
+    def on_store(cls, store: EvidenceStore) -> CSTRanker:
+        """A ranker over a store already built (all a fitted ranker holds)."""
+        ranker = cls(store.config, progress=False)
+        ranker.store = store
+        return ranker
+
     def fit(self, data: FitData) -> CSTRanker:
         path = ensure_store(data.interactions, data.items, self.config, dataset=self.dataset,
                             split=data.split, progress=self.progress)
@@ -47,3 +56,13 @@ class CSTRanker(Recommender):
             + c.weight_popularity * feature("pop_pct") / 100
             + c.weight_content * feature("content_similarity")
         )
+
+
+def present(task: Task, store: EvidenceStore, order: CandidateOrder) -> Task:
+    """The task as an LLM is shown it: its candidates in `order`, numbered in that order.
+    A ranking of the result's candidate items is a ranking of the task's."""
+    if order == "presented":
+        return task
+    if order != "cst":
+        raise ValueError(f"unknown candidate order {order!r}; expected 'cst' or 'presented'")
+    return replace(task, candidates=CSTRanker.on_store(store).rank(task))

@@ -94,4 +94,4 @@ def candidate_line(index: int, evidence: CandidateEvidence, n_history: int,
     if evidence.content_best_item is not None and (not evidence.known or evidence.cooc_best_item is None):
         parts.append(render("candidate_content", base=titles(evidence.content_best_item),
                             similarity=f"{evidence.content_similarity:.2f}"))
-    return f"{render('candidate', index=index, title=evidence.title)}: " + "; ".join(parts) + "."
+    return f"{render('candidate', index=index, title=evidence.title, item=evidence.item)}: " + "; ".join(parts) + "."

@@ -22,6 +22,7 @@ from typing import Any
 
 from starrec.agents.prompts import prompt_text
 from starrec.config import StudentConfig, StudentFormatConfig
+from starrec.cst.ranker import present
 from starrec.cst.store import EvidenceStore
 from starrec.cst.tools import ToolExecutor
 from starrec.data.tasks import Task
@@ -83,14 +84,24 @@ class Student:
         self.fmt = fmt or StudentFormatConfig()
         self.config = config or StudentConfig()
 
+    def shown(self, task: Task) -> Task:
+        """The task as the model sees it: candidates in `format.candidate_order`."""
+        return present(task, self.store, self.fmt.candidate_order)
+
     def prompt(self, task: Task) -> str:
         """The exact text the model continues: its chat template over the student prompt."""
-        return self.model.render_chat(prompt_messages(task, self.store.title, self.fmt))
+        return self._render(self.shown(task))
+
+    def _render(self, shown: Task) -> str:
+        return self.model.render_chat(prompt_messages(shown, self.store.title, self.fmt))
 
     def answer(self, task: Task) -> StudentAnswer:
+        """One generation for `task`; indices in it number the candidates in the order
+        the format shows them (`format.candidate_order`), rankings are items."""
         started = time.perf_counter()
-        prompt = self.prompt(task)
-        tools = ToolExecutor(self.store, task)
+        shown = self.shown(task)
+        prompt = self._render(shown)
+        tools = ToolExecutor(self.store, shown)
         answer = StudentAnswer(text="", parsed=ParsedOutput(), ranking=None,
                                completed=complete_ranking(None, task.candidates))
         # an ablated student without tools gets no look-ups: its calls stay plain text
@@ -137,9 +148,10 @@ class Student:
                 response = self._execute(text, tools, answer.tool_calls)
             text += wrap(TOOL_RESPONSE, response)
         answer.text = text
-        answer.parsed = parse_student_output(text, len(task.candidates), plan=self.fmt.plan,
+        answer.parsed = parse_student_output(text, len(shown.candidates), plan=self.fmt.plan,
                                              tools=self.fmt.tools, reflection=self.fmt.reflection)
-        answer.ranking = self.item_ranking(answer.parsed, task)
+        answer.ranking = self.item_ranking(answer.parsed, shown)
+        # DESIGN.md 3.4: what is missing follows in the task file's presented order
         answer.completed = complete_ranking(answer.ranking, task.candidates)
         answer.seconds = time.perf_counter() - started
         return answer

@@ -28,9 +28,13 @@ class ChoiceConstraint:
 
 @dataclass(frozen=True)
 class PermutationConstraint:
-    """The output must be `[i1, i2, ..., in]`: a permutation of 0..n-1, comma-separated."""
+    """The output must be `prefix[i1, i2, ..., in]`: a permutation of 0..n-1,
+    comma-separated, after `prefix` written as is. A prefix such as `<recommend>` lets a
+    small model continue the answer format its prompt showed, rather than start a bare
+    list, where it counts from 1 whatever the evidence says."""
 
     n: int
+    prefix: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ spaces, commas and brackets (found once per tokenizer), and the mask is one vect
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -109,12 +110,14 @@ class _PermState:
 class PermutationState:
     """`[i1, i2, ..., in]`, a permutation of 0..n-1, then end of sequence."""
 
-    def __init__(self, n: int, vocab: TokenVocab) -> None:
+    def __init__(self, n: int, vocab: TokenVocab, prefix: str = "") -> None:
         if n < 1:
             raise ValueError(f"PermutationConstraint needs n >= 1, got {n}")
         if not vocab.list_tokens:
             raise ValueError("the tokenizer has no tokens for digits/brackets/commas")
         self.n = n
+        # the prefix is written in its own tokenization, one forced token at a time
+        self.forced = list(vocab.encode(prefix)) if prefix else []
         self.texts = vocab.list_tokens
         self.eos = np.asarray(vocab.eos_ids, dtype=np.int64)
         self.state: _PermState | None = _PermState()
@@ -157,6 +160,8 @@ class PermutationState:
         return s
 
     def allowed(self) -> np.ndarray:
+        if self.forced:
+            return np.asarray(self.forced[:1], dtype=np.int64)
         if self.state is None or self.state.phase == _CLOSED:
             return self.eos
         ids = [tid for tid, text in self.texts.items() if self._feed(self.state, text) is not None]
@@ -165,6 +170,9 @@ class PermutationState:
         return np.asarray(ids, dtype=np.int64) if ids else self.eos
 
     def advance(self, token_id: int) -> None:
+        if self.forced:
+            self.forced.pop(0)  # `allowed` offered only this token
+            return
         if self.state is not None and self.state.phase != _CLOSED:
             text = self.texts.get(token_id)
             self.state = None if text is None else self._feed(self.state, text)
@@ -174,7 +182,7 @@ def make_state(constraint: Constraint, vocab: TokenVocab) -> ConstraintState:
     if isinstance(constraint, ChoiceConstraint):
         return ChoiceState(constraint.options, vocab)
     if isinstance(constraint, PermutationConstraint):
-        return PermutationState(constraint.n, vocab)
+        return PermutationState(constraint.n, vocab, constraint.prefix)
     raise TypeError(f"{type(constraint).__name__} cannot be enforced by token masking")
 
 
@@ -233,11 +241,11 @@ def llamacpp_logits_processor(constraint: Constraint, vocab: TokenVocab, prompt_
     return process
 
 
-def permutation_regex(n: int) -> str:
+def permutation_regex(n: int, prefix: str = "") -> str:
     """The shape of a permutation's text for servers that take a regex. It pins the
     count and the range of the numbers, not their distinctness: callers still validate."""
     number = "(" + "|".join(str(i) for i in range(n)) + ")"
-    return r"\[" + number + ("(, " + number + "){" + str(n - 1) + "}" if n > 1 else "") + r"\]"
+    return re.escape(prefix) + r"\[" + number + ("(, " + number + "){" + str(n - 1) + "}" if n > 1 else "") + r"\]"
 
 
 def _gbnf_literal(text: str) -> str:
@@ -252,4 +260,5 @@ def gbnf_grammar(constraint: ChoiceConstraint | PermutationConstraint) -> str:
     n = constraint.n
     number = " | ".join(_gbnf_literal(str(i)) for i in range(n))
     repeat = f' ("," " " num){{{n - 1}}}' if n > 1 else ""
-    return f'root ::= "[" num{repeat} "]"\nnum ::= {number}'
+    opening = f"{_gbnf_literal(constraint.prefix)} " if constraint.prefix else ""
+    return f'root ::= {opening}"[" num{repeat} "]"\nnum ::= {number}'

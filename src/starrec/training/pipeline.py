@@ -63,12 +63,13 @@ def sft_from_trajectories(
     runs = read_trajectories(trajectories)
     split = runs[0].task.get("split", "train")
     popularity = fit_interactions(dataset, split)["item"].value_counts().to_dict()
-    kept, report = filter_runs(runs, settings.filter, popularity)
+    order = settings.format.candidate_order
+    kept, report = filter_runs(runs, settings.filter, popularity, order)
     if not kept:
         raise ValueError("no teacher run passed the filters:\n" + report.table())
     if valid_trajectories:
         unbalanced = settings.filter.model_copy(update={"balance": False})
-        held, _ = filter_runs(read_trajectories(valid_trajectories), unbalanced, popularity)
+        held, _ = filter_runs(read_trajectories(valid_trajectories), unbalanced, popularity, order)
         train_runs = kept
     else:
         train_runs, held = holdout_tasks(kept, settings.eval_fraction, settings.seed)

@@ -55,6 +55,12 @@ class FilterReport:
         return "\n".join(lines)
 
 
+def shown_order(run: TeacherRun) -> str:
+    """`mars.candidate_order` of the run; runs recorded before it existed saw the
+    presented order."""
+    return (run.config.get("mars") or {}).get("candidate_order", "presented")
+
+
 def target_rank(run: TeacherRun) -> int | None:
     """1-based rank of the target in the run's ranking; None when it is not there."""
     target = run.task.get("target")
@@ -123,8 +129,11 @@ def filter_runs(
     runs: list[TeacherRun],
     config: TrajectoryFilterConfig,
     popularity: Mapping[str, int] | None = None,
+    candidate_order: str | None = None,
 ) -> tuple[list[TeacherRun], FilterReport]:
-    """The runs to train on, in input order, and the counts of each step."""
+    """The runs to train on, in input order, and the counts of each step.
+    `candidate_order`: keep only runs whose model saw the candidates in this order (the
+    student's `format.candidate_order`), since their indices number that order."""
     report = FilterReport(total=len(runs), kept=len(runs))
     labels = strata(runs, popularity)
     checks = [
@@ -136,6 +145,9 @@ def filter_runs(
         ("valid permutation", lambda r: complete_ranking(r.ranking, r.task["candidates"]).valid),
         (f"target in top {config.top_k}", lambda r: (target_rank(r) or 10**9) <= config.top_k),
     ]
+    if candidate_order is not None:
+        checks.insert(2, (f"candidates shown in {candidate_order} order",
+                          lambda r: shown_order(r) == candidate_order))
     kept = runs
     for name, keep in checks:
         before = len(kept)
