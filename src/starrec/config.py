@@ -194,6 +194,16 @@ class StudentConfig(Strict):
     seed: int | None = None
 
 
+class PipelineConfig(Strict):
+    """`star pipeline`, the main job. Its LLM stages take hours on a 2-core CPU (teacher
+    about 47 s per task there), so their task counts are settings."""
+
+    systems: list[str] = ["random", "pop", "itemknn", "als", "sasrec", "cst"]
+    llm: bool = True  # the teacher, SFT and student stages
+    teacher_tasks: int = 60  # train tasks the teacher runs for the SFT data (seeded draw)
+    llm_eval_tasks: int | None = 50  # first N of eval-200 for teacher and student; None: all
+
+
 class StarConfig(Strict):
     data: DataConfig = DataConfig()
     baselines: BaselinesConfig = BaselinesConfig()
@@ -203,6 +213,7 @@ class StarConfig(Strict):
     mars: MarsConfig = MarsConfig()
     sft: SFTSettings = SFTSettings()
     student: StudentConfig = StudentConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

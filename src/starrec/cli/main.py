@@ -169,7 +169,7 @@ def evaluate(
     from starrec.baselines.registry import RANKERS
     from starrec.data.errors import DataError
     from starrec.data.registry import load_dataset
-    from starrec.evaluation.runner import evaluate_baseline, evaluate_system, write_json, write_records
+    from starrec.evaluation.runner import evaluate_baseline, write_json, write_records
     from starrec.llm.base import LLMError
 
     if system not in (*RANKERS, *LLM_SYSTEMS):
@@ -181,16 +181,11 @@ def evaluate(
         task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg)
         loaded = load_dataset(dataset, cfg.data.source)
         if system in LLM_SYSTEMS:
-            store_path = _store_for(loaded, task_list, cfg, dataset)
             records = records or out.with_suffix(".records.jsonl")
             if fresh:
                 records.unlink(missing_ok=True)
-            llm_system = _llm_system(system, model, store_path, cfg, trajectories)
-            section = cfg.mars if system == "mars" else cfg.student
-            params = {"params": section.model_dump(), "model": model or cfg.llm.model,
-                      "llm": cfg.llm.model_dump(), "cst_store": store_path.name}
-            result, task_records = evaluate_system(llm_system, loaded.name, task_list, cfg,
-                                                   params, checkpoint=records)
+            result, task_records = evaluate_llm(system, model, loaded, dataset, task_list, cfg,
+                                                records, trajectories)
         else:
             result, task_records = evaluate_baseline(system, loaded, task_list, cfg)
     except (DataError, ValueError, LLMError) as error:
@@ -205,6 +200,19 @@ def evaluate(
         f"{system}: n={result['n_tasks']} AvgHR={m['AvgHR']:.2f} HR@1={m['HR@1']:.2f} "
         f"NDCG@10={m['NDCG@10']:.2f} valid={m['valid_rate']:.1f} -> {out}"
     )
+
+
+def evaluate_llm(system: str, model: str | None, loaded, dataset: str, task_list, cfg: StarConfig,
+                 records: Path, trajectories: Path | None = None):
+    """(results, task records) of the teacher or a student, resumed from `records`."""
+    from starrec.evaluation.runner import evaluate_system
+
+    store_path = _store_for(loaded, task_list, cfg, dataset)
+    llm_system = _llm_system(system, model, store_path, cfg, trajectories)
+    section = cfg.mars if system == "mars" else cfg.student
+    params = {"params": section.model_dump(), "model": model or cfg.llm.model,
+              "llm": cfg.llm.model_dump(), "cst_store": store_path.name}
+    return evaluate_system(llm_system, loaded.name, task_list, cfg, params, checkpoint=records)
 
 
 def _store_for(loaded, task_list, cfg: StarConfig, dataset: str, out: Path | None = None) -> Path:
@@ -313,51 +321,12 @@ def report(
         out.write_text(table + "\n", encoding="utf-8")
 
 
-@app.command("pipeline")
-def pipeline(
-    dataset: DatasetOption = None,
-    systems: Annotated[
-        str, typer.Option(help="Comma-separated systems to evaluate.")
-    ] = "random,pop,itemknn,als,sasrec,cst",
-    out: Annotated[Path, typer.Option(help="Folder for results JSON and the report table.")] = Path(
-        "runs/pipeline"
-    ),
-    config: ConfigOption = None,
-    set_: SetOption = None,
-) -> None:
-    """The main job: prepare the tasks, evaluate every system on test (all users and
-    eval-200), and print the comparison table."""
-    from starrec.data.registry import dataset_slug, load_dataset
-    from starrec.data.tasks import load_tasks
-    from starrec.evaluation.report import markdown_table
-    from starrec.evaluation.runner import evaluate_baseline, subset_result, write_json
-
-    cfg = _config(config, set_)
-    dataset = dataset or cfg.data.dataset
-    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
-    loaded = load_dataset(dataset, cfg.data.source)
-    test = load_tasks(folder / "test.jsonl")
-    eval_ids = {t.task_id for t in load_tasks(folder / "eval-200.jsonl")}
-    slug = dataset_slug(dataset)
-    results = []
-    for name in [s.strip() for s in systems.split(",") if s.strip()]:
-        everyone, records = evaluate_baseline(name, loaded, test, cfg)
-        everyone["config"].update(tasks="test.jsonl", users="all", scenario="classic")
-        subset = subset_result(everyone, records, eval_ids, cfg)
-        subset["config"].update(tasks="eval-200.jsonl", users="eval-200")
-        for result, users in ((everyone, "all"), (subset, "eval-200")):
-            write_json(result, out / f"{slug}-{name}-test-{users}.json")
-            results.append(result)
-    table = markdown_table(results)
-    (out / f"{slug}-baselines.md").write_text(table + "\n", encoding="utf-8")
-    typer.echo(table)
-
-
 def _register_subcommands() -> None:
     """Commands whose modules import this one for the shared helpers above."""
-    from starrec.cli import distill, teach
+    from starrec.cli import distill, pipeline, teach
 
     app.command("teach")(teach.teach)
+    app.command("pipeline")(pipeline.pipeline)
     app.add_typer(distill.app, name="distill")
 
 

@@ -6,6 +6,7 @@ main.py are imported inside the function, so either module can import the other 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -26,7 +27,10 @@ from starrec.cli.options import fail as _fail
 
 if TYPE_CHECKING:
     from starrec.config import StarConfig
+    from starrec.data.schema import Dataset
+    from starrec.data.tasks import Task
     from starrec.llm.base import ChatModel
+    from starrec.trajectories.recorder import TeachSummary
 
 
 def _load_model(spec: str | None, cfg: StarConfig) -> ChatModel:
@@ -61,15 +65,11 @@ def teach(
     Resumable: tasks already in --out are skipped; Ctrl-C loses only the runs in flight.
     The CST store is built (or reused) from exactly what these tasks may see.
     """
-    from starrec.agents.mars import MarsTeacher
     from starrec.cli.main import _task_list
-    from starrec.cst.store import EvidenceStore, ensure_store
     from starrec.data.errors import DataError
-    from starrec.data.registry import dataset_slug, load_dataset
-    from starrec.data.splits import task_interactions
-    from starrec.evaluation.runner import split_of
+    from starrec.data.registry import load_dataset
     from starrec.llm.base import LLMError
-    from starrec.trajectories.recorder import TrajectoryFileError, run_teacher
+    from starrec.trajectories.recorder import TrajectoryFileError
 
     overrides = list(set_ or [])
     if temperature is not None:
@@ -81,25 +81,44 @@ def teach(
     dataset = dataset or cfg.data.dataset
     try:
         task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg)
-        task_split = split_of(task_list)
         loaded = load_dataset(dataset, cfg.data.source)
-        allowed = task_interactions(loaded, task_list, task_split)
-        store = ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset),
-                             split=task_split)
-        chat_model = _load_model(model, cfg)
-    except (DataError, ValueError, LLMError) as error:
+        summary = teach_tasks(task_list, loaded, dataset, cfg, model, out, samples=samples,
+                              concurrency=concurrency, retry_errors=retry_errors)
+    except (DataError, ValueError, LLMError, TrajectoryFileError) as error:
         raise _fail(error) from None
+    report(summary, out)
+
+
+def teach_tasks(task_list: list[Task], loaded: Dataset, dataset: str, cfg: StarConfig,
+                model: str | None, out: Path, *, samples: int = 1, concurrency: int = 1,
+                retry_errors: bool = False) -> TeachSummary:
+    """Teacher runs of `task_list` appended to `out` (resumed if it exists), each run
+    reading the evidence store built from exactly what these tasks may see."""
+    from starrec.agents.mars import MarsTeacher
+    from starrec.cst.store import EvidenceStore, ensure_store
+    from starrec.data.registry import dataset_slug
+    from starrec.data.splits import task_interactions
+    from starrec.evaluation.runner import split_of
+    from starrec.trajectories.recorder import run_teacher
+
+    task_split = split_of(task_list)
+    allowed = task_interactions(loaded, task_list, task_split)
+    store = ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset),
+                         split=task_split)
+    chat_model = _load_model(model, cfg)
 
     def teacher() -> MarsTeacher:
         # one store connection per worker thread
         return MarsTeacher(chat_model, EvidenceStore(store), cfg.mars)
 
-    try:
-        summary = run_teacher(teacher, task_list, out, samples=samples, concurrency=concurrency,
-                              retry_errors=retry_errors)
-    except (TrajectoryFileError, ValueError) as error:
-        raise _fail(error) from None
-    typer.echo(f"teach {chat_model.name}: {summary.written} run(s) written, {summary.done_before} "
+    summary = run_teacher(teacher, task_list, out, samples=samples, concurrency=concurrency,
+                          retry_errors=retry_errors)
+    return replace(summary, model=chat_model.name)
+
+
+def report(summary: TeachSummary, out: Path) -> None:
+    """One line on what a teach run did; exit 130 if it was interrupted."""
+    typer.echo(f"teach {summary.model}: {summary.written} run(s) written, {summary.done_before} "
                f"already done, {summary.errors} error(s), {summary.fallbacks} fallback ranking(s) "
                f"in {summary.seconds:.1f} s -> {out}")
     if summary.interrupted:

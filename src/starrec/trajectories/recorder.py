@@ -170,6 +170,7 @@ class TeachSummary:
     fallbacks: int  # written with a fallback ranking
     interrupted: bool
     seconds: float
+    model: str = ""  # the teacher model's name, set by the caller that loaded it
 
 
 def _work(tasks: Sequence[Task], samples: int, done: dict[str, str],

@@ -1,0 +1,76 @@
+"""`star pipeline` end to end on tiny data: baselines, a scripted teacher, a 1-step SFT of
+a tiny model, teacher and student evaluated; a second run resumes instead of redoing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from starrec.cli.main import app
+from starrec.llm import models
+from starrec.trajectories.recorder import read_runs
+from tests.conftest import make_dataset
+from tests.fakes import ScriptedModel, permutation
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_dir):
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    data = tmp_path / "shop"
+    data.mkdir()
+    dataset = make_dataset(n_users=10, n_items=40)
+    dataset.interactions.to_csv(data / "interactions.csv", index=False)
+    dataset.items.reset_index().to_csv(data / "items.csv", index=False)
+
+    real_loader = models.load_chat_model
+    teacher_loads = []
+
+    def load(spec, cfg):
+        if spec != "fake-teacher":
+            return real_loader(spec, cfg)  # the student: the tiny model SFT wrote
+        teacher_loads.append(spec)
+        return ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
+                              "ranker": permutation(20, [2])})
+
+    monkeypatch.setattr(models, "load_chat_model", load)
+    monkeypatch.setattr("starrec.cli.teach._load_model", load)
+    fitted = []
+    from starrec.evaluation import runner
+
+    real_fit = runner.evaluate_baseline
+    monkeypatch.setattr(runner, "evaluate_baseline",
+                        lambda name, *a, **k: (fitted.append(name), real_fit(name, *a, **k))[1])
+    out = tmp_path / "run"
+    args = ["pipeline", "--dataset", str(data), "--systems", "pop,cst", "--teacher-tasks", "4",
+            "--llm-eval-tasks", "2", "--model", "fake-teacher", "--out", str(out),
+            "--set", "cst.content=false", "--set", f"sft.base_model={tiny_lm_dir}",
+            "--set", "sft.max_steps=1", "--set", "sft.max_length=2048",
+            "--set", "sft.filter.top_k=20",  # a scripted teacher rarely ranks the target first
+            "--set", "student.max_new_tokens=8", "--set", "llm.backend=transformers"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    runs = read_runs(out / "teacher" / "train.jsonl")
+    assert len(runs) == 4 and {r.task["split"] for r in runs} == {"train"}
+    assert len({r.task["user_id"] for r in runs}) == 4
+    assert (out / "student" / "star_model.json").exists()
+    names = {p.name for p in out.glob("*.json")}
+    assert {"shop-pop-test-all.json", "shop-cst-test-eval-200.json",
+            "shop-mars-test-eval-200-first2.json", "shop-star-test-eval-200-first2.json"} <= names
+    star = json.loads((out / "shop-star-test-eval-200-first2.json").read_text())
+    assert star["n_tasks"] == 2 and star["efficiency"]["llm_calls_per_task"] == 1
+    mars = json.loads((out / "shop-mars-test-eval-200-first2.json").read_text())
+    assert mars["n_tasks"] == 2 and mars["metrics"]["valid_rate"] == 100.0
+    report = (out / "shop-report.md").read_text()
+    assert all(f"| {name} |" in report for name in ("pop", "cst", "mars", "star"))
+    assert sorted(fitted) == ["cst", "pop"]
+
+    # a second run finds every stage done: nothing refitted, taught, trained or re-asked
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(fitted) == ["cst", "pop"]
+    assert "0 run(s) written, 4 already done" in result.output
+    assert "is trained" in result.output
+    assert (out / "shop-report.md").read_text() == report
