@@ -25,6 +25,15 @@ def make_dataset(n_users: int = 12, n_items: int = 40, per_user: int = 8, seed: 
     return build_dataset("tiny", inter, TableSource("inter.csv", 2), items, TableSource("items.csv", 2))
 
 
+def write_dataset_folder(folder: Path, **sizes: int) -> Dataset:
+    """`make_dataset(**sizes)` written as the folder of tables `--dataset DIR` reads."""
+    dataset = make_dataset(**sizes)
+    folder.mkdir(parents=True)
+    dataset.interactions.to_csv(folder / "interactions.csv", index=False)
+    dataset.items.reset_index().to_csv(folder / "items.csv", index=False)
+    return dataset
+
+
 @pytest.fixture
 def tiny() -> Dataset:
     return make_dataset()

@@ -28,7 +28,7 @@ from starrec.llm.structured import (
 )
 from starrec.trajectories.recorder import TrajectoryWriter, read_runs
 from starrec.trajectories.schema import TeacherRun
-from tests.conftest import make_dataset
+from tests.conftest import write_dataset_folder
 from tests.fakes import ScriptedModel, permutation
 
 SPECS = list(tool_specs())
@@ -462,10 +462,7 @@ def test_teach_command_writes_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
     data = tmp_path / "shop"
-    data.mkdir()
-    dataset = make_dataset(n_users=8, n_items=40)
-    dataset.interactions.to_csv(data / "interactions.csv", index=False)
-    dataset.items.reset_index().to_csv(data / "items.csv", index=False)
+    write_dataset_folder(data, n_users=8, n_items=40)
     models = []
 
     def load(spec, cfg):

@@ -3,7 +3,7 @@ import json
 from typer.testing import CliRunner
 
 from starrec.cli.main import app
-from tests.conftest import make_dataset
+from tests.conftest import write_dataset_folder
 
 runner = CliRunner()
 RESULT_KEYS = {"system", "dataset", "split", "n_tasks", "metrics", "ci95", "efficiency", "config"}
@@ -13,10 +13,7 @@ EFFICIENCY_KEYS = {"median_s", "p95_s", "llm_calls_per_task", "prompt_tokens_per
 
 
 def write_tables(folder):
-    dataset = make_dataset(n_users=30, n_items=50)
-    folder.mkdir()
-    dataset.interactions.to_csv(folder / "interactions.csv", index=False)
-    dataset.items.reset_index().to_csv(folder / "items.csv", index=False)
+    write_dataset_folder(folder, n_users=30, n_items=50)
     return folder
 
 

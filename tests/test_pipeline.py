@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from starrec.cli.main import app
 from starrec.llm import models
 from starrec.trajectories.recorder import read_runs
-from tests.conftest import make_dataset
+from tests.conftest import write_dataset_folder
 from tests.fakes import ScriptedModel, permutation
 
 
@@ -19,10 +19,7 @@ from tests.fakes import ScriptedModel, permutation
 def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_dir):
     monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
     data = tmp_path / "shop"
-    data.mkdir()
-    dataset = make_dataset(n_users=10, n_items=40)
-    dataset.interactions.to_csv(data / "interactions.csv", index=False)
-    dataset.items.reset_index().to_csv(data / "items.csv", index=False)
+    write_dataset_folder(data, n_users=10, n_items=40)
 
     real_loader = models.load_chat_model
     teacher_loads = []

@@ -15,7 +15,7 @@ from starrec.trajectories.dataset import build_dataset
 from starrec.trajectories.serialize import serialize_run
 from starrec.training.card import read_model_card
 from starrec.training.sft import train_sft
-from tests.conftest import make_dataset
+from tests.conftest import write_dataset_folder
 from tests.test_trajectories import make_run, make_task, title
 
 # No tool list in the prompt: sequences stay inside the tiny model's 1024 positions.
@@ -112,11 +112,8 @@ def test_resume_continues_from_the_latest_checkpoint(tiny_lm_dir, data, tmp_path
 def test_distill_sft_command(tiny_lm_dir, tmp_path):
     from starrec.cli.distill import app as distill_app
 
-    dataset = make_dataset(n_users=6, n_items=30)
     folder = tmp_path / "data"
-    folder.mkdir()
-    dataset.interactions.to_csv(folder / "interactions.csv", index=False)
-    dataset.items.reset_index().to_csv(folder / "items.csv", index=False)
+    dataset = write_dataset_folder(folder, n_users=6, n_items=30)
     items = list(dataset.items.index)
 
     def task(k: int, target: int) -> dict:
