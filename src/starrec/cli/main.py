@@ -312,10 +312,11 @@ def report(
     results: Annotated[list[Path], typer.Argument(help="Results JSON files.")],
     out: Annotated[Optional[Path], typer.Option(help="Also write the table to this file.")] = None,
 ) -> None:
-    """Print a markdown table of results JSON files."""
-    from starrec.evaluation.report import load_results, markdown_table
+    """Print a markdown table of results JSON files, and one of the LLM systems' cost per
+    task (with each one's speed-up over the first LLM system listed)."""
+    from starrec.evaluation.report import full_report, load_results
 
-    table = markdown_table(load_results(results))
+    table = full_report(load_results(results))
     typer.echo(table)
     if out:
         out.write_text(table + "\n", encoding="utf-8")

@@ -55,7 +55,7 @@ def pipeline(
     evaluations continue task by task, SFT from its last checkpoint."""
     from starrec.data.errors import DataError
     from starrec.data.registry import dataset_slug, load_dataset
-    from starrec.evaluation.report import markdown_table
+    from starrec.evaluation.report import full_report
     from starrec.llm.base import LLMError
     from starrec.trajectories.recorder import TrajectoryFileError
 
@@ -74,7 +74,7 @@ def pipeline(
             results += llm_stages(loaded, dataset, slug, cfg, model, out)
     except (DataError, ValueError, LLMError, TrajectoryFileError, FileExistsError) as error:
         raise _fail(error) from None
-    table = markdown_table(results)
+    table = full_report(results)
     (out / f"{slug}-report.md").write_text(table + "\n", encoding="utf-8")
     typer.echo(table)
 

@@ -35,3 +35,31 @@ def markdown_table(results: list[dict]) -> str:
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def efficiency_table(results: list[dict]) -> str:
+    """The LLM systems' cost per task (DESIGN.md 3.4), with each one's speed-up over the
+    first of them (the teacher, when listed first): the ratio transfers between machines,
+    the seconds do not. Empty when no result made LLM calls."""
+    rows = [r for r in results if r["efficiency"].get("llm_calls_per_task")]
+    if not rows:
+        return ""
+    reference = rows[0]
+    header = ["system", "tasks", "n", "median s/task", "p95 s/task", "LLM calls/task",
+              "prompt tokens/task", "completion tokens/task", f"speed-up vs {reference['system']}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in rows:
+        e = result["efficiency"]
+        ratio = reference["efficiency"]["median_s"] / e["median_s"] if e["median_s"] else float("nan")
+        lines.append("| " + " | ".join([
+            result["system"], _tasks_label(result), str(result["n_tasks"]),
+            f"{e['median_s']:.1f}", f"{e['p95_s']:.1f}", f"{e['llm_calls_per_task']:.1f}",
+            f"{e['prompt_tokens_per_task']:,.0f}", f"{e['completion_tokens_per_task']:,.0f}",
+            f"{ratio:.1f}x"]) + " |")
+    return "\n".join(lines)
+
+
+def full_report(results: list[dict]) -> str:
+    """The quality table, then the LLM systems' cost table when there is one."""
+    cost = efficiency_table(results)
+    return markdown_table(results) + (f"\n\n{cost}" if cost else "")
