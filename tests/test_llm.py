@@ -424,6 +424,13 @@ def test_load_chat_model_resolves_specs(tiny_lm_dir, server):
         resolve_model_folder(server.url)
 
 
+def test_default_yaml_states_the_code_defaults():
+    """configs/default.yaml documents every setting; it must not drift from the code."""
+    from starrec.config import StarConfig
+
+    assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == StarConfig()
+
+
 def test_llm_config_section_loads_from_yaml():
     config = load_config(Path(__file__).parents[1] / "configs" / "default.yaml",
                          ["llm.guided=vllm", "llm.concurrency=16"])
