@@ -56,6 +56,25 @@ def test_eval_limit_and_default_task_files(tmp_path, monkeypatch):
     assert (tmp_path / "home" / "data" / "shop" / "manifest.json").exists()
 
 
+def test_cst_show_numbers_candidates_as_the_teacher_sees_them(tmp_path, monkeypatch):
+    from starrec.cst.ranker import CSTRanker
+    from starrec.cst.store import EvidenceStore
+    from starrec.data.tasks import load_tasks
+
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    data = write_tables(tmp_path / "shop")
+    result = runner.invoke(app, ["cst", "show", "--task", "test-u3", "--dataset", str(data),
+                                 "--set", "cst.content=false"])
+    assert result.exit_code == 0, result.output
+    (store_path,) = (tmp_path / "home" / "cst").glob("*.sqlite")
+    store = EvidenceStore(store_path)
+    (task,) = [t for t in load_tasks(tmp_path / "home" / "data" / "shop" / "test.jsonl")
+               if t.task_id == "test-u3"]
+    first = CSTRanker.on_store(store).rank(task)[0]
+    assert first != task.candidates[0]  # else the check below could not tell the orders apart
+    assert f"[0] {store.title(first)} (id {first}):" in result.output
+
+
 def test_bad_input_fails_with_the_file_and_line(tmp_path):
     data = write_tables(tmp_path / "shop")
     lines = (data / "interactions.csv").read_text().splitlines()

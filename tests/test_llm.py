@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from starrec.config import LLMConfig, load_config
 from starrec.llm.base import (ChatModel, ChoiceConstraint, JSONSchemaConstraint, LLMError,
@@ -428,7 +429,16 @@ def test_default_yaml_states_the_code_defaults():
     """configs/default.yaml documents every setting; it must not drift from the code."""
     from starrec.config import StarConfig
 
-    assert load_config(Path(__file__).parents[1] / "configs" / "default.yaml") == StarConfig()
+    path = Path(__file__).parents[1] / "configs" / "default.yaml"
+    assert load_config(path) == StarConfig()
+
+    def missing(code: dict, written: dict, prefix: str = "") -> list[str]:
+        return [name for key, value in code.items()
+                for name in ([prefix + key] if key not in written else
+                             missing(value, written[key], f"{prefix}{key}.")
+                             if isinstance(value, dict) else [])]
+
+    assert missing(StarConfig().model_dump(), yaml.safe_load(path.read_text())) == []
 
 
 def test_llm_config_section_loads_from_yaml():

@@ -22,14 +22,14 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     write_dataset_folder(data, n_users=10, n_items=40)
 
     real_loader = models.load_chat_model
-    teacher_loads = []
+    teachers = []
 
     def load(spec, cfg):
         if spec != "fake-teacher":
             return real_loader(spec, cfg)  # the student: the tiny model SFT wrote
-        teacher_loads.append(spec)
-        return ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
-                              "ranker": permutation(20, [2])})
+        teachers.append(ScriptedModel({"planner": "recent: x", "recent": "Fine.",
+                                       "reflector": "ACCEPT", "ranker": permutation(20, [2])}))
+        return teachers[-1]
 
     monkeypatch.setattr(models, "load_chat_model", load)
     monkeypatch.setattr("starrec.cli.teach._load_model", load)
@@ -63,11 +63,33 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     report = (out / "shop-report.md").read_text()
     assert all(f"| {name} |" in report for name in ("pop", "cst", "mars", "star"))
     assert sorted(fitted) == ["cst", "pop"]
+    assert sum(len(t.calls) for t in teachers) > 0
 
     # a second run finds every stage done: nothing refitted, taught, trained or re-asked
+    first_run = len(teachers)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert sorted(fitted) == ["cst", "pop"]
+    assert len(teachers) > first_run and all(not t.calls for t in teachers[first_run:])
     assert "0 run(s) written, 4 already done" in result.output
     assert "is trained" in result.output
     assert (out / "shop-report.md").read_text() == report
+
+
+def test_teacher_draws_are_nested_and_whole_users():
+    from starrec.cli.pipeline import teacher_sample
+    from starrec.data.tasks import build_split_tasks
+    from tests.conftest import make_dataset
+
+    tasks = build_split_tasks(make_dataset(n_users=30), "train")
+    small, large = teacher_sample(tasks, 5, seed=0), teacher_sample(tasks, 12, seed=0)
+    assert len({t.user_id for t in small}) == 5 and len({t.user_id for t in large}) == 12
+    assert {t.task_id for t in small} <= {t.task_id for t in large}
+    assert [t for t in tasks if t in large] == large  # file order
+    assert {t.user_id for t in teacher_sample(tasks, 5, seed=1)} != {t.user_id for t in small}
+
+
+def test_pipeline_refuses_orders_that_would_drop_every_teacher_run(tmp_path):
+    result = CliRunner().invoke(app, ["pipeline", "--out", str(tmp_path),
+                                      "--set", "mars.candidate_order=presented"])
+    assert result.exit_code != 0 and "must agree" in result.output

@@ -163,3 +163,18 @@ def test_distill_sft_command(tiny_lm_dir, tmp_path):
         "distill", "sft", "--trajectories", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x"),
         "--model", str(tiny_lm_dir), "--dataset", str(folder)])
     assert result.exit_code == 2 and "none.jsonl" in result.output
+
+
+def test_learning_rate_defaults_by_kind_of_fine_tune():
+    assert SFTSettings().lr == 2e-4 and SFTSettings(lora=False).lr == 2e-5
+    assert SFTSettings(lora=False, learning_rate=1e-3).lr == 1e-3
+
+
+def test_a_v1_card_keeps_the_order_its_student_was_trained_on(tmp_path):
+    card = {"stage": "sft", "base_model": "smollm2", "base_model_path": "x",
+            "prompt_version": "student-v1", "format": {"plan": True}}
+    (tmp_path / "star_model.json").write_text(json.dumps(card))
+    assert read_model_card(tmp_path).format.candidate_order == "presented"
+    card["prompt_version"] = "student-v2"
+    (tmp_path / "star_model.json").write_text(json.dumps(card))
+    assert read_model_card(tmp_path).format.candidate_order == "cst"

@@ -109,7 +109,7 @@ class MarsTokens(Strict):
     planner: int = 96
     analyst: int = 64  # per turn: a tool call or the findings
     reflector: int = 64
-    ranker: int = 120  # a permutation of 20 indices with its tags
+    ranker: int = 120  # <recommend> and a permutation of 20 indices (about 75 tokens)
 
 
 CandidateOrder = Literal["cst", "presented"]
@@ -167,7 +167,7 @@ class SFTSettings(Strict):
     lora_dropout: float = 0.05
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     merge: bool = True  # merge LoRA into the weights: eval/serve load a plain model folder
-    learning_rate: float = 2e-4  # for LoRA; about 2e-5 for a full fine-tune
+    learning_rate: float | None = None  # None: 2e-4 with LoRA, 2e-5 for a full fine-tune
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     max_length: int = 4096  # longer sequences are dropped, never cut before <recommend>
@@ -184,6 +184,13 @@ class SFTSettings(Strict):
     format: StudentFormatConfig = StudentFormatConfig()
     filter: TrajectoryFilterConfig = TrajectoryFilterConfig()
 
+    @property
+    def lr(self) -> float:
+        """The learning rate used: the setting, else the usual one for LoRA or full."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.lora else 2e-5
+
 
 class StudentConfig(Strict):
     """Single-pass inference of a distilled student (`star eval --system star`, serve)."""
@@ -196,7 +203,7 @@ class StudentConfig(Strict):
 
 class PipelineConfig(Strict):
     """`star pipeline`, the main job. Its LLM stages take hours on a 2-core CPU (teacher
-    about 47 s per task there), so their task counts are settings."""
+    about 50 s per task there), so their task counts are settings."""
 
     systems: list[str] = ["random", "pop", "itemknn", "als", "sasrec", "cst"]
     llm: bool = True  # the teacher, SFT and student stages

@@ -128,8 +128,8 @@ def context_block(task: Task, store: EvidenceStore, history_items: int) -> str:
 
 
 def evidence_block(task: Task, store: EvidenceStore) -> str:
-    """Every candidate with its CST evidence sentence, never truncated: the reflector
-    and ranker must see all candidates."""
+    """Every candidate with its CST evidence sentence, never truncated: every role sees
+    all candidates (the block is part of the shared system prompt)."""
     return "\n".join(candidate_line(i, e, len(task.history), store.title)
                      for i, e in enumerate(candidate_evidence(store, task)))
 

@@ -272,6 +272,7 @@ def cst_show(
 ) -> None:
     """Print what an agent would see for one task: history, candidates with their
     evidence, and the answers of the main tools."""
+    from starrec.cst.ranker import present
     from starrec.cst.store import EvidenceStore
     from starrec.cst.tools import ToolExecutor
     from starrec.data.errors import DataError
@@ -291,6 +292,7 @@ def cst_show(
     if chosen is None:
         raise _fail(ValueError(f"no task {task!r} in {tasks}"))
     store = EvidenceStore(path)
+    chosen = present(chosen, store, cfg.mars.candidate_order)  # numbered as the teacher sees them
     tools = ToolExecutor(store, chosen)
     recent = [store.title(i) for i in chosen.history[-10:]]
     typer.echo(f"task {chosen.task_id}  user {chosen.user_id}  scenario {chosen.scenario}  "

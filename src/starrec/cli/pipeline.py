@@ -2,10 +2,11 @@
 
 1. the task files (`star data prepare`);
 2. every baseline and the `cst` ranker on the test tasks, all users and eval-200;
-3. the teacher on `pipeline.teacher_tasks` train tasks (`star teach`);
-4. the student fine-tuned on the teacher's successful runs (`star distill sft`);
-5. teacher and student on the first `pipeline.llm_eval_tasks` of eval-200 (`star eval`);
-6. one table of every result.
+3. the teacher on the train tasks of `pipeline.teacher_tasks` users (`star teach`);
+4. the teacher on the first `pipeline.llm_eval_tasks` of eval-200 (`star eval`);
+5. the student fine-tuned on the teacher's successful train runs (`star distill sft`);
+6. the student on the same eval-200 tasks;
+7. one table of every result, written also when a later stage failed.
 
 Every stage keeps its output under `--out` and is skipped or resumed when that output
 exists, so after a stop (Ctrl-C, a crash, the end of a session) the same command goes on
@@ -65,18 +66,26 @@ def pipeline(
         if value is not None:
             overrides.append(f"pipeline.{key}={str(value).lower() if isinstance(value, bool) else value}")
     cfg = _config(config, overrides)
+    if cfg.pipeline.llm and cfg.mars.candidate_order != cfg.sft.format.candidate_order:
+        # else hours of teacher runs would all be dropped by the SFT filters
+        raise _fail(ValueError(
+            f"mars.candidate_order ({cfg.mars.candidate_order}) and "
+            f"sft.format.candidate_order ({cfg.sft.format.candidate_order}) must agree"))
     dataset = dataset or cfg.data.dataset
     slug = dataset_slug(dataset)
+    results: list[dict[str, Any]] = []
     try:
         loaded = load_dataset(dataset, cfg.data.source)
-        results = baselines(loaded, dataset, slug, cfg, out)
+        results += baselines(loaded, dataset, slug, cfg, out)
         if cfg.pipeline.llm:
-            results += llm_stages(loaded, dataset, slug, cfg, model, out)
+            llm_stages(loaded, dataset, slug, cfg, model, out, results)
     except (DataError, ValueError, LLMError, TrajectoryFileError, FileExistsError) as error:
         raise _fail(error) from None
-    table = full_report(results)
-    (out / f"{slug}-report.md").write_text(table + "\n", encoding="utf-8")
-    typer.echo(table)
+    finally:  # what finished is reported, also when a later stage failed or was stopped
+        if results:
+            table = full_report(results)
+            (out / f"{slug}-report.md").write_text(table + "\n", encoding="utf-8")
+            typer.echo(table)
 
 
 def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
@@ -107,12 +116,12 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
 
 
 def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model: str | None,
-               out: Path) -> list[dict[str, Any]]:
-    """Teacher runs on train tasks, SFT, then teacher and student on eval-200 tasks."""
-    from starrec.cli.main import _prepared, evaluate_llm
+               out: Path, results: list[dict[str, Any]]) -> None:
+    """Teacher runs on train tasks, the teacher evaluated, SFT, the student evaluated;
+    each result is appended to `results` as soon as it exists."""
+    from starrec.cli.main import _prepared
     from starrec.cli.teach import report, teach_tasks
     from starrec.data.tasks import load_tasks
-    from starrec.evaluation.runner import write_json
 
     settings = cfg.pipeline
     folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
@@ -122,41 +131,74 @@ def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model:
     typer.echo(f"teacher: {len(train)} train tasks -> {trajectories}")
     report(teach_tasks(train, loaded, dataset, cfg, model, trajectories), trajectories)
 
-    student = out / "student"
-    train_student(trajectories, student, loaded, cfg)
-
     eval_tasks = load_tasks(folder / "eval-200.jsonl", settings.llm_eval_tasks)
     users = "eval-200" if settings.llm_eval_tasks is None else f"eval-200-first{len(eval_tasks)}"
-    results = []
-    for system, spec in (("mars", model), ("star", str(student))):
-        path = out / f"{slug}-{system}-test-{users}.json"
-        typer.echo(f"eval {system}: {len(eval_tasks)} tasks -> {path}")
-        result, _ = evaluate_llm(system, spec, loaded, dataset, eval_tasks, cfg,
-                                 path.with_suffix(".records.jsonl"))
-        result["config"].update(tasks="eval-200.jsonl", users=users, scenario="classic")
-        write_json(result, path)
-        results.append(result)
-    return results
+    results.append(evaluate_stage("mars", model, loaded, dataset, slug, users, eval_tasks,
+                                  cfg, out))
+    student = out / "student"
+    train_student(trajectories, student, loaded, cfg, {t.task_id for t in train})
+    results.append(evaluate_stage("star", str(student), loaded, dataset, slug, users,
+                                  eval_tasks, cfg, out))
+
+
+def evaluate_stage(system: str, spec: str | None, loaded: Dataset, dataset: str, slug: str,
+                   users: str, tasks: list[Task], cfg: StarConfig, out: Path) -> dict[str, Any]:
+    """The teacher or the student on `tasks`, resumed from a records file named after
+    what answers (model and settings), so a changed model starts afresh, not mixed in."""
+    from starrec.cli.main import evaluate_llm
+    from starrec.evaluation.runner import write_json
+
+    path = out / f"{slug}-{system}-test-{users}.json"
+    typer.echo(f"eval {system}: {len(tasks)} tasks -> {path}")
+    records = path.with_suffix(f".{answerer_key(system, spec, cfg)}.records.jsonl")
+    result, _ = evaluate_llm(system, spec, loaded, dataset, tasks, cfg, records)
+    result["config"].update(tasks="eval-200.jsonl", users=users, scenario="classic")
+    write_json(result, path)
+    return result
+
+
+def answerer_key(system: str, spec: str | None, cfg: StarConfig) -> str:
+    """A short hash of what decides a system's answers: its model (a student's card, so
+    a retrained student differs) and its settings."""
+    import hashlib
+    import json
+
+    from starrec.training.card import read_model_card
+
+    if system == "star":
+        card = read_model_card(spec) if spec else None
+        identity: Any = {"card": card.created if card else None, "student": cfg.student.model_dump()}
+    else:
+        identity = {"model": spec or cfg.llm.model, "mars": cfg.mars.model_dump()}
+    identity["llm"] = cfg.llm.model_dump()
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def teacher_sample(tasks: list[Task], n: int, seed: int) -> list[Task]:
-    """`n` train tasks of distinct users drawn with `seed` (all when there are fewer),
-    in file order so the draw reads like the task file."""
-    from starrec.data.tasks import eval_users
+    """The tasks of `n` users drawn with `seed`, in file order. Draws are nested: a larger
+    `n` keeps every user of a smaller one, so raising it extends the teacher's runs."""
+    import numpy as np
 
-    chosen = eval_users(tasks, n=n, seed=seed)
+    from starrec.data.splits import sorted_ids
+
+    users = sorted_ids({task.user_id for task in tasks})
+    order = np.random.default_rng(seed).permutation(len(users))
+    chosen = {users[i] for i in order[:n]}
     return [task for task in tasks if task.user_id in chosen]
 
 
-def train_student(trajectories: Path, student: Path, loaded: Dataset, cfg: StarConfig) -> None:
-    """SFT into `student`, resumed from its last checkpoint; done once it is a model."""
+def train_student(trajectories: Path, student: Path, loaded: Dataset, cfg: StarConfig,
+                  task_ids: set[str]) -> None:
+    """SFT on the runs of `task_ids` into `student`, resumed from its last checkpoint;
+    done once it is a model folder (delete it to train again)."""
     from starrec.training.card import CARD_FILE
     from starrec.training.pipeline import sft_from_trajectories
 
     if (student / CARD_FILE).exists():
         typer.echo(f"sft: {student} is trained; delete it to train again")
         return
-    result, kept = sft_from_trajectories([trajectories], student, cfg, loaded, resume=True)
+    result, kept = sft_from_trajectories([trajectories], student, cfg, loaded, resume=True,
+                                         task_ids=task_ids)
     typer.echo(kept.table())
     typer.echo(f"sft: {result.global_step} steps in {result.seconds:.0f} s -> {student}")
 

@@ -40,7 +40,8 @@ COLD_ITEM_MAX_INTERACTIONS = 5
 
 @dataclass
 class Task:
-    """One ranking request. `candidates` are in presented order; `target` is among them."""
+    """One ranking request. `candidates` are in presented order (the task file's; an LLM
+    may be shown them reordered, `starrec.cst.ranker.present`); `target` is among them."""
 
     task_id: str
     user_id: str

@@ -53,8 +53,12 @@ def read_model_card(folder: str | Path) -> ModelCard | None:
     if not path.is_file():
         return None
     try:
-        card = ModelCard.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, ValidationError) as error:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("prompt_version") == "student-v1":
+            # v1 students were shown the task file's order; the setting came with v2
+            raw.setdefault("format", {}).setdefault("candidate_order", "presented")
+        card = ModelCard.model_validate(raw)
+    except (json.JSONDecodeError, ValidationError, AttributeError) as error:
         raise ValueError(f"{path}: not a STAR model card ({error})") from None
     if card.prompt_version != PROMPT_VERSION:
         log.warning("%s was trained with prompt %s; this code renders %s", folder,

@@ -53,14 +53,20 @@ def sft_from_trajectories(
     valid_trajectories: list[Path] | None = None,
     resume: bool = False,
     show_progress: bool = True,
+    task_ids: set[str] | None = None,
 ) -> tuple[SFTResult, FilterReport]:
     """Train `cfg.sft.base_model` on the kept runs. `dataset` supplies the titles shown in
     the prompt and the popularity counts of the strata (the interactions the runs' split
     may be fit on). Validation: the filtered runs of `valid_trajectories`, else a
-    held-out `cfg.sft.eval_fraction` of the training tasks."""
+    held-out `cfg.sft.eval_fraction` of the training tasks. `task_ids`: train on the runs
+    of these tasks only."""
     settings = cfg.sft
     resume_point(out, resume)  # before anything in `out` is written
     runs = read_trajectories(trajectories)
+    if task_ids is not None:  # a file may hold runs of tasks beyond the ones asked for
+        runs = [run for run in runs if run.task_id in task_ids]
+        if not runs:
+            raise ValueError(f"no teacher run of the {len(task_ids)} given tasks")
     split = runs[0].task.get("split", "train")
     popularity = fit_interactions(dataset, split)["item"].value_counts().to_dict()
     order = settings.format.candidate_order

@@ -98,7 +98,7 @@ def trainer_args(settings: SFTSettings, out: Path, has_eval: bool, show_progress
     gpu = torch.cuda.is_available()
     return SFTConfig(
         output_dir=str(out / CHECKPOINTS),
-        learning_rate=settings.learning_rate,
+        learning_rate=settings.lr,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps if settings.max_steps is not None else -1,
         per_device_train_batch_size=settings.batch_size,

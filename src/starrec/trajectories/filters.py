@@ -1,7 +1,8 @@
 """Which teacher runs become training data: outcome filtering and difficulty strata.
 
-Only runs that finished cleanly (status ok, no fallback ranking, a valid permutation)
-and put the target within the first `top_k` are kept; of several samples of one task,
+Only runs of training tasks that finished cleanly (status ok, no fallback ranking, a
+valid permutation), whose candidates were shown in the student's order, and that put
+the target within the first `top_k` are kept; of several samples of one task,
 the first, the best or all are kept. Every run is labelled with two difficulty strata,
 the tercile of its target's popularity and the tercile of its history length, with cut
 points computed over all tasks given (so a label does not depend on what was filtered);

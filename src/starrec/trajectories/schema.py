@@ -54,7 +54,7 @@ class TeacherRun:
     forever; `star teach --retry-errors` does)."""
 
     task_id: str
-    task: dict[str, Any]  # the Task as in the task file (history, candidates, target, ...)
+    task: dict[str, Any]  # the Task as the model was shown it: candidates in mars.candidate_order
     model: str
     config: dict[str, Any]
     steps: list[Step] = field(default_factory=list)

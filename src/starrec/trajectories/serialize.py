@@ -42,7 +42,7 @@ from starrec.trajectories.schema import ANALYSTS, TeacherRun
 
 # Bump when the prompt files or their rendering change: a model folder records the
 # version it was trained with, and inference warns on a mismatch.
-PROMPT_VERSION = "student-v1"
+PROMPT_VERSION = "student-v2"  # v2: candidates in format.candidate_order, ids in evidence
 
 TitleLookup = Callable[[str], str]
 _TAG = re.compile(r"</?(?:%s)>" % "|".join(TAGS))
