@@ -60,6 +60,8 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     assert star["n_tasks"] == 2 and star["efficiency"]["llm_calls_per_task"] == 1
     mars = json.loads((out / "shop-mars-test-eval-200-first2.json").read_text())
     assert mars["n_tasks"] == 2 and mars["metrics"]["valid_rate"] == 100.0
+    (teacher_runs,) = (out / "teacher").glob("test-eval-200-first2.*.jsonl")
+    assert len(read_runs(teacher_runs)) == 2
     report = (out / "shop-report.md").read_text()
     assert all(f"| {name} |" in report for name in ("pop", "cst", "mars", "star"))
     assert sorted(fitted) == ["cst", "pop"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -22,6 +23,9 @@ from starrec.cli.options import (
 from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
 from starrec.config import StarConfig
+
+if TYPE_CHECKING:
+    from starrec.trajectories.recorder import TrajectoryWriter
 
 app = typer.Typer(
     help="STAR: reasoning-enhanced LLM recommendation. Prepare data, run baselines and "
@@ -116,8 +120,9 @@ LLM_SYSTEMS = ("mars", "star")
 
 
 def _llm_system(name: str, model: str | None, store_path: Path, cfg: StarConfig,
-                trajectories: Path | None):
-    """The teacher or a student as an evaluation System, bound to the task set's store."""
+                writer: TrajectoryWriter | None):
+    """The teacher or a student as an evaluation System, bound to the task set's store;
+    the teacher also appends its full runs to `writer`, opened by the caller."""
     from starrec.cst.store import EvidenceStore
     from starrec.llm.models import load_chat_model
 
@@ -131,11 +136,7 @@ def _llm_system(name: str, model: str | None, store_path: Path, cfg: StarConfig,
         return load_star_system(model, store, cfg)
     from starrec.agents.mars import MarsTeacher
     from starrec.agents.system import MarsSystem
-    from starrec.trajectories.recorder import TrajectoryWriter
 
-    writer = TrajectoryWriter(trajectories) if trajectories is not None else None
-    if writer is not None:
-        writer.open()
     return MarsSystem(MarsTeacher(load_chat_model(model, cfg.llm), store, cfg.mars), writer)
 
 
@@ -207,12 +208,17 @@ def evaluate_llm(system: str, model: str | None, loaded, dataset: str, task_list
     """(results, task records) of the teacher or a student, resumed from `records`."""
     from starrec.evaluation.runner import evaluate_system
 
+    from starrec.trajectories.recorder import TrajectoryWriter
+
     store_path = _store_for(loaded, task_list, cfg, dataset)
-    llm_system = _llm_system(system, model, store_path, cfg, trajectories)
     section = cfg.mars if system == "mars" else cfg.student
     params = {"params": section.model_dump(), "model": model or cfg.llm.model,
               "llm": cfg.llm.model_dump(), "cst_store": store_path.name}
-    return evaluate_system(llm_system, loaded.name, task_list, cfg, params, checkpoint=records)
+    with ExitStack() as stack:  # the trajectories' lock is released however this ends
+        writer = (stack.enter_context(TrajectoryWriter(trajectories))
+                  if trajectories is not None and system == "mars" else None)
+        llm_system = _llm_system(system, model, store_path, cfg, writer)
+        return evaluate_system(llm_system, loaded.name, task_list, cfg, params, checkpoint=records)
 
 
 def _store_for(loaded, task_list, cfg: StarConfig, dataset: str, out: Path | None = None) -> Path:

@@ -3,8 +3,9 @@
 1. the task files (`star data prepare`);
 2. every baseline and the `cst` ranker on the test tasks, all users and eval-200;
 3. the teacher on the train tasks of `pipeline.teacher_tasks` users (`star teach`);
-4. the teacher on the first `pipeline.llm_eval_tasks` of eval-200 (`star eval`);
-5. the student fine-tuned on the teacher's successful train runs (`star distill sft`);
+4. the student fine-tuned on the teacher's successful train runs (`star distill sft`);
+5. the teacher on the first `pipeline.llm_eval_tasks` of eval-200 (`star eval`), its full
+   runs kept under `teacher/`;
 6. the student on the same eval-200 tasks;
 7. one table of every result, written also when a later stage failed.
 
@@ -117,8 +118,8 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
 
 def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model: str | None,
                out: Path, results: list[dict[str, Any]]) -> None:
-    """Teacher runs on train tasks, the teacher evaluated, SFT, the student evaluated;
-    each result is appended to `results` as soon as it exists."""
+    """Teacher runs on train tasks, SFT, then teacher and student evaluated; each result
+    is appended to `results` as soon as it exists."""
     from starrec.cli.main import _prepared
     from starrec.cli.teach import report, teach_tasks
     from starrec.data.tasks import load_tasks
@@ -131,12 +132,13 @@ def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model:
     typer.echo(f"teacher: {len(train)} train tasks -> {trajectories}")
     report(teach_tasks(train, loaded, dataset, cfg, model, trajectories), trajectories)
 
+    student = out / "student"
+    train_student(trajectories, student, loaded, cfg, {t.task_id for t in train})
+
     eval_tasks = load_tasks(folder / "eval-200.jsonl", settings.llm_eval_tasks)
     users = "eval-200" if settings.llm_eval_tasks is None else f"eval-200-first{len(eval_tasks)}"
     results.append(evaluate_stage("mars", model, loaded, dataset, slug, users, eval_tasks,
                                   cfg, out))
-    student = out / "student"
-    train_student(trajectories, student, loaded, cfg, {t.task_id for t in train})
     results.append(evaluate_stage("star", str(student), loaded, dataset, slug, users,
                                   eval_tasks, cfg, out))
 
@@ -144,14 +146,17 @@ def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model:
 def evaluate_stage(system: str, spec: str | None, loaded: Dataset, dataset: str, slug: str,
                    users: str, tasks: list[Task], cfg: StarConfig, out: Path) -> dict[str, Any]:
     """The teacher or the student on `tasks`, resumed from a records file named after
-    what answers (model and settings), so a changed model starts afresh, not mixed in."""
+    what answers (model and settings), so a changed model starts afresh, not mixed in.
+    The teacher's full runs are kept beside, under `teacher/`."""
     from starrec.cli.main import evaluate_llm
     from starrec.evaluation.runner import write_json
 
     path = out / f"{slug}-{system}-test-{users}.json"
     typer.echo(f"eval {system}: {len(tasks)} tasks -> {path}")
-    records = path.with_suffix(f".{answerer_key(system, spec, cfg)}.records.jsonl")
-    result, _ = evaluate_llm(system, spec, loaded, dataset, tasks, cfg, records)
+    key = answerer_key(system, spec, cfg)
+    records = path.with_suffix(f".{key}.records.jsonl")
+    runs = out / "teacher" / f"test-{users}.{key}.jsonl" if system == "mars" else None
+    result, _ = evaluate_llm(system, spec, loaded, dataset, tasks, cfg, records, runs)
     result["config"].update(tasks="eval-200.jsonl", users=users, scenario="classic")
     write_json(result, path)
     return result
