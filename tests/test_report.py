@@ -21,5 +21,8 @@ def test_cost_table_lists_llm_systems_with_speedup_over_the_first():
     assert table[2].startswith("| mars | test eval-200 | 200 | 48.0 | 96.0 | 11.0 | 25,000 | 600 | 1.0x |")
     assert table[3].endswith("| 4.0x |") and "| 1.0 |" in table[3]
     assert efficiency_table(rows[:1]) == ""
+    # the teacher is the reference wherever it is listed
+    assert efficiency_table([rows[2], rows[1]]).splitlines()[2].endswith("| 4.0x |")
+    assert "speed-up vs star" in efficiency_table([rows[2]])
     assert full_report(rows[:1]) == markdown_table(rows[:1])
     assert full_report(rows).startswith(markdown_table(rows)) and "speed-up" in full_report(rows)

@@ -321,7 +321,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="Also write the table to this file.")] = None,
 ) -> None:
     """Print a markdown table of results JSON files, and one of the LLM systems' cost per
-    task (with each one's speed-up over the first LLM system listed)."""
+    task with each one's speed-up over the teacher (mars)."""
     from starrec.evaluation.report import full_report, load_results
 
     table = full_report(load_results(results))

@@ -4,9 +4,8 @@
 2. every baseline and the `cst` ranker on the test tasks, all users and eval-200;
 3. the teacher on the train tasks of `pipeline.teacher_tasks` users (`star teach`);
 4. the student fine-tuned on the teacher's successful train runs (`star distill sft`);
-5. the teacher on the first `pipeline.llm_eval_tasks` of eval-200 (`star eval`), its full
-   runs kept under `teacher/`;
-6. the student on the same eval-200 tasks;
+5. the student on the first `pipeline.llm_eval_tasks` of eval-200 (`star eval`);
+6. the teacher on the same tasks, its full runs kept under `teacher/`;
 7. one table of every result, written also when a later stage failed.
 
 Every stage keeps its output under `--out` and is skipped or resumed when that output
@@ -137,10 +136,10 @@ def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model:
 
     eval_tasks = load_tasks(folder / "eval-200.jsonl", settings.llm_eval_tasks)
     users = "eval-200" if settings.llm_eval_tasks is None else f"eval-200-first{len(eval_tasks)}"
-    results.append(evaluate_stage("mars", model, loaded, dataset, slug, users, eval_tasks,
-                                  cfg, out))
-    results.append(evaluate_stage("star", str(student), loaded, dataset, slug, users,
-                                  eval_tasks, cfg, out))
+    # the student first: one pass per task, so its row comes long before the teacher's
+    for system, spec in (("star", str(student)), ("mars", model)):
+        results.append(evaluate_stage(system, spec, loaded, dataset, slug, users, eval_tasks,
+                                      cfg, out))
 
 
 def evaluate_stage(system: str, spec: str | None, loaded: Dataset, dataset: str, slug: str,

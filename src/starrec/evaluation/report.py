@@ -39,12 +39,12 @@ def markdown_table(results: list[dict]) -> str:
 
 def efficiency_table(results: list[dict]) -> str:
     """The LLM systems' cost per task (DESIGN.md 3.4), with each one's speed-up over the
-    first of them (the teacher, when listed first): the ratio transfers between machines,
-    the seconds do not. Empty when no result made LLM calls."""
+    teacher (`mars`; the first LLM system when none is listed): the ratio transfers between
+    machines, the seconds do not. Empty when no result made LLM calls."""
     rows = [r for r in results if r["efficiency"].get("llm_calls_per_task")]
     if not rows:
         return ""
-    reference = rows[0]
+    reference = next((r for r in rows if r["system"] == "mars"), rows[0])
     header = ["system", "tasks", "n", "median s/task", "p95 s/task", "LLM calls/task",
               "prompt tokens/task", "completion tokens/task", f"speed-up vs {reference['system']}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
