@@ -12,7 +12,7 @@ from starrec.cst.tools import ToolExecutor
 from starrec.evaluation.runner import run_tasks
 from starrec.inference.student import Student
 from starrec.inference.system import StarSystem, load_star_system
-from starrec.llm.base import LLMError
+from starrec.llm.base import LLMError, PermutationConstraint
 from starrec.training.card import ModelCard, write_model_card
 from tests.fakes import ScriptedModel
 
@@ -67,6 +67,41 @@ def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_compl
     record, = run_tasks(system, [task], progress=False)
     first_unranked = next(x for x in task.candidates if x != c[3])
     assert record.llm_calls == 1 and not record.valid and record.ranking[:2] == [c[3], first_unranked]
+
+
+def test_constrained_pass_opens_with_plan_and_repairs_a_broken_list(world):
+    store, tasks = world
+    task = tasks[2]
+    fixed = order([4, 1])
+    model = ScriptedModel(["look at it</plan>\n<reflection>r</reflection>\n<recommend>[4, 4, 1",
+                           fixed], supports=[PermutationConstraint])
+    student = Student(model, store)
+    answer = student.answer(task)
+    first, second = model.calls
+    assert first.messages[-1]["content"].endswith("<plan>")  # the pass opens with the tag
+    assert first.kwargs.get("constraint") is None
+    assert second.kwargs["constraint"] == PermutationConstraint(20)
+    assert second.messages[-1]["content"].endswith("<reflection>r</reflection>\n<recommend>")
+    shown = student.shown(task).candidates
+    assert answer.repaired and answer.ranking[:2] == [shown[4], shown[1]]
+    assert answer.completed.valid and answer.segments == 2
+    assert answer.text.endswith(f"<recommend>{fixed}</recommend>")
+    assert not answer.parsed.well_formed  # the student's own text stays judged as written
+
+    # no list at all: one is decoded after the text, an open part closed first; a valid
+    # list is left alone
+    model = ScriptedModel(["rambling without an end", fixed], supports=[PermutationConstraint])
+    answer = Student(model, store).answer(task)
+    assert answer.repaired and answer.completed.valid
+    assert answer.text == f"<plan>rambling without an end</plan>\n<recommend>{fixed}</recommend>"
+    model = ScriptedModel([f"p</plan>\n<reflection>r</reflection>\n<recommend>{fixed}</recommend>"],
+                          supports=[PermutationConstraint])
+    answer = Student(model, store).answer(task)
+    assert not answer.repaired and len(model.calls) == 1 and answer.completed.valid
+    # without a mask the pass is left as written
+    model = ScriptedModel(["<plan>p</plan><recommend>[4, 4]</recommend>"])
+    answer = Student(model, store).answer(task)
+    assert not answer.repaired and not answer.completed.valid
 
 
 def test_tool_errors_reach_the_model(world):
@@ -146,8 +181,9 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
     assert system.student.fmt == fmt
     records = run_tasks(system, tasks[:2], progress=False)
     for record, task in zip(records, tasks):
-        assert record.llm_calls == 1 and 0 < record.completion_tokens <= 12
-        assert record.prompt_tokens > 300
+        # 12 tokens of its own, then the list decoded again under the permutation mask
+        assert record.llm_calls == 1 and 12 < record.completion_tokens <= 12 + 6 * 20 + 8
+        assert record.prompt_tokens > 300 and record.valid
         assert sorted(record.ranking) == sorted(task.candidates)
     answer = system.student.answer(tasks[0])
     assert answer.stop in ("length", "end", "recommend", "tool_cap") and answer.segments >= 1

@@ -199,6 +199,9 @@ class StudentConfig(Strict):
     max_new_tokens: int = 1024  # generated tokens per task, over all continuations
     temperature: float = 0.0
     seed: int | None = None
+    # where the backend can: the pass opens with <plan>, and a <recommend> list that is not
+    # a permutation (or none at all) is decoded again as one, from that point of the text
+    constrain: bool = True
 
 
 class PipelineConfig(Strict):

@@ -8,6 +8,12 @@ CST store (a table look-up, not an LLM turn), `</tool_call><tool_response>...
 student keeps calling tools past the cap (the first call over the cap is answered with
 a "limit reached" message, the second ends the pass).
 
+With `student.constrain` (and a backend that masks tokens) the pass opens with `<plan>`,
+the first tag of the format, and when it ends without a `<recommend>` list that is a
+permutation, the list is decoded once more under `PermutationConstraint`, in place of
+the broken one or after the text. `StudentAnswer.repaired` says so; the parse of the
+student's own text (`well_formed`, the GRPO format reward) is kept from before.
+
 Continuations go through `ChatModel.complete` on the text so far, so a backend without
 a KV cache re-reads the prompt each time: `prompt_tokens` counts what the backend
 actually processed, summed over continuations.
@@ -27,8 +33,9 @@ from starrec.cst.store import EvidenceStore
 from starrec.cst.tools import ToolExecutor
 from starrec.data.tasks import Task
 from starrec.evaluation.metrics import CompletedRanking, complete_ranking
-from starrec.llm.base import ChatModel, LLMError
+from starrec.llm.base import ChatModel, LLMError, PermutationConstraint
 from starrec.trajectories.format import (
+    PLAN,
     RECOMMEND,
     STOP_STRINGS,
     TOOL_CALL,
@@ -67,7 +74,8 @@ class StudentAnswer:
     tool_calls: list[ExecutedCall] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    segments: int = 0  # generation requests: 1 + one per answered tool call
+    segments: int = 0  # generation requests: 1 + one per answered tool call (+1 if repaired)
+    repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
     stop: str = ""  # recommend | end | length | tool_cap | error
     error: str | None = None
     seconds: float = 0.0
@@ -108,7 +116,9 @@ class Student:
         stop = list(STOP_STRINGS) if self.fmt.tools else [close_tag(RECOMMEND)]
         refused = 0
         remaining = self.config.max_new_tokens
-        text = ""
+        n = len(shown.candidates)
+        constrain = self.config.constrain and self.model.supports(PermutationConstraint(n))
+        text = open_tag(PLAN) if constrain and self.fmt.plan else ""
         while True:
             if remaining <= 0:
                 answer.stop = "length"
@@ -147,14 +157,40 @@ class Student:
             else:
                 response = self._execute(text, tools, answer.tool_calls)
             text += wrap(TOOL_RESPONSE, response)
+        answer.parsed = parse_student_output(text, n, plan=self.fmt.plan, tools=self.fmt.tools,
+                                             reflection=self.fmt.reflection)
+        if constrain and answer.stop != "error" and sorted(answer.parsed.ranking or []) != list(range(n)):
+            text = self._repair_ranking(prompt, text, n, answer)
+            answer.ranking = self.item_ranking(parse_student_output(text, n), shown)
+        else:
+            answer.ranking = self.item_ranking(answer.parsed, shown)
         answer.text = text
-        answer.parsed = parse_student_output(text, len(shown.candidates), plan=self.fmt.plan,
-                                             tools=self.fmt.tools, reflection=self.fmt.reflection)
-        answer.ranking = self.item_ranking(answer.parsed, shown)
         # DESIGN.md 3.4: what is missing follows in the task file's presented order
         answer.completed = complete_ranking(answer.ranking, task.candidates)
         answer.seconds = time.perf_counter() - started
         return answer
+
+    def _repair_ranking(self, prompt: str, text: str, n: int, answer: StudentAnswer) -> str:
+        """`text` with its `<recommend>` list (or, without one, a new one after the text)
+        decoded under a permutation mask; unchanged if the backend fails. A part left
+        open is closed first, so the list parses as the answer's own part."""
+        cut = text.rfind(open_tag(RECOMMEND))
+        body = text[:cut] if cut >= 0 else text.rstrip()
+        unclosed = pending_tag(body)
+        if unclosed and not body.rstrip().endswith(close_tag(unclosed)):
+            body = body.rstrip() + close_tag(unclosed)
+        head = body.rstrip() + "\n" + open_tag(RECOMMEND)
+        try:
+            completion = self.model.complete(prompt + head, max_tokens=6 * n + 8,
+                                             constraint=PermutationConstraint(n))
+        except LLMError as error:
+            answer.error = str(error)
+            return text
+        answer.segments += 1
+        answer.prompt_tokens += completion.prompt_tokens
+        answer.completion_tokens += completion.completion_tokens
+        answer.repaired = True
+        return head + completion.text + close_tag(RECOMMEND)
 
     @staticmethod
     def _execute(text: str, tools: ToolExecutor, calls: list[ExecutedCall]) -> str:

@@ -39,6 +39,7 @@ class StarSystem:
                 "stop": answer.stop,
                 "error": answer.error,
                 "segments": answer.segments,
+                "repaired": answer.repaired,
             },
         )
 
