@@ -94,6 +94,7 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
     whose two results files exist is read back, not refitted."""
     from starrec.cli.main import _prepared
     from starrec.data.tasks import load_tasks
+    from starrec.evaluation.report import load_results
     from starrec.evaluation.runner import evaluate_baseline, subset_result, write_json
 
     folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
@@ -103,7 +104,7 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
     for name in cfg.pipeline.systems:
         paths = [out / f"{slug}-{name}-test-{users}.json" for users in ("all", "eval-200")]
         if all(p.exists() for p in paths):
-            results += [_read(p) for p in paths]
+            results += load_results(paths)
             continue
         everyone, records = evaluate_baseline(name, loaded, test, cfg)
         everyone["config"].update(tasks="test.jsonl", users="all", scenario="classic")
@@ -205,9 +206,3 @@ def train_student(trajectories: Path, student: Path, loaded: Dataset, cfg: StarC
                                          task_ids=task_ids)
     typer.echo(kept.table())
     typer.echo(f"sft: {result.global_step} steps in {result.seconds:.0f} s -> {student}")
-
-
-def _read(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))
