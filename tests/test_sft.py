@@ -166,7 +166,7 @@ def test_distill_sft_command(tiny_lm_dir, tmp_path):
 
 
 def test_learning_rate_defaults_by_kind_of_fine_tune():
-    assert SFTSettings().lr == 2e-4 and SFTSettings(lora=False).lr == 2e-5
+    assert SFTSettings().lr == 1e-3 and SFTSettings(lora=False).lr == 2e-5
     assert SFTSettings(lora=False, learning_rate=1e-3).lr == 1e-3
 
 

@@ -9,10 +9,11 @@ import shutil
 from starrec.config import LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
 from starrec.cst.ranker import CSTRanker
 from starrec.cst.tools import ToolExecutor
-from starrec.evaluation.runner import run_tasks
+from starrec.evaluation.runner import read_records, run_tasks
 from starrec.inference.student import Student
+from starrec.trajectories.format import tool_call_json
 from starrec.inference.system import StarSystem, load_star_system
-from starrec.llm.base import LLMError, PermutationConstraint
+from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
 from starrec.training.card import ModelCard, write_model_card
 from tests.fakes import ScriptedModel
 
@@ -25,7 +26,7 @@ def order(first: list[int], n: int = 20) -> str:
     return "[" + ", ".join(map(str, first + [i for i in range(n) if i not in first])) + "]"
 
 
-def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_completed(world):
+def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_completed(world, tmp_path):
     store, tasks = world
     task = tasks[0]
     last = task.history[-1]
@@ -64,9 +65,12 @@ def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_compl
     model = ScriptedModel([f"<plan>p</plan>\n{tool_call('popularity', item_ids=[c[0]])}",
                            "\n<reflection>r</reflection>\n<recommend>[3, 3]</recommend>"])
     system = StarSystem(Student(model, store))
-    record, = run_tasks(system, [task], progress=False)
+    record, = run_tasks(system, [task], progress=False, checkpoint=tmp_path / "records.jsonl")
     first_unranked = next(x for x in task.candidates if x != c[3])
     assert record.llm_calls == 1 and not record.valid and record.ranking[:2] == [c[3], first_unranked]
+    # what the student wrote is kept with its record, for reading a number back to its text
+    kept = read_records(tmp_path / "records.jsonl")[task.task_id]
+    assert kept == record and kept.details["text"].endswith("<recommend>[3, 3]</recommend>")
 
 
 def test_constrained_pass_opens_with_plan_and_repairs_a_broken_list(world):
@@ -102,6 +106,45 @@ def test_constrained_pass_opens_with_plan_and_repairs_a_broken_list(world):
     model = ScriptedModel(["<plan>p</plan><recommend>[4, 4]</recommend>"])
     answer = Student(model, store).answer(task)
     assert not answer.repaired and not answer.completed.valid
+
+
+def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(world):
+    store, tasks = world
+    task = tasks[1]
+    last = task.history[-1]
+    chosen = tool_call_json("item_neighbours", {"k": 5, "item_id": last})  # as training wrote it
+    final = f"\n<reflection>r</reflection>\n<recommend>{order([5, 2])}</recommend>"
+    # the placeholder a weak student copies from its prompt's format description
+    model = ScriptedModel(['look</plan>\n<tool_call>{"name": "TOOL", "arguments": {...}}',
+                           chosen, final], supports=[PermutationConstraint, ChoiceConstraint])
+    student = Student(model, store)
+    answer = student.answer(task)
+    repair = model.calls[1]
+    options = repair.kwargs["constraint"].options
+    assert chosen in options and len(options) == len(set(options)) > 5
+    executor = ToolExecutor(store, student.shown(task))
+    for option in options:  # every option runs, written with its defaults as in training
+        name, arguments = json.loads(option)["name"], json.loads(option)["arguments"]
+        assert executor.arguments_for(name, arguments) == arguments
+    assert repair.messages[-1]["content"].endswith("<plan>look</plan>\n<tool_call>")
+    expected = executor.call("item_neighbours", {"item_id": last}).text
+    assert model.calls[2].messages[-1]["content"].endswith(
+        f"<tool_call>{chosen}</tool_call><tool_response>{expected}</tool_response>")
+    assert "TOOL" not in answer.text and answer.repaired_calls == 1 and not answer.repaired
+    assert [(c.name, c.ok) for c in answer.tool_calls] == [("item_neighbours", True)]
+    assert answer.segments == 3 and answer.completed.valid and answer.parsed.well_formed
+
+    # a call the schema rejects is decoded again; an unknown item is the tool's to answer;
+    # a backend that cannot mask a choice reads the error back
+    bad_k = tool_call("item_neighbours", item_id=last, k="many")
+    unknown = tool_call("item_neighbours", item_id="nope")
+    for call, masks, repaired in ((bad_k, [PermutationConstraint, ChoiceConstraint], 1),
+                                  (unknown, [PermutationConstraint, ChoiceConstraint], 0),
+                                  (bad_k, [PermutationConstraint], 0)):
+        script = ["p</plan>\n" + call, chosen, final] if repaired else ["p</plan>\n" + call, final]
+        answer = Student(ScriptedModel(script, supports=masks), store).answer(task)
+        assert answer.repaired_calls == repaired and answer.completed.valid
+        assert ("<tool_response>Error:" in answer.text) == (not repaired)
 
 
 def test_tool_errors_reach_the_model(world):

@@ -15,12 +15,9 @@ from itertools import combinations
 
 from starrec.agents.prompts import role_tool_specs, roles
 from starrec.cst.store import EvidenceStore
+from starrec.cst.tools import task_tool_calls
 from starrec.data.tasks import Task
 from starrec.llm.structured import ToolCall
-
-# tools that take one item id, and the items worth offering each: the ones the prompt shows
-_HISTORY_TOOLS = ("item_neighbours", "next_items")
-_ANY_ITEM_TOOLS = ("content_neighbours",)
 
 
 def plan_options(analysts: Sequence[str]) -> tuple[str, ...]:
@@ -37,23 +34,6 @@ def verdict_options(analysts: Sequence[str]) -> tuple[str, ...]:
 
 def tool_call_options(role: str, task: Task, store: EvidenceStore,
                       history_items: int) -> tuple[str, ...]:
-    """The role's tool calls on what the prompt shows (the recent history, the
-    candidates, the user), default arguments left out, in canonical form."""
-    shown = task.history[-history_items:] if history_items > 0 else []
-    calls: list[ToolCall] = []
-    for spec in role_tool_specs(role):
-        name = spec["function"]["name"]
-        if name in _HISTORY_TOOLS:
-            calls += [ToolCall(name, {"item_id": i}) for i in reversed(shown)]
-        elif name in _ANY_ITEM_TOOLS:
-            if store.embeddings is not None:  # the tool only errors on a store without them
-                calls += [ToolCall(name, {"item_id": i}) for i in [*reversed(shown), *task.candidates]]
-        elif name == "popularity":
-            calls += [ToolCall(name, {"item_ids": list(task.candidates)})]
-            if shown:
-                calls.append(ToolCall(name, {"item_ids": list(shown)}))
-        elif name == "similar_users":
-            calls.append(ToolCall(name, {"user_id": task.user_id}))
-        elif not spec["function"]["parameters"].get("required"):
-            calls.append(ToolCall(name, {}))  # task-bound: sequence_candidates, candidate_evidence
-    return tuple(dict.fromkeys(call.render() for call in calls))
+    """The role's tool calls on what the prompt shows, in canonical form."""
+    calls = task_tool_calls(role_tool_specs(role), task, store, history_items)
+    return tuple(dict.fromkeys(ToolCall(name, arguments).render() for name, arguments in calls))

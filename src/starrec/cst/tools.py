@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -44,6 +45,36 @@ def tool_specs() -> tuple[dict[str, Any], ...]:
 
 def tool_names() -> list[str]:
     return [spec["function"]["name"] for spec in tool_specs()]
+
+
+# tools that take one item id, and the items worth offering each: the ones the prompt shows
+_HISTORY_TOOLS = ("item_neighbours", "next_items")
+_ANY_ITEM_TOOLS = ("content_neighbours",)
+
+
+def task_tool_calls(specs: Sequence[dict[str, Any]], task: Task, store: EvidenceStore,
+                    history_items: int) -> list[tuple[str, dict[str, Any]]]:
+    """Every call of the tools `specs` on what a prompt of `task` shows (the recent
+    `history_items`, the candidates, the user), default arguments left out: the options
+    when a model's choice of call is decoded under a mask."""
+    shown = task.history[-history_items:] if history_items > 0 else []
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for spec in specs:
+        name = spec["function"]["name"]
+        if name in _HISTORY_TOOLS:
+            calls += [(name, {"item_id": i}) for i in reversed(shown)]
+        elif name in _ANY_ITEM_TOOLS:
+            if store.embeddings is not None:  # the tool only errors on a store without them
+                calls += [(name, {"item_id": i}) for i in [*reversed(shown), *task.candidates]]
+        elif name == "popularity":
+            calls.append((name, {"item_ids": list(task.candidates)}))
+            if shown:
+                calls.append((name, {"item_ids": list(shown)}))
+        elif name == "similar_users":
+            calls.append((name, {"user_id": task.user_id}))
+        elif not spec["function"]["parameters"].get("required"):
+            calls.append((name, {}))  # task-bound: sequence_candidates, candidate_evidence
+    return calls
 
 
 @dataclass
@@ -85,7 +116,7 @@ class ToolExecutor:
         self.stats.calls[name] += 1
         parsed: dict[str, Any] = {}
         try:
-            parsed = self._parse(name, arguments)
+            parsed = self.arguments_for(name, arguments)
             lines = getattr(self, f"_tool_{name}")(**parsed)
             text = "\n".join(fit_budget(lines, self.budget, self.count_tokens))
             ok = True
@@ -99,7 +130,9 @@ class ToolExecutor:
         self.stats.seconds += seconds
         return ToolResult(name, parsed, text, ok, seconds)
 
-    def _parse(self, name: str, arguments: dict[str, Any] | str | None) -> dict[str, Any]:
+    def arguments_for(self, name: str, arguments: dict[str, Any] | str | None) -> dict[str, Any]:
+        """The arguments a call runs with: validated against the tool's schema, ids as
+        strings, defaults filled in. ToolError (its message for the model) otherwise."""
         if name not in self._specs:
             raise ToolError(f"unknown tool {name!r}; available: {', '.join(self._specs)}")
         if arguments is None or arguments == "":

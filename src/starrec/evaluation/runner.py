@@ -81,6 +81,9 @@ class TaskRecord:
     prompt_tokens: int
     completion_tokens: int
     ranking: list[str]
+    # the system's own account of its answer (a student's text, a teacher's status), so a
+    # number can be traced back to what was written
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def read_records(path: Path) -> dict[str, TaskRecord]:
@@ -132,6 +135,7 @@ def run_tasks(system: System, tasks: Iterable[Task], progress: bool = True,
                 prompt_tokens=answer.prompt_tokens,
                 completion_tokens=answer.completion_tokens,
                 ranking=completed.ranking,
+                details=answer.details,
             )
             done[task.task_id] = record
             if handle is not None:

@@ -9,10 +9,13 @@ student keeps calling tools past the cap (the first call over the cap is answere
 a "limit reached" message, the second ends the pass).
 
 With `student.constrain` (and a backend that masks tokens) the pass opens with `<plan>`,
-the first tag of the format, and when it ends without a `<recommend>` list that is a
-permutation, the list is decoded once more under `PermutationConstraint`, in place of
-the broken one or after the text. `StudentAnswer.repaired` says so; the parse of the
-student's own text (`well_formed`, the GRPO format reward) is kept from before.
+the first tag of the format; a tool call that does not parse or fails its tool's schema
+is decoded again under `ChoiceConstraint`, over every call on what the prompt shows (so a
+look-up is made, not an error message read back); and when the pass ends without a
+`<recommend>` list that is a permutation, the list is decoded once more under
+`PermutationConstraint`, in place of the broken one or after the text.
+`StudentAnswer.repaired_calls` and `repaired` say so; the parse of the student's own text
+(`well_formed`, the GRPO format reward) is taken before the ranking repair.
 
 Continuations go through `ChatModel.complete` on the text so far, so a backend without
 a KV cache re-reads the prompt each time: `prompt_tokens` counts what the backend
@@ -30,10 +33,17 @@ from starrec.agents.prompts import prompt_text
 from starrec.config import StudentConfig, StudentFormatConfig
 from starrec.cst.ranker import present
 from starrec.cst.store import EvidenceStore
-from starrec.cst.tools import ToolExecutor
+from starrec.cst.tools import ToolError, ToolExecutor, task_tool_calls, tool_specs
 from starrec.data.tasks import Task
 from starrec.evaluation.metrics import CompletedRanking, complete_ranking
-from starrec.llm.base import ChatModel, LLMError, PermutationConstraint
+from starrec.llm.base import (
+    ChatModel,
+    ChoiceConstraint,
+    Completion,
+    Constraint,
+    LLMError,
+    PermutationConstraint,
+)
 from starrec.trajectories.format import (
     PLAN,
     RECOMMEND,
@@ -46,6 +56,7 @@ from starrec.trajectories.format import (
     parse_student_output,
     parse_tool_call,
     pending_tag,
+    tool_call_json,
     wrap,
 )
 from starrec.trajectories.serialize import prompt_messages
@@ -74,8 +85,9 @@ class StudentAnswer:
     tool_calls: list[ExecutedCall] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    segments: int = 0  # generation requests: 1 + one per answered tool call (+1 if repaired)
+    segments: int = 0  # generation requests: 1 + one per answered tool call + one per repair
     repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
+    repaired_calls: int = 0  # broken tool calls decoded again under a choice mask
     stop: str = ""  # recommend | end | length | tool_cap | error
     error: str | None = None
     seconds: float = 0.0
@@ -155,6 +167,10 @@ class Student:
                 response = Template(prompt_text("student_tool_limit.md").strip()).substitute(
                     limit=self.config.max_tool_calls)
             else:
+                if constrain and self.fmt.tools and not self._runnable(call_content(text), tools):
+                    repaired = self._repair_call(prompt, text, shown, tools, answer)
+                    if repaired is not None:
+                        text, remaining = repaired[0], remaining - repaired[1].completion_tokens
                 response = self._execute(text, tools, answer.tool_calls)
             text += wrap(TOOL_RESPONSE, response)
         answer.parsed = parse_student_output(text, n, plan=self.fmt.plan, tools=self.fmt.tools,
@@ -180,27 +196,63 @@ class Student:
         if unclosed and not body.rstrip().endswith(close_tag(unclosed)):
             body = body.rstrip() + close_tag(unclosed)
         head = body.rstrip() + "\n" + open_tag(RECOMMEND)
+        completion = self._decode(prompt + head, PermutationConstraint(n), 6 * n + 8, answer)
+        if completion is None:
+            return text
+        answer.repaired = True
+        return head + completion.text + close_tag(RECOMMEND)
+
+    def _repair_call(self, prompt: str, text: str, shown: Task, tools: ToolExecutor,
+                     answer: StudentAnswer) -> tuple[str, Completion] | None:
+        """`text`, which ends with a broken tool call, with that call decoded again among
+        every runnable call on what the prompt shows (in the form training used: default
+        arguments written out); None if the backend fails or cannot mask a choice."""
+        options = tuple(dict.fromkeys(
+            tool_call_json(name, tools.arguments_for(name, arguments))
+            for name, arguments in task_tool_calls(tool_specs(), shown, self.store,
+                                                   self.fmt.history_items)))
+        constraint = ChoiceConstraint(options)
+        if not options or not self.model.supports(constraint):
+            return None
+        head = text[:text.rfind(open_tag(TOOL_CALL)) + len(open_tag(TOOL_CALL))]
+        # an enforced choice ends by itself; a token is at least one character
+        completion = self._decode(prompt + head, constraint, max(map(len, options)), answer)
+        if completion is None:
+            return None
+        answer.repaired_calls += 1
+        return head + completion.text + close_tag(TOOL_CALL), completion
+
+    def _decode(self, text: str, constraint: Constraint, max_tokens: int,
+                answer: StudentAnswer) -> Completion | None:
+        """One masked continuation of `text`, counted in `answer`; None (the error kept in
+        `answer.error`) if the backend fails."""
         try:
-            completion = self.model.complete(prompt + head, max_tokens=6 * n + 8,
-                                             constraint=PermutationConstraint(n))
+            completion = self.model.complete(text, max_tokens=max_tokens, constraint=constraint)
         except LLMError as error:
             answer.error = str(error)
-            return text
+            return None
         answer.segments += 1
         answer.prompt_tokens += completion.prompt_tokens
         answer.completion_tokens += completion.completion_tokens
-        answer.repaired = True
-        return head + completion.text + close_tag(RECOMMEND)
+        return completion
+
+    @staticmethod
+    def _runnable(content: str, tools: ToolExecutor) -> bool:
+        """Whether a call parses and its arguments pass the tool's schema (an unknown
+        item is left to the tool, whose error message names it)."""
+        try:
+            tools.arguments_for(*parse_tool_call(content))
+        except (ValueError, ToolError):
+            return False
+        return True
 
     @staticmethod
     def _execute(text: str, tools: ToolExecutor, calls: list[ExecutedCall]) -> str:
         """Run the call that ends `text`; a call that does not parse is answered with the
         parse error, as a tool error would be."""
-        start = text.rfind(open_tag(TOOL_CALL)) + len(open_tag(TOOL_CALL))
-        content = text[start: len(text) - len(close_tag(TOOL_CALL))]
         began = time.perf_counter()
         try:
-            name, arguments = parse_tool_call(content)
+            name, arguments = parse_tool_call(call_content(text))
         except ValueError as error:
             calls.append(ExecutedCall("", {}, False, time.perf_counter() - began))
             return f"Error: {error}"
@@ -214,3 +266,9 @@ class Student:
             return None
         n = len(task.candidates)
         return [task.candidates[i] if 0 <= i < n else f"#{i}" for i in parsed.ranking]
+
+
+def call_content(text: str) -> str:
+    """What is inside the tool call that ends `text`."""
+    start = text.rfind(open_tag(TOOL_CALL)) + len(open_tag(TOOL_CALL))
+    return text[start: len(text) - len(close_tag(TOOL_CALL))]

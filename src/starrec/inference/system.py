@@ -40,6 +40,7 @@ class StarSystem:
                 "error": answer.error,
                 "segments": answer.segments,
                 "repaired": answer.repaired,
+                "repaired_calls": answer.repaired_calls,
             },
         )
 

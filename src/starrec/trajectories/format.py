@@ -83,8 +83,13 @@ class ParsedOutput(StudentSequence):
     errors: list[str] = field(default_factory=list)
 
 
+def tool_call_json(name: str, arguments: dict[str, Any]) -> str:
+    """What the student writes inside `<tool_call>`."""
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
 def render_tool_call(name: str, arguments: dict[str, Any]) -> str:
-    return wrap(TOOL_CALL, json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False))
+    return wrap(TOOL_CALL, tool_call_json(name, arguments))
 
 
 def render_ranking(indices: Iterable[int]) -> str:
