@@ -4,6 +4,7 @@ model through every branch; one test runs the real tiny transformers model end t
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import typer
@@ -216,9 +217,16 @@ def test_full_run_with_multi_turn_tool_loops(world):
                                           "long_term": "lasting interests"}
     assert messages["reflector"].parsed == {"accept": True, "revise": {}}
     assert messages["ranker"].parsed == run.ranking_indices
-    # the record survives its JSON line
-    again = TeacherRun.from_dict(json.loads(run.to_json()))
+    # the record survives its JSON line, where the shared system prompt is written once
+    line = run.to_json()
+    shared = llm[0].messages[0]["content"]
+    assert json.loads(line)["system_prompt"] == shared
+    assert line.count(json.dumps(shared, ensure_ascii=False)[1:-1]) == 1 and len(llm) > 2
+    again = TeacherRun.from_dict(json.loads(line))
     assert again == run and again.key == f"{task.task_id}#0"
+    # lines written before the prompt was shared (no system_prompt) read as they are
+    old = json.loads(json.dumps(asdict(run)))
+    assert TeacherRun.from_dict(old) == run
 
 
 def test_reflector_sends_an_analyst_back_and_rounds_are_bounded(world):

@@ -9,6 +9,7 @@ single-agent sequence of DESIGN.md 3.5; nothing downstream needs the teacher aga
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -76,14 +77,43 @@ class TeacherRun:
     error: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        """One JSON line. The system prompt that the calls of a run share (the task and
+        its evidence, tens of KB) is written once, as `system_prompt`; each message that
+        carried it holds null content. `from_dict` restores the messages as sent."""
+        record = asdict(self)
+        shared = _shared_system(self.steps)
+        if shared is not None:
+            record["system_prompt"] = shared
+            for step in record["steps"]:
+                for message in step["messages"] or ():
+                    if message["role"] == "system" and message["content"] == shared:
+                        message["content"] = None
+        return json.dumps(record, ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> TeacherRun:
-        steps = [Step(**s) for s in record.get("steps", [])]
+        record = dict(record)
+        shared = record.pop("system_prompt", None)
+        steps = []
+        for step in record.get("steps", []):
+            if shared is not None and step.get("messages"):
+                step = {**step, "messages": [
+                    {**m, "content": shared} if m["role"] == "system" and m["content"] is None
+                    else m for m in step["messages"]]}
+            steps.append(Step(**step))
         return cls(**{**record, "steps": steps})
 
     @property
     def key(self) -> str:
         """Identity for resuming: a task may be sampled several times."""
         return f"{self.task_id}#{self.sample}"
+
+
+def _shared_system(steps: list[Step]) -> str | None:
+    """The system prompt sent with more than one LLM call of a run, if there is one."""
+    counts = Counter(m["content"] for step in steps for m in step.messages or ()
+                     if m["role"] == "system")
+    if not counts:
+        return None
+    content, count = counts.most_common(1)[0]
+    return content if count > 1 else None
