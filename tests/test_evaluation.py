@@ -3,7 +3,7 @@ import json
 import pytest
 
 from starrec.data.tasks import build_split_tasks
-from starrec.evaluation.runner import Recommendation, run_tasks
+from starrec.evaluation.runner import Recommendation, read_records, run_tasks
 
 
 class CountingSystem:
@@ -40,6 +40,11 @@ def test_checkpointed_run_resumes_without_repeating_or_losing_a_task(tiny, tmp_p
     assert [r.task_id for r in records] == [t.task_id for t in tasks]
     fresh = run_tasks(CountingSystem(), tasks, progress=False)
     assert [r.rank for r in records] == [r.rank for r in fresh]
+    # records written before they kept a system's details read back with none
+    lines = checkpoint.read_text().splitlines()
+    old = {k: v for k, v in json.loads(lines[0]).items() if k != "details"}
+    checkpoint.write_text(json.dumps(old) + "\n" + "\n".join(lines[1:]) + "\n")
+    assert read_records(checkpoint)[tasks[0].task_id] == records[0]
 
 
 def test_checkpoint_of_another_task_file_is_refused(tiny, tmp_path):

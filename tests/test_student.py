@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-
+from dataclasses import replace
 
 from starrec.config import LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
 from starrec.cst.ranker import CSTRanker
 from starrec.cst.tools import ToolExecutor
 from starrec.evaluation.runner import read_records, run_tasks
 from starrec.inference.student import Student
-from starrec.trajectories.format import tool_call_json
 from starrec.inference.system import StarSystem, load_star_system
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
 from starrec.training.card import ModelCard, write_model_card
+from starrec.trajectories.format import tool_call_json
 from tests.fakes import ScriptedModel
 
 
@@ -26,7 +26,8 @@ def order(first: list[int], n: int = 20) -> str:
     return "[" + ", ".join(map(str, first + [i for i in range(n) if i not in first])) + "]"
 
 
-def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_completed(world, tmp_path):
+def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_completed(
+        world, tmp_path):
     store, tasks = world
     task = tasks[0]
     last = task.history[-1]
@@ -130,9 +131,17 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     expected = executor.call("item_neighbours", {"item_id": last}).text
     assert model.calls[2].messages[-1]["content"].endswith(
         f"<tool_call>{chosen}</tool_call><tool_response>{expected}</tool_response>")
-    assert "TOOL" not in answer.text and answer.repaired_calls == 1 and not answer.repaired
+    broken = '{"name": "TOOL", "arguments": {...}}'
+    assert "TOOL" not in answer.text and answer.repaired_calls == [broken] and not answer.repaired
     assert [(c.name, c.ok) for c in answer.tool_calls] == [("item_neighbours", True)]
-    assert answer.segments == 3 and answer.completed.valid and answer.parsed.well_formed
+    assert answer.segments == 3 and answer.completed.valid
+    # the budget goes on after the repair's tokens; the pass is not the student's own form
+    assert model.calls[2].kwargs["max_tokens"] == 768 - sum(
+        len(call.text) // 4 + 1 for call in model.calls[:2])
+    assert not answer.parsed.well_formed and broken in answer.parsed.errors[-1]
+    again = ScriptedModel([model.calls[0].text, chosen, final],
+                          supports=[PermutationConstraint, ChoiceConstraint])
+    assert StarSystem(Student(again, store)).recommend(task).details["repaired_calls"] == [broken]
 
     # a call the schema rejects is decoded again; an unknown item is the tool's to answer;
     # a backend that cannot mask a choice reads the error back
@@ -143,8 +152,33 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
                                   (bad_k, [PermutationConstraint], 0)):
         script = ["p</plan>\n" + call, chosen, final] if repaired else ["p</plan>\n" + call, final]
         answer = Student(ScriptedModel(script, supports=masks), store).answer(task)
-        assert answer.repaired_calls == repaired and answer.completed.valid
+        assert len(answer.repaired_calls) == repaired and answer.completed.valid
         assert ("<tool_response>Error:" in answer.text) == (not repaired)
+
+    # an answer outside the options (a server ignoring the mask) or a failing backend
+    # leaves the call as written; with the budget spent nothing is decoded again
+    masks = [PermutationConstraint, ChoiceConstraint]
+    for reply in ("not a call", LLMError("timeout")):
+        model = ScriptedModel(["p</plan>\n" + bad_k, reply, final], supports=masks)
+        answer = Student(model, store).answer(task)
+        assert not answer.repaired_calls and "<tool_response>Error: invalid k" in answer.text
+        assert answer.completed.valid and answer.error == (None if reply == "not a call" else "timeout")
+    model = ScriptedModel(["p</plan>\n" + bad_k, order([5])], supports=masks)
+    answer = Student(model, store, config=StudentConfig(max_new_tokens=1)).answer(task)
+    assert not answer.repaired_calls and answer.stop == "length" and answer.repaired
+    assert model.calls[1].kwargs["constraint"] == PermutationConstraint(20)
+
+
+def test_call_options_leave_out_what_a_schema_rejects(world):
+    store, tasks = world
+    task = tasks[1]
+    # 21 candidates: popularity over all of them is over the tool's 20-item limit
+    wide = replace(task, candidates=[*task.candidates, task.history[0]])
+    student = Student(ScriptedModel([]), store)
+    options = student._call_options(student.shown(wide), ToolExecutor(store, student.shown(wide)))
+    names = [json.loads(option)["name"] for option in options]
+    assert "popularity" in names and "item_neighbours" in names
+    assert all(len(json.loads(o)["arguments"].get("item_ids", [])) <= 20 for o in options)
 
 
 def test_tool_errors_reach_the_model(world):

@@ -300,3 +300,24 @@ def test_dataset_rows_and_length_drop(tiny_lm_dir):
     assert data[0]["task_id"] == "train-u1" and data[0]["messages"][-1]["role"] == "assistant"
     assert data[0]["messages"][-1]["content"] == runs[0].completion
     assert 0 < stats.trained_tokens < stats.tokens == len(data[0]["input_ids"])
+    both, stats = build_dataset(runs, tokenizer, max_length=max(lengths), show_progress=False)
+    trained = [sum(label != -100 for label in row) for row in both["labels"]]
+    assert stats.max_trained_tokens == max(trained) < stats.trained_tokens == sum(trained)
+
+
+def test_run_line_writes_a_shared_system_prompt_once_and_nothing_else():
+    def llm(system):
+        return Step("llm", "recent", messages=[{"role": "system", "content": system},
+                                               {"role": "user", "content": "go"}], output="x")
+
+    def line_of(*systems):
+        run = TeacherRun("t", {}, "m", {}, steps=[llm(s) for s in systems])
+        record = json.loads(run.to_json())
+        assert TeacherRun.from_dict(record) == run
+        return record
+
+    record = line_of("shared", "shared", "own")
+    assert record["system_prompt"] == "shared"
+    assert [s["messages"][0]["content"] for s in record["steps"]] == [None, None, "own"]
+    # one call, or a system message that is null itself: written as is
+    assert "system_prompt" not in line_of("once") and "system_prompt" not in line_of(None, None)

@@ -190,7 +190,8 @@ class SFTSettings(Strict):
     def lr(self) -> float:
         """The learning rate used: the setting, else a default for LoRA or full. LoRA's is
         high because its runs here are short: 15 steps at 2e-4 moved the attention weights
-        by 0.1% (relative norm), and the student still wrote like its base model."""
+        by about 0.1% of their norm (benchmarks/weight_change.py), and the student still
+        wrote like its base model."""
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-3 if self.lora else 2e-5
@@ -200,8 +201,9 @@ class StudentConfig(Strict):
     """Single-pass inference of a distilled student (`star eval --system star`, serve)."""
 
     max_tool_calls: int = 8  # later calls are answered with a "limit reached" message
-    # generated tokens per task, over all continuations: the ML-100K teacher runs serialize
-    # to at most about 600 tokens of the student's own, so this bounds a pass that rambles
+    # generated tokens per task, over all continuations (a repair under way may finish past
+    # it): the first ML-100K SFT data held at most 594 tokens of the student's own per
+    # sequence (`max_trained_tokens` of a card's data), so this bounds a pass that rambles
     max_new_tokens: int = 768
     temperature: float = 0.0
     seed: int | None = None

@@ -143,10 +143,9 @@ class Agent:
         return AgentResult("", None, None, f"max_turns is {spec.max_turns}: no turn was taken")
 
     def _max_tokens(self, constraint: Constraint | None) -> int:
-        """An enforced choice ends by itself, so it may always finish its longest option
-        (a token is at least one character)."""
+        """An enforced choice ends by itself, so it may always finish its longest option."""
         if isinstance(constraint, ChoiceConstraint) and self.model.supports(constraint):
-            return max(self.spec.max_tokens, max(map(len, constraint.options)))
+            return max(self.spec.max_tokens, constraint.max_tokens)
         return self.spec.max_tokens
 
     def _tool_constraint(self, made: set[str]) -> ChoiceConstraint | None:

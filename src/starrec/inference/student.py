@@ -14,8 +14,10 @@ is decoded again under `ChoiceConstraint`, over every call on what the prompt sh
 look-up is made, not an error message read back); and when the pass ends without a
 `<recommend>` list that is a permutation, the list is decoded once more under
 `PermutationConstraint`, in place of the broken one or after the text.
-`StudentAnswer.repaired_calls` and `repaired` say so; the parse of the student's own text
-(`well_formed`, the GRPO format reward) is taken before the ranking repair.
+`StudentAnswer.repaired_calls` (the calls as the student wrote them) and `repaired` say
+so. The parse (`parsed`, whose `well_formed` is the GRPO format reward) is taken before
+the ranking repair, and a pass with a repaired call is not well formed: the reward judges
+what the student wrote.
 
 Continuations go through `ChatModel.complete` on the text so far, so a backend without
 a KV cache re-reads the prompt each time: `prompt_tokens` counts what the backend
@@ -87,7 +89,8 @@ class StudentAnswer:
     completion_tokens: int = 0
     segments: int = 0  # generation requests: 1 + one per answered tool call + one per repair
     repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
-    repaired_calls: int = 0  # broken tool calls decoded again under a choice mask
+    # broken tool calls (their content as written) decoded again under a choice mask
+    repaired_calls: list[str] = field(default_factory=list)
     stop: str = ""  # recommend | end | length | tool_cap | error
     error: str | None = None
     seconds: float = 0.0
@@ -167,7 +170,7 @@ class Student:
                 response = Template(prompt_text("student_tool_limit.md").strip()).substitute(
                     limit=self.config.max_tool_calls)
             else:
-                if constrain and self.fmt.tools and not self._runnable(call_content(text), tools):
+                if constrain and remaining > 0 and not self._runnable(call_content(text), tools):
                     repaired = self._repair_call(prompt, text, shown, tools, answer)
                     if repaired is not None:
                         text, remaining = repaired[0], remaining - repaired[1].completion_tokens
@@ -175,6 +178,10 @@ class Student:
             text += wrap(TOOL_RESPONSE, response)
         answer.parsed = parse_student_output(text, n, plan=self.fmt.plan, tools=self.fmt.tools,
                                              reflection=self.fmt.reflection)
+        if answer.repaired_calls:
+            answer.parsed.well_formed = False
+            answer.parsed.errors += [f"a tool call was decoded again; the student wrote {c!r}"
+                                     for c in answer.repaired_calls]
         if constrain and answer.stop != "error" and sorted(answer.parsed.ranking or []) != list(range(n)):
             text = self._repair_ranking(prompt, text, n, answer)
             answer.ranking = self.item_ranking(parse_student_output(text, n), shown)
@@ -205,22 +212,30 @@ class Student:
     def _repair_call(self, prompt: str, text: str, shown: Task, tools: ToolExecutor,
                      answer: StudentAnswer) -> tuple[str, Completion] | None:
         """`text`, which ends with a broken tool call, with that call decoded again among
-        every runnable call on what the prompt shows (in the form training used: default
-        arguments written out); None if the backend fails or cannot mask a choice."""
-        options = tuple(dict.fromkeys(
-            tool_call_json(name, tools.arguments_for(name, arguments))
-            for name, arguments in task_tool_calls(tool_specs(), shown, self.store,
-                                                   self.fmt.history_items)))
-        constraint = ChoiceConstraint(options)
-        if not options or not self.model.supports(constraint):
+        every runnable call on what the prompt shows, and the completion that did it; None
+        if the backend fails, cannot mask a choice, or answers outside the options."""
+        constraint = ChoiceConstraint(self._call_options(shown, tools))
+        if not constraint.options or not self.model.supports(constraint):
             return None
-        head = text[:text.rfind(open_tag(TOOL_CALL)) + len(open_tag(TOOL_CALL))]
-        # an enforced choice ends by itself; a token is at least one character
-        completion = self._decode(prompt + head, constraint, max(map(len, options)), answer)
-        if completion is None:
+        start = call_start(text)
+        completion = self._decode(prompt + text[:start], constraint, constraint.max_tokens, answer)
+        if completion is None or completion.text not in constraint.options:
             return None
-        answer.repaired_calls += 1
-        return head + completion.text + close_tag(TOOL_CALL), completion
+        answer.repaired_calls.append(call_content(text))
+        return text[:start] + completion.text + close_tag(TOOL_CALL), completion
+
+    def _call_options(self, shown: Task, tools: ToolExecutor) -> tuple[str, ...]:
+        """Calls on the items the prompt shows, written as training wrote them (default
+        arguments filled in); those a schema rejects (a list over its length limit) left
+        out."""
+        options: dict[str, None] = {}
+        for name, arguments in task_tool_calls(tool_specs(), shown, self.store,
+                                               self.fmt.history_items):
+            try:
+                options[tool_call_json(name, tools.arguments_for(name, arguments))] = None
+            except ToolError:
+                continue
+        return tuple(options)
 
     def _decode(self, text: str, constraint: Constraint, max_tokens: int,
                 answer: StudentAnswer) -> Completion | None:
@@ -268,7 +283,11 @@ class Student:
         return [task.candidates[i] if 0 <= i < n else f"#{i}" for i in parsed.ranking]
 
 
+def call_start(text: str) -> int:
+    """Where the content of the last tool call in `text` begins."""
+    return text.rfind(open_tag(TOOL_CALL)) + len(open_tag(TOOL_CALL))
+
+
 def call_content(text: str) -> str:
     """What is inside the tool call that ends `text`."""
-    start = text.rfind(open_tag(TOOL_CALL)) + len(open_tag(TOOL_CALL))
-    return text[start: len(text) - len(close_tag(TOOL_CALL))]
+    return text[call_start(text): len(text) - len(close_tag(TOOL_CALL))]

@@ -25,6 +25,12 @@ class ChoiceConstraint:
 
     options: tuple[str, ...]
 
+    @property
+    def max_tokens(self) -> int:
+        """Enough tokens for the longest option: a token of a byte-level vocabulary covers
+        at least one byte, so an enforced choice always ends within this."""
+        return max((len(option.encode("utf-8")) for option in self.options), default=0)
+
 
 @dataclass(frozen=True)
 class PermutationConstraint:

@@ -21,6 +21,7 @@ from string import Template
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from starrec.llm.base import ChatModel, Constraint, LLMError, Message
+from starrec.trajectories.format import render_tool_call
 
 T = TypeVar("T")
 
@@ -52,8 +53,7 @@ class ToolCall(NamedTuple):
 
     def render(self) -> str:
         """The canonical form (DESIGN.md 3.5), as it goes back into the conversation."""
-        call = json.dumps({"name": self.name, "arguments": self.arguments}, ensure_ascii=False)
-        return f"<tool_call>{call}</tool_call>"
+        return render_tool_call(self.name, self.arguments)
 
 
 def looks_like_tool_call(text: str) -> bool:

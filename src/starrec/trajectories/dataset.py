@@ -47,6 +47,7 @@ class ExportStats:
     dropped_too_long: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    max_trained_tokens: int = 0  # of one sequence: what a student's token budget must allow
 
 
 def _pieces(tokenizer, messages: list[Message], completion: str) -> list[tuple[str, bool]]:
@@ -97,7 +98,9 @@ def build_dataset(runs: list[SerializedRun], tokenizer, max_length: int,
         rows["labels"].append(encoded.labels)
         stats.examples += 1
         stats.tokens += len(encoded.input_ids)
-        stats.trained_tokens += sum(label != IGNORE_INDEX for label in encoded.labels)
+        trained = sum(label != IGNORE_INDEX for label in encoded.labels)
+        stats.trained_tokens += trained
+        stats.max_trained_tokens = max(stats.max_trained_tokens, trained)
     if stats.dropped_too_long:
         log.warning("dropped %d of %d sequences longer than %d tokens", stats.dropped_too_long,
                     len(runs), max_length)

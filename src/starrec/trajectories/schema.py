@@ -98,7 +98,7 @@ class TeacherRun:
         for step in record.get("steps", []):
             if shared is not None and step.get("messages"):
                 step = {**step, "messages": [
-                    {**m, "content": shared} if m["role"] == "system" and m["content"] is None
+                    {**m, "content": shared} if m["role"] == "system" and m.get("content") is None
                     else m for m in step["messages"]]}
             steps.append(Step(**step))
         return cls(**{**record, "steps": steps})
@@ -110,10 +110,11 @@ class TeacherRun:
 
 
 def _shared_system(steps: list[Step]) -> str | None:
-    """The system prompt sent with more than one LLM call of a run, if there is one."""
-    counts = Counter(m["content"] for step in steps for m in step.messages or ()
+    """The system prompt sent with more than one LLM call of a run, if there is one (and
+    none is null, so that a null in a written line can only mean this prompt)."""
+    counts = Counter(m.get("content") for step in steps for m in step.messages or ()
                      if m["role"] == "system")
-    if not counts:
+    if not counts or None in counts:
         return None
     content, count = counts.most_common(1)[0]
     return content if count > 1 else None
