@@ -22,6 +22,7 @@ from tests.test_trajectories import make_run, make_task, title
 FORMAT = StudentFormatConfig(tools=False)
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 MLP = "model.layers.0.mlp.up_proj.weight"
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 def settings(**changes) -> SFTSettings:
@@ -57,8 +58,14 @@ def test_lora_sft_changes_weights_and_writes_a_loadable_folder(tiny_lm_dir, data
     assert result.global_step == 2 and result.resumed_from is None
     before, after = weights(tiny_lm_dir), weights(out)
     assert set(before) == set(after)  # merged: a plain model, no LoRA tensors
+    # LoRA moves its targets (by default every linear layer of the blocks), nothing else
     assert not torch.equal(before[Q_PROJ], after[Q_PROJ])
-    assert torch.equal(before[MLP], after[MLP])  # LoRA touches only the attention projections
+    assert not torch.equal(before[MLP], after[MLP])
+    assert torch.equal(before[EMBEDDINGS], after[EMBEDDINGS])
+    attention_only = tmp_path / "attention-only"
+    train_sft(str(tiny_lm_dir), train, attention_only, settings(
+        lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"]), show_progress=False)
+    assert torch.equal(before[MLP], weights(attention_only)[MLP])
     curve = json.loads((out / "loss.json").read_text())
     assert [p["step"] for p in curve["train"]] == [1, 2]
     assert [p["step"] for p in curve["eval"]] == [1, 2]
