@@ -44,8 +44,11 @@ def permutation(n: int = 20, first: Sequence[int] = ()) -> str:
 
 class ScriptedModel:
     def __init__(self, script: list[Answer] | dict[str, Answer | list[Answer]],
-                 supports: Sequence[type] = (), name: str = "scripted") -> None:
+                 supports: Sequence[type] = (), name: str = "scripted",
+                 honour_max_tokens: bool = False) -> None:
         self.name = name
+        # cut an answer at max_tokens (4 characters a token) with finish_reason "length"
+        self.honour_max_tokens = honour_max_tokens
         self._supports = tuple(supports)
         self._lock = threading.Lock()
         if isinstance(script, dict):
@@ -86,9 +89,12 @@ class ScriptedModel:
         text = answer(messages) if callable(answer) else answer
         for s in stop or []:  # like an OpenAI server: the stop string is not returned
             text = text.split(s)[0]
+        finish = "stop"
+        if self.honour_max_tokens and len(text) // 4 + 1 > max_tokens:
+            text, finish = text[:(max_tokens - 1) * 4], "length"
         self.calls.append(Call(role, list(messages), kwargs, text))
         prompt = sum(len(m["content"]) for m in messages) // 4 + 1
-        return Completion(text, prompt, len(text) // 4 + 1, 0.001,
+        return Completion(text, prompt, len(text) // 4 + 1, 0.001, finish_reason=finish,
                           constrained=constraint is not None and self.supports(constraint))
 
     def complete(self, prompt: str, **kwargs: Any) -> Completion:

@@ -10,10 +10,12 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from starrec.agents.choices import plan_options
 from starrec.config import SFTSettings, StudentFormatConfig
 from starrec.trajectories.dataset import build_dataset
 from starrec.trajectories.serialize import serialize_run
 from starrec.training.card import read_model_card
+from starrec.training.pipeline import plan_choices
 from starrec.training.sft import train_sft
 from tests.conftest import write_dataset_folder
 from tests.test_trajectories import make_run, make_task, title
@@ -136,6 +138,7 @@ def test_distill_sft_command(tiny_lm_dir, tmp_path):
         order = [k] + [i for i in range(20) if i != k]
         run.ranking_indices = order if k != 3 else list(range(20))  # u3: target at rank 4
         run.ranking = [run.task["candidates"][i] for i in run.ranking_indices]
+        run.config["mars"].update(constrain=True, analysts=["recent", "long_term"])
         runs.append(run)
     trajectories = tmp_path / "runs.jsonl"
     trajectories.write_text("".join(r.to_json() + "\n" for r in runs))
@@ -155,6 +158,8 @@ def test_distill_sft_command(tiny_lm_dir, tmp_path):
     assert card.data["train"]["examples"] + card.data["eval"]["examples"] == 3
     assert card.training["learning_rate"] == 0.001 and card.base_model == str(tiny_lm_dir)
     assert (out / "data" / "train").is_dir() and (out / "filter_report.json").is_file()
+    # the teacher planned under a mask: its student's plan is decoded among the same plans
+    assert card.plan_choices == list(plan_options(["recent", "long_term"])) and len(card.plan_choices) == 3
 
     common = ["--trajectories", str(trajectories), "--model", str(tiny_lm_dir), "--dataset",
               str(folder), "--no-tools", "--max-steps", "1", "--set", "sft.max_length=1024"]
@@ -170,6 +175,17 @@ def test_distill_sft_command(tiny_lm_dir, tmp_path):
         "distill", "sft", "--trajectories", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x"),
         "--model", str(tiny_lm_dir), "--dataset", str(folder)])
     assert result.exit_code == 2 and "none.jsonl" in result.output
+
+
+def test_plan_choices_are_the_teachers_only_when_every_plan_was_chosen_under_a_mask():
+    runs = [make_run(), make_run()]
+    for run, analysts in zip(runs, (["recent"], ["recent", "divergence"])):
+        run.config["mars"].update(constrain=True, analysts=analysts)
+    assert plan_choices(runs) == list(dict.fromkeys(
+        plan_options(["recent"]) + plan_options(["recent", "divergence"])))
+    assert len(plan_choices(runs)) == 3  # "recent" alone is one choice of both teachers
+    runs[1].config["mars"]["constrain"] = False  # a planner that wrote freely
+    assert plan_choices(runs) == [] and plan_choices([make_run()]) == []
 
 
 def test_learning_rate_defaults_by_kind_of_fine_tune():

@@ -109,15 +109,81 @@ def test_constrained_pass_opens_with_plan_and_repairs_a_broken_list(world):
     assert not answer.repaired and not answer.completed.valid
 
 
+def test_constrained_pass_chooses_its_plan_among_the_card_choices(world):
+    store, tasks = world
+    task = tasks[0]
+    plans = ("recent: the latest items\nlong_term: lasting interests", "recent: the latest items")
+    final = f"r</reflection>\n<recommend>{order([2])}</recommend>"
+    masks = [PermutationConstraint, ChoiceConstraint]
+    model = ScriptedModel([plans[1], "\n<reflection>", final], supports=masks)
+    answer = Student(model, store, plan_choices=plans).answer(task)
+    choice, part, rest = model.calls
+    assert choice.kwargs["constraint"] == ChoiceConstraint(plans)
+    assert choice.messages[-1]["content"].endswith("<|im_start|>assistant\n<plan>")
+    # what follows the closed plan is chosen among the parts the format allows there
+    assert part.kwargs["constraint"] == ChoiceConstraint(("\n<tool_call>", "\n<reflection>"))
+    assert part.messages[-1]["content"].endswith(f"<plan>{plans[1]}</plan>")
+    # the student goes on, its budget less the tokens of both choices
+    assert rest.messages[-1]["content"].endswith(f"<plan>{plans[1]}</plan>\n<reflection>")
+    assert rest.kwargs["max_tokens"] == 768 - (len(plans[1]) // 4 + 1) - (len("\n<reflection>") // 4 + 1)
+    assert answer.chosen_plan and answer.parsed.well_formed and not answer.repaired
+    assert answer.text == f"<plan>{plans[1]}</plan>\n<reflection>{final}" and answer.segments == 3
+    again = ScriptedModel([plans[1], "\n<reflection>", final], supports=masks)
+    assert StarSystem(Student(again, store, plan_choices=plans)).recommend(task).details["chosen_plan"]
+
+    # no choices, no choice mask, an answer outside the choices or a failing backend:
+    # the student writes its own plan after <plan>, and what follows it
+    free = f"mine</plan>\n<reflection>{final}"
+    for script, kwargs, supports in (([free], {}, masks),
+                                     ([free], {"plan_choices": plans}, [PermutationConstraint]),
+                                     (["other", free], {"plan_choices": plans}, masks),
+                                     ([LLMError("down"), free], {"plan_choices": plans}, masks)):
+        model = ScriptedModel(script, supports=supports)
+        answer = Student(model, store, **kwargs).answer(task)
+        assert not answer.chosen_plan and answer.text == f"<plan>{free}"
+        assert model.calls[-1].messages[-1]["content"].endswith("<plan>")
+        assert model.calls[-1].kwargs["constraint"] is None
+
+
+def test_constrained_pass_chooses_each_next_part_within_the_tool_cap(world):
+    store, tasks = world
+    task = tasks[1]
+    call = tool_call_json("item_neighbours", {"k": 5, "item_id": task.history[-1]})
+    final = f"r</reflection>\n<recommend>{order([1])}</recommend>"
+    plans = ("recent: the latest items", "long_term: lasting interests")
+    model = ScriptedModel([plans[0], "\n<tool_call>", call, "\n<tool_call>", call, final],
+                          supports=[PermutationConstraint, ChoiceConstraint])
+    student = Student(model, store, config=StudentConfig(max_tool_calls=2), plan_choices=plans)
+    answer = student.answer(task)
+    both = ChoiceConstraint(("\n<tool_call>", "\n<reflection>"))
+    assert [c.kwargs["constraint"] for c in model.calls] == [
+        ChoiceConstraint(plans), both, None, both, None, None]
+    # at the cap the reflection is the only part left: it follows without a decode
+    response = ToolExecutor(store, student.shown(task)).call(
+        "item_neighbours", {"item_id": task.history[-1]}).text
+    looked_up = f"\n<tool_call>{call}</tool_call><tool_response>{response}</tool_response>"
+    assert model.calls[-1].messages[-1]["content"].endswith(f"{looked_up}\n<reflection>")
+    assert answer.text == f"<plan>{plans[0]}</plan>{looked_up * 2}\n<reflection>{final}"
+    assert answer.parsed.well_formed and answer.completed.valid and answer.segments == 6
+    assert [c.name for c in answer.tool_calls] == ["item_neighbours"] * 2
+    # a format without a reflection goes from the last response to the ranking
+    fmt = StudentFormatConfig(reflection=False)
+    model = ScriptedModel([plans[0], "\n<tool_call>", call, f"{order([1])}</recommend>"],
+                          supports=[PermutationConstraint, ChoiceConstraint])
+    answer = Student(model, store, fmt, StudentConfig(max_tool_calls=1), plan_choices=plans).answer(task)
+    assert model.calls[-1].messages[-1]["content"].endswith("</tool_response>\n<recommend>")
+    assert answer.parsed.well_formed and answer.stop == "recommend"
+
+
 def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(world):
     store, tasks = world
     task = tasks[1]
     last = task.history[-1]
     chosen = tool_call_json("item_neighbours", {"k": 5, "item_id": last})  # as training wrote it
-    final = f"\n<reflection>r</reflection>\n<recommend>{order([5, 2])}</recommend>"
+    part, final = "\n<reflection>", f"r</reflection>\n<recommend>{order([5, 2])}</recommend>"
     # the placeholder a weak student copies from its prompt's format description
     model = ScriptedModel(['look</plan>\n<tool_call>{"name": "TOOL", "arguments": {...}}',
-                           chosen, final], supports=[PermutationConstraint, ChoiceConstraint])
+                           chosen, part, final], supports=[PermutationConstraint, ChoiceConstraint])
     student = Student(model, store)
     answer = student.answer(task)
     repair = model.calls[1]
@@ -134,12 +200,12 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     broken = '{"name": "TOOL", "arguments": {...}}'
     assert "TOOL" not in answer.text and answer.repaired_calls == [broken] and not answer.repaired
     assert [(c.name, c.ok) for c in answer.tool_calls] == [("item_neighbours", True)]
-    assert answer.segments == 3 and answer.completed.valid
+    assert answer.segments == 4 and answer.completed.valid
     # the budget goes on after the repair's tokens; the pass is not the student's own form
-    assert model.calls[2].kwargs["max_tokens"] == 768 - sum(
-        len(call.text) // 4 + 1 for call in model.calls[:2])
+    assert model.calls[3].kwargs["max_tokens"] == 768 - sum(
+        len(call.text) // 4 + 1 for call in model.calls[:3])
     assert not answer.parsed.well_formed and broken in answer.parsed.errors[-1]
-    again = ScriptedModel([model.calls[0].text, chosen, final],
+    again = ScriptedModel([model.calls[0].text, chosen, part, final],
                           supports=[PermutationConstraint, ChoiceConstraint])
     assert StarSystem(Student(again, store)).recommend(task).details["repaired_calls"] == [broken]
 
@@ -150,7 +216,9 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     for call, masks, repaired in ((bad_k, [PermutationConstraint, ChoiceConstraint], 1),
                                   (unknown, [PermutationConstraint, ChoiceConstraint], 0),
                                   (bad_k, [PermutationConstraint], 0)):
-        script = ["p</plan>\n" + call, chosen, final] if repaired else ["p</plan>\n" + call, final]
+        choosing = ChoiceConstraint in masks  # the part after the response is chosen too
+        script = (["p</plan>\n" + call] + [chosen] * repaired
+                  + ([part, final] if choosing else [part + final]))
         answer = Student(ScriptedModel(script, supports=masks), store).answer(task)
         assert len(answer.repaired_calls) == repaired and answer.completed.valid
         assert ("<tool_response>Error:" in answer.text) == (not repaired)
@@ -159,7 +227,7 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     # leaves the call as written; with the budget spent nothing is decoded again
     masks = [PermutationConstraint, ChoiceConstraint]
     for reply in ("not a call", LLMError("timeout")):
-        model = ScriptedModel(["p</plan>\n" + bad_k, reply, final], supports=masks)
+        model = ScriptedModel(["p</plan>\n" + bad_k, reply, part, final], supports=masks)
         answer = Student(model, store).answer(task)
         assert not answer.repaired_calls and "<tool_response>Error: invalid k" in answer.text
         assert answer.completed.valid and answer.error == (None if reply == "not a call" else "timeout")
@@ -167,6 +235,31 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     answer = Student(model, store, config=StudentConfig(max_new_tokens=1)).answer(task)
     assert not answer.repaired_calls and answer.stop == "length" and answer.repaired
     assert model.calls[1].kwargs["constraint"] == PermutationConstraint(20)
+
+
+def test_a_rambling_tool_call_is_cut_at_the_longest_runnable_call_and_decoded_again(world):
+    store, tasks = world
+    task = tasks[1]
+    chosen = tool_call_json("item_neighbours", {"k": 5, "item_id": task.history[-1]})
+    rambling = '{"name": "item_neighbours", "arguments": {"k": 5, "item_id": "12' + ",000" * 500
+    final = f"r</reflection>\n<recommend>{order([3])}</recommend>"
+    plans = ("recent: the latest items", "long_term: lasting interests")
+    model = ScriptedModel([plans[0], "\n<tool_call>", rambling, chosen, "\n<reflection>", final],
+                          supports=[PermutationConstraint, ChoiceConstraint], honour_max_tokens=True)
+    answer = Student(model, store, plan_choices=plans).answer(task)
+    cut, repair = model.calls[2], model.calls[3]
+    options = repair.kwargs["constraint"].options
+    cap = ChoiceConstraint(options).max_tokens + len("</tool_call>")
+    assert cut.kwargs["max_tokens"] == cap < 768 and cut.text == rambling[:(cap - 1) * 4]
+    assert answer.repaired_calls == [cut.text] and chosen in answer.text
+    assert [(c.name, c.ok) for c in answer.tool_calls] == [("item_neighbours", True)]
+    assert answer.stop == "recommend" and answer.completed.valid and not answer.repaired
+    # a call that fits the cap runs as written; the rest of the budget is uncapped
+    model = ScriptedModel([plans[0], "\n<tool_call>", chosen, "\n<reflection>", final],
+                          supports=[PermutationConstraint, ChoiceConstraint], honour_max_tokens=True)
+    answer = Student(model, store, plan_choices=plans).answer(task)
+    assert not answer.repaired_calls and answer.parsed.well_formed
+    assert model.calls[4].kwargs["max_tokens"] > cap
 
 
 def test_call_options_leave_out_what_a_schema_rejects(world):
@@ -251,8 +344,9 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
     folder = tmp_path / "student"
     shutil.copytree(tiny_lm_dir, folder)
     fmt = StudentFormatConfig(tools=False)  # keeps the prompt inside the tiny model's 1024 positions
+    plans = ["a: the user", "b: the items"]
     write_model_card(folder, ModelCard(stage="sft", base_model="tiny", base_model_path=str(tiny_lm_dir),
-                                       format=fmt))
+                                       format=fmt, plan_choices=plans))
     config = StarConfig(llm=LLMConfig(threads=1), student=StudentConfig(max_new_tokens=12))
     system = load_star_system(folder, store, config)
     assert system.student.fmt == fmt
@@ -263,4 +357,7 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
         assert record.prompt_tokens > 300 and record.valid
         assert sorted(record.ranking) == sorted(task.candidates)
     answer = system.student.answer(tasks[0])
-    assert answer.stop in ("length", "end", "recommend", "tool_cap") and answer.segments >= 1
+    assert answer.stop in ("length", "end", "recommend", "tool_cap") and answer.segments >= 2
+    # the card's plan choices reach the student; its plan is one of them, under a real mask
+    assert system.student.plan_choices == tuple(plans) and answer.chosen_plan
+    assert any(answer.text.startswith(f"<plan>{plan}</plan>") for plan in plans)

@@ -207,7 +207,8 @@ class StudentConfig(Strict):
     max_new_tokens: int = 768
     temperature: float = 0.0
     seed: int | None = None
-    # where the backend can: the pass opens with <plan>, a tool call that does not parse or
+    # where the backend can: the pass opens with <plan> (the plan itself chosen among the
+    # card's plan_choices, the plans its teacher chose among), a tool call that does not parse or
     # fails its schema is decoded again among the runnable calls, and a <recommend> list
     # that is not a permutation (or none at all) is decoded again as one
     constrain: bool = True

@@ -8,16 +8,28 @@ CST store (a table look-up, not an LLM turn), `</tool_call><tool_response>...
 student keeps calling tools past the cap (the first call over the cap is answered with
 a "limit reached" message, the second ends the pass).
 
-With `student.constrain` (and a backend that masks tokens) the pass opens with `<plan>`,
-the first tag of the format; a tool call that does not parse or fails its tool's schema
-is decoded again under `ChoiceConstraint`, over every call on what the prompt shows (so a
-look-up is made, not an error message read back); and when the pass ends without a
-`<recommend>` list that is a permutation, the list is decoded once more under
-`PermutationConstraint`, in place of the broken one or after the text.
-`StudentAnswer.repaired_calls` (the calls as the student wrote them) and `repaired` say
-so. The parse (`parsed`, whose `well_formed` is the GRPO format reward) is taken before
-the ranking repair, and a pass with a repaired call is not well formed: the reward judges
-what the student wrote.
+With `student.constrain` (and a backend that masks tokens) the format's structure is
+decoded under masks and its content is left to the student:
+
+- the pass opens with `<plan>`; where the student's card lists `plan_choices` (the plans
+  its teacher's planner chose among) the plan is decoded as one of them, as the
+  teacher's was: a 135M student learns the plan's lines but not where the list ends,
+  and writes invented analysts until its budget runs out;
+- after the plan and after each tool response, what comes next is chosen among the parts
+  the format allows there (another tool call while under the cap, else the reflection),
+  so a student that has learned the parts but not their order stays in the format;
+- a tool call that does not parse, fails its tool's schema, or runs past the longest
+  runnable call is decoded again under `ChoiceConstraint`, over every call on what the
+  prompt shows (so a look-up is made, not an error message read back);
+- when the pass ends without a `<recommend>` list that is a permutation, the list is
+  decoded once more under `PermutationConstraint`, in place of the broken one or after
+  the text.
+
+`StudentAnswer.chosen_plan`, `repaired_calls` (the calls as the student wrote them) and
+`repaired` say what happened. The parse (`parsed`, whose `well_formed` is the GRPO format
+reward) is taken before the ranking repair, and a pass with a repaired call is not well
+formed: the reward judges what the student wrote; choices made under a mask are the
+student's own.
 
 Continuations go through `ChatModel.complete` on the text so far, so a backend without
 a KV cache re-reads the prompt each time: `prompt_tokens` counts what the backend
@@ -27,6 +39,7 @@ actually processed, summed over continuations.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from string import Template
 from typing import Any
@@ -49,6 +62,8 @@ from starrec.llm.base import (
 from starrec.trajectories.format import (
     PLAN,
     RECOMMEND,
+    REFLECTION,
+    SEPARATOR,
     STOP_STRINGS,
     TOOL_CALL,
     TOOL_RESPONSE,
@@ -88,6 +103,7 @@ class StudentAnswer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     segments: int = 0  # generation requests: 1 + one per answered tool call + one per repair
+    chosen_plan: bool = False  # the plan was decoded among the card's plan choices
     repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
     # broken tool calls (their content as written) decoded again under a choice mask
     repaired_calls: list[str] = field(default_factory=list)
@@ -101,11 +117,12 @@ class Student:
 
     def __init__(self, model: ChatModel, store: EvidenceStore,
                  fmt: StudentFormatConfig | None = None,
-                 config: StudentConfig | None = None) -> None:
+                 config: StudentConfig | None = None, plan_choices: Sequence[str] = ()) -> None:
         self.model = model
         self.store = store
         self.fmt = fmt or StudentFormatConfig()
         self.config = config or StudentConfig()
+        self.plan_choices = tuple(plan_choices)
 
     def shown(self, task: Task) -> Task:
         """The task as the model sees it: candidates in `format.candidate_order`."""
@@ -130,17 +147,27 @@ class Student:
         # an ablated student without tools gets no look-ups: its calls stay plain text
         stop = list(STOP_STRINGS) if self.fmt.tools else [close_tag(RECOMMEND)]
         refused = 0
-        remaining = self.config.max_new_tokens
         n = len(shown.candidates)
         constrain = self.config.constrain and self.model.supports(PermutationConstraint(n))
-        text = open_tag(PLAN) if constrain and self.fmt.plan else ""
+        # every runnable call on what the prompt shows: what a broken call is decoded again
+        # among, and, by its longest option, the length past which a call is broken
+        calls = self._call_options(shown, tools) if constrain and self.fmt.tools else ()
+        call_cap = ChoiceConstraint(calls).max_tokens + len(close_tag(TOOL_CALL))
+        text = self._open_plan(prompt, answer) if constrain and self.fmt.plan else ""
+        if answer.chosen_plan:
+            text += self._next_part(prompt, text, answer)
         while True:
+            # repairs and choices are the student's tokens too
+            remaining = self.config.max_new_tokens - answer.completion_tokens
             if remaining <= 0:
                 answer.stop = "length"
                 break
+            # a call that starts here may not ramble on (a 135M student can write an item id
+            # of 12,000,000,...): cut at the cap, it is decoded again as a broken one
+            limit = min(remaining, call_cap) if calls and text.endswith(open_tag(TOOL_CALL)) else remaining
             try:
                 completion = self.model.complete(
-                    prompt + text, max_tokens=remaining, temperature=self.config.temperature,
+                    prompt + text, max_tokens=limit, temperature=self.config.temperature,
                     stop=stop, seed=self.config.seed)
             except LLMError as error:
                 answer.stop, answer.error = "error", str(error)
@@ -148,10 +175,9 @@ class Student:
             answer.segments += 1
             answer.prompt_tokens += completion.prompt_tokens
             answer.completion_tokens += completion.completion_tokens
-            remaining -= completion.completion_tokens
             text += completion.text
             pending = pending_tag(text)
-            if completion.finish_reason == "length":
+            if completion.finish_reason == "length" and not (limit < remaining and pending == TOOL_CALL):
                 answer.stop = "length"
                 break
             if pending == RECOMMEND:
@@ -170,12 +196,13 @@ class Student:
                 response = Template(prompt_text("student_tool_limit.md").strip()).substitute(
                     limit=self.config.max_tool_calls)
             else:
-                if constrain and remaining > 0 and not self._runnable(call_content(text), tools):
-                    repaired = self._repair_call(prompt, text, shown, tools, answer)
-                    if repaired is not None:
-                        text, remaining = repaired[0], remaining - repaired[1].completion_tokens
+                if (constrain and answer.completion_tokens < self.config.max_new_tokens
+                        and not self._runnable(call_content(text), tools)):
+                    text = self._repair_call(prompt, text, calls, answer)
                 response = self._execute(text, tools, answer.tool_calls)
             text += wrap(TOOL_RESPONSE, response)
+            if constrain:
+                text += self._next_part(prompt, text, answer)
         answer.parsed = parse_student_output(text, n, plan=self.fmt.plan, tools=self.fmt.tools,
                                              reflection=self.fmt.reflection)
         if answer.repaired_calls:
@@ -193,6 +220,17 @@ class Student:
         answer.seconds = time.perf_counter() - started
         return answer
 
+    def _open_plan(self, prompt: str, answer: StudentAnswer) -> str:
+        """`<plan>`, followed by a whole plan chosen among `plan_choices` under a mask
+        where there are choices and the backend can enforce one; the plan is left to the
+        student if the backend fails or answers outside them."""
+        head = open_tag(PLAN)
+        plan = self._choose(prompt + head, self.plan_choices, answer)
+        if plan is None:
+            return head
+        answer.chosen_plan = True
+        return head + plan + close_tag(PLAN)
+
     def _repair_ranking(self, prompt: str, text: str, n: int, answer: StudentAnswer) -> str:
         """`text` with its `<recommend>` list (or, without one, a new one after the text)
         decoded under a permutation mask; unchanged if the backend fails. A part left
@@ -209,20 +247,42 @@ class Student:
         answer.repaired = True
         return head + completion.text + close_tag(RECOMMEND)
 
-    def _repair_call(self, prompt: str, text: str, shown: Task, tools: ToolExecutor,
-                     answer: StudentAnswer) -> tuple[str, Completion] | None:
+    def _next_part(self, prompt: str, text: str, answer: StudentAnswer) -> str:
+        """The opening of the part that follows `text` (which ends a plan or a tool
+        response), chosen among those the format allows there: a tool call while under
+        `max_tool_calls`, else the reflection (the ranking where the format has none). ""
+        with the budget spent, or where the backend cannot choose, fails or answers outside
+        them: the student then writes it."""
+        if answer.completion_tokens >= self.config.max_new_tokens:
+            return ""
+        allowed = ((TOOL_CALL, self.fmt.tools and len(answer.tool_calls) < self.config.max_tool_calls),
+                   (REFLECTION, self.fmt.reflection), (RECOMMEND, not self.fmt.reflection))
+        return self._choose(prompt + text, tuple(SEPARATOR + open_tag(tag)
+                                                 for tag, on in allowed if on), answer) or ""
+
+    def _repair_call(self, prompt: str, text: str, calls: tuple[str, ...],
+                     answer: StudentAnswer) -> str:
         """`text`, which ends with a broken tool call, with that call decoded again among
-        every runnable call on what the prompt shows, and the completion that did it; None
-        if the backend fails, cannot mask a choice, or answers outside the options."""
-        constraint = ChoiceConstraint(self._call_options(shown, tools))
-        if not constraint.options or not self.model.supports(constraint):
-            return None
+        `calls`, every runnable call on what the prompt shows; unchanged if the backend fails,
+        cannot mask a choice, or answers outside the options."""
         start = call_start(text)
-        completion = self._decode(prompt + text[:start], constraint, constraint.max_tokens, answer)
-        if completion is None or completion.text not in constraint.options:
-            return None
+        chosen = self._choose(prompt + text[:start], calls, answer)
+        if chosen is None:
+            return text
         answer.repaired_calls.append(call_content(text))
-        return text[:start] + completion.text + close_tag(TOOL_CALL), completion
+        return text[:start] + chosen + close_tag(TOOL_CALL)
+
+    def _choose(self, text: str, options: tuple[str, ...], answer: StudentAnswer) -> str | None:
+        """The continuation of `text` decoded under a mask among `options` (a single
+        option without decoding: there is nothing to choose); None where there are none,
+        the backend cannot mask them, fails, or answers outside them."""
+        constraint = ChoiceConstraint(options)
+        if not options or not self.model.supports(constraint):
+            return None
+        if len(options) == 1:
+            return options[0]
+        completion = self._decode(text, constraint, constraint.max_tokens, answer)
+        return completion.text if completion is not None and completion.text in options else None
 
     def _call_options(self, shown: Task, tools: ToolExecutor) -> tuple[str, ...]:
         """Calls on the items the prompt shows, written as training wrote them (default

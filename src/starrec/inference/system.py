@@ -41,6 +41,7 @@ class StarSystem:
                 "segments": answer.segments,
                 "repaired": answer.repaired,
                 "repaired_calls": answer.repaired_calls,
+                "chosen_plan": answer.chosen_plan,
             },
         )
 
@@ -57,4 +58,5 @@ def load_star_system(model: str | Path, store: EvidenceStore, config: StarConfig
                     "full format", model)
     fmt = card.format if card is not None else StudentFormatConfig()
     chat_model = load_chat_model(str(model), config.llm)
-    return StarSystem(Student(chat_model, store, fmt, config.student))
+    plans = card.plan_choices if card is not None else []
+    return StarSystem(Student(chat_model, store, fmt, config.student, plan_choices=plans))

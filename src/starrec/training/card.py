@@ -32,6 +32,9 @@ class ModelCard(BaseModel):
     format: StudentFormatConfig = StudentFormatConfig()
     lora: bool = False
     merged: bool = True  # False: the folder holds a LoRA adapter over base_model_path
+    # the plans its teacher's planner chose among (under mars.constrain), which inference
+    # decodes the student's <plan> among; empty when the teacher wrote free plans
+    plan_choices: list[str] = []
     data: dict[str, Any] = {}  # trajectory files, counts kept/dropped, examples, tokens
     training: dict[str, Any] = {}  # the settings used
     metrics: dict[str, Any] = {}  # steps, final train / eval loss, seconds

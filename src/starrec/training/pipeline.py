@@ -12,6 +12,7 @@ from pathlib import Path
 from accelerate import PartialState
 from datasets import Dataset as HFDataset
 
+from starrec.agents.choices import plan_options
 from starrec.config import StarConfig
 from starrec.data.schema import Dataset
 from starrec.data.splits import fit_interactions
@@ -36,6 +37,16 @@ def read_trajectories(paths: list[Path]) -> list[TeacherRun]:
     if not runs:
         raise ValueError(f"no teacher runs in {', '.join(map(str, paths))}")
     return runs
+
+
+def plan_choices(runs: list[TeacherRun]) -> list[str]:
+    """The plans the teachers of `runs` chose among, as the student format writes them:
+    every analyst set of each run's `mars.analysts`, when every run planned under
+    `mars.constrain`; none when a run's planner wrote freely (its student then does too)."""
+    settings = [run.config.get("mars", {}) for run in runs]
+    if not settings or not all(s.get("constrain") and s.get("analysts") for s in settings):
+        return []
+    return list(dict.fromkeys(plan for s in settings for plan in plan_options(s["analysts"])))
 
 
 def _encode(runs: list[TeacherRun], dataset: Dataset, tokenizer, cfg: StarConfig,
@@ -110,5 +121,6 @@ def sft_from_trajectories(
         "eval": asdict(eval_stats),
     }
     result = train_sft(settings.base_model, train, out, settings, eval_data=eval_data,
-                       resume=resume, data_info=data_info, show_progress=show_progress)
+                       resume=resume, data_info=data_info, show_progress=show_progress,
+                       plan_choices=plan_choices(kept) if settings.format.plan else [])
     return result, report

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,10 +177,11 @@ def train_sft(
     eval_data: Dataset | None = None,
     resume: bool = False,
     data_info: dict[str, Any] | None = None,
+    plan_choices: Sequence[str] = (),
     show_progress: bool = True,
 ) -> SFTResult:
     """Fine-tune `base_model` (a spec, see `resolve_base_model`) on `train` and write the
-    student model folder `out`."""
+    student model folder `out`; `plan_choices` go to its card (`ModelCard.plan_choices`)."""
     from trl import SFTTrainer
 
     started = time.perf_counter()
@@ -217,6 +219,7 @@ def train_sft(
         write_model_card(out, ModelCard(
             stage="sft", base_model=base_model, base_model_path=path, format=settings.format,
             lora=settings.lora, merged=merged or not settings.lora, data=data_info or {},
+            plan_choices=list(plan_choices),
             training=settings.model_dump(exclude={"format", "filter"}),
             metrics={"global_step": result.global_step, "resumed_from": result.resumed_from,
                      "train_loss": result.train_loss, "eval_loss": result.eval_loss,
