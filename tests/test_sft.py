@@ -139,6 +139,7 @@ def test_distill_sft_command(tiny_lm_dir, tmp_path):
         run.ranking_indices = order if k != 3 else list(range(20))  # u3: target at rank 4
         run.ranking = [run.task["candidates"][i] for i in run.ranking_indices]
         run.config["mars"].update(constrain=True, analysts=["recent", "long_term"])
+        run.plan = plan_options(["recent", "long_term"])[0]
         runs.append(run)
     trajectories = tmp_path / "runs.jsonl"
     trajectories.write_text("".join(r.to_json() + "\n" for r in runs))
@@ -181,11 +182,15 @@ def test_plan_choices_are_the_teachers_only_when_every_plan_was_chosen_under_a_m
     runs = [make_run(), make_run()]
     for run, analysts in zip(runs, (["recent"], ["recent", "divergence"])):
         run.config["mars"].update(constrain=True, analysts=analysts)
+        run.plan = plan_options(analysts)[-1]
     assert plan_choices(runs) == list(dict.fromkeys(
         plan_options(["recent"]) + plan_options(["recent", "divergence"])))
     assert len(plan_choices(runs)) == 3  # "recent" alone is one choice of both teachers
-    runs[1].config["mars"]["constrain"] = False  # a planner that wrote freely
-    assert plan_choices(runs) == [] and plan_choices([make_run()]) == []
+    assert plan_choices([make_run()]) == []  # no mars.constrain in its settings
+    runs[1].plan = "recent: what I like"  # set to constrain, but its backend could not mask
+    assert plan_choices(runs) == []
+    runs[1].plan, runs[1].config["mars"]["constrain"] = plan_options(["recent"])[0], False
+    assert plan_choices(runs) == []
 
 
 def test_learning_rate_defaults_by_kind_of_fine_tune():

@@ -22,6 +22,11 @@ def tool_call(name: str, **arguments) -> str:
     return f'<tool_call>{json.dumps({"name": name, "arguments": arguments})}</tool_call>'
 
 
+def opened(call: str) -> str:
+    """A tool call as the student writes it after a chosen `<tool_call>` opening."""
+    return call.removeprefix("<tool_call>")
+
+
 def order(first: list[int], n: int = 20) -> str:
     return "[" + ", ".join(map(str, first + [i for i in range(n) if i not in first])) + "]"
 
@@ -131,18 +136,23 @@ def test_constrained_pass_chooses_its_plan_among_the_card_choices(world):
     again = ScriptedModel([plans[1], "\n<reflection>", final], supports=masks)
     assert StarSystem(Student(again, store, plan_choices=plans)).recommend(task).details["chosen_plan"]
 
-    # no choices, no choice mask, an answer outside the choices or a failing backend:
-    # the student writes its own plan after <plan>, and what follows it
-    free = f"mine</plan>\n<reflection>{final}"
-    for script, kwargs, supports in (([free], {}, masks),
-                                     ([free], {"plan_choices": plans}, [PermutationConstraint]),
-                                     (["other", free], {"plan_choices": plans}, masks),
-                                     ([LLMError("down"), free], {"plan_choices": plans}, masks)):
+    # no choices, an answer outside them or a failing backend: the student writes its own
+    # plan after <plan>; it pauses at </plan> and what follows is chosen, as above.
+    # Without a choice mask the student writes all of it.
+    own = ["mine", "\n<reflection>", final]
+    for script, kwargs, supports in ((own, {}, masks),
+                                     (["other", *own], {"plan_choices": plans}, masks),
+                                     ([LLMError("down"), *own], {"plan_choices": plans}, masks),
+                                     ([f"mine</plan>\n<reflection>{final}"], {"plan_choices": plans},
+                                      [PermutationConstraint])):
         model = ScriptedModel(script, supports=supports)
         answer = Student(model, store, **kwargs).answer(task)
-        assert not answer.chosen_plan and answer.text == f"<plan>{free}"
-        assert model.calls[-1].messages[-1]["content"].endswith("<plan>")
-        assert model.calls[-1].kwargs["constraint"] is None
+        assert not answer.chosen_plan and answer.text == f"<plan>mine</plan>\n<reflection>{final}"
+        plan = next(call for call in model.calls if call.text.startswith("mine"))
+        assert plan.messages[-1]["content"].endswith("<plan>") and plan.kwargs["constraint"] is None
+        assert ("</plan>" in plan.kwargs["stop"]) == (ChoiceConstraint in supports)
+        if ChoiceConstraint in supports:
+            assert model.calls[-2].kwargs["constraint"].options == ("\n<tool_call>", "\n<reflection>")
 
 
 def test_constrained_pass_chooses_each_next_part_within_the_tool_cap(world):
@@ -171,8 +181,16 @@ def test_constrained_pass_chooses_each_next_part_within_the_tool_cap(world):
     model = ScriptedModel([plans[0], "\n<tool_call>", call, f"{order([1])}</recommend>"],
                           supports=[PermutationConstraint, ChoiceConstraint])
     answer = Student(model, store, fmt, StudentConfig(max_tool_calls=1), plan_choices=plans).answer(task)
+    assert model.calls[1].kwargs["constraint"].options == ("\n<tool_call>", "\n<recommend>")
     assert model.calls[-1].messages[-1]["content"].endswith("</tool_response>\n<recommend>")
     assert answer.parsed.well_formed and answer.stop == "recommend"
+    # a call after the reflection: the ranking is all that may follow, never a second one
+    model = ScriptedModel([plans[0], "\n<reflection>", f"r</reflection>\n<tool_call>{call}",
+                           f"{order([1])}</recommend>"],
+                          supports=[PermutationConstraint, ChoiceConstraint])
+    answer = Student(model, store, plan_choices=plans).answer(task)
+    assert answer.text.count("<reflection>") == 1 and len(model.calls) == 4
+    assert model.calls[-1].messages[-1]["content"].endswith("</tool_response>\n<recommend>")
 
 
 def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(world):
@@ -182,11 +200,12 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     chosen = tool_call_json("item_neighbours", {"k": 5, "item_id": last})  # as training wrote it
     part, final = "\n<reflection>", f"r</reflection>\n<recommend>{order([5, 2])}</recommend>"
     # the placeholder a weak student copies from its prompt's format description
-    model = ScriptedModel(['look</plan>\n<tool_call>{"name": "TOOL", "arguments": {...}}',
-                           chosen, part, final], supports=[PermutationConstraint, ChoiceConstraint])
+    broken = '{"name": "TOOL", "arguments": {...}}'
+    script = ["look", "\n<tool_call>", broken, chosen, part, final]
+    model = ScriptedModel(list(script), supports=[PermutationConstraint, ChoiceConstraint])
     student = Student(model, store)
     answer = student.answer(task)
-    repair = model.calls[1]
+    repair = model.calls[3]
     options = repair.kwargs["constraint"].options
     assert chosen in options and len(options) == len(set(options)) > 5
     executor = ToolExecutor(store, student.shown(task))
@@ -195,18 +214,16 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
         assert executor.arguments_for(name, arguments) == arguments
     assert repair.messages[-1]["content"].endswith("<plan>look</plan>\n<tool_call>")
     expected = executor.call("item_neighbours", {"item_id": last}).text
-    assert model.calls[2].messages[-1]["content"].endswith(
+    assert model.calls[4].messages[-1]["content"].endswith(
         f"<tool_call>{chosen}</tool_call><tool_response>{expected}</tool_response>")
-    broken = '{"name": "TOOL", "arguments": {...}}'
     assert "TOOL" not in answer.text and answer.repaired_calls == [broken] and not answer.repaired
     assert [(c.name, c.ok) for c in answer.tool_calls] == [("item_neighbours", True)]
-    assert answer.segments == 4 and answer.completed.valid
+    assert answer.segments == 6 and answer.completed.valid
     # the budget goes on after the repair's tokens; the pass is not the student's own form
-    assert model.calls[3].kwargs["max_tokens"] == 768 - sum(
-        len(call.text) // 4 + 1 for call in model.calls[:3])
+    assert model.calls[5].kwargs["max_tokens"] == 768 - sum(
+        len(call.text) // 4 + 1 for call in model.calls[:5])
     assert not answer.parsed.well_formed and broken in answer.parsed.errors[-1]
-    again = ScriptedModel([model.calls[0].text, chosen, part, final],
-                          supports=[PermutationConstraint, ChoiceConstraint])
+    again = ScriptedModel(list(script), supports=[PermutationConstraint, ChoiceConstraint])
     assert StarSystem(Student(again, store)).recommend(task).details["repaired_calls"] == [broken]
 
     # a call the schema rejects is decoded again; an unknown item is the tool's to answer;
@@ -216,9 +233,9 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     for call, masks, repaired in ((bad_k, [PermutationConstraint, ChoiceConstraint], 1),
                                   (unknown, [PermutationConstraint, ChoiceConstraint], 0),
                                   (bad_k, [PermutationConstraint], 0)):
-        choosing = ChoiceConstraint in masks  # the part after the response is chosen too
-        script = (["p</plan>\n" + call] + [chosen] * repaired
-                  + ([part, final] if choosing else [part + final]))
+        # with a choice mask the parts after the plan and the response are chosen too
+        script = (["p", "\n<tool_call>", opened(call)] + [chosen] * repaired + [part, final]
+                  if ChoiceConstraint in masks else ["p</plan>\n" + call, part + final])
         answer = Student(ScriptedModel(script, supports=masks), store).answer(task)
         assert len(answer.repaired_calls) == repaired and answer.completed.valid
         assert ("<tool_response>Error:" in answer.text) == (not repaired)
@@ -227,12 +244,14 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     # leaves the call as written; with the budget spent nothing is decoded again
     masks = [PermutationConstraint, ChoiceConstraint]
     for reply in ("not a call", LLMError("timeout")):
-        model = ScriptedModel(["p</plan>\n" + bad_k, reply, part, final], supports=masks)
+        model = ScriptedModel(["p", "\n<tool_call>", opened(bad_k), reply, part, final],
+                              supports=masks)
         answer = Student(model, store).answer(task)
         assert not answer.repaired_calls and "<tool_response>Error: invalid k" in answer.text
         assert answer.completed.valid and answer.error == (None if reply == "not a call" else "timeout")
-    model = ScriptedModel(["p</plan>\n" + bad_k, order([5])], supports=masks)
-    answer = Student(model, store, config=StudentConfig(max_new_tokens=1)).answer(task)
+    model = ScriptedModel([bad_k, order([5])], supports=masks)
+    answer = Student(model, store, StudentFormatConfig(plan=False),
+                     StudentConfig(max_new_tokens=1)).answer(task)
     assert not answer.repaired_calls and answer.stop == "length" and answer.repaired
     assert model.calls[1].kwargs["constraint"] == PermutationConstraint(20)
 
@@ -260,6 +279,13 @@ def test_a_rambling_tool_call_is_cut_at_the_longest_runnable_call_and_decoded_ag
     answer = Student(model, store, plan_choices=plans).answer(task)
     assert not answer.repaired_calls and answer.parsed.well_formed
     assert model.calls[4].kwargs["max_tokens"] > cap
+    # a call cut by the pass's budget, not the cap, ends the pass: nothing is looked up
+    model = ScriptedModel([plans[0], "\n<tool_call>", rambling, order([3])],
+                          supports=[PermutationConstraint, ChoiceConstraint], honour_max_tokens=True)
+    answer = Student(model, store, config=StudentConfig(max_new_tokens=40), plan_choices=plans).answer(task)
+    assert model.calls[2].kwargs["max_tokens"] < cap and model.calls[2].text != rambling
+    assert answer.stop == "length" and not answer.tool_calls and "<tool_response>" not in answer.text
+    assert answer.repaired and answer.completed.valid
 
 
 def test_call_options_leave_out_what_a_schema_rejects(world):

@@ -207,10 +207,12 @@ class StudentConfig(Strict):
     max_new_tokens: int = 768
     temperature: float = 0.0
     seed: int | None = None
-    # where the backend can: the pass opens with <plan> (the plan itself chosen among the
-    # card's plan_choices, the plans its teacher chose among), a tool call that does not parse or
-    # fails its schema is decoded again among the runnable calls, and a <recommend> list
-    # that is not a permutation (or none at all) is decoded again as one
+    # where the backend can, the format's structure is decoded under masks (see
+    # inference/student.py): the plan among the card's plan_choices (the plans its teacher
+    # chose among), the part after the plan and after each tool response among those the
+    # format allows there; a tool call that does not parse, fails its schema or rambles
+    # past any runnable call is decoded again among the runnable calls, and a <recommend>
+    # list that is not a permutation (or none at all) is decoded again as one
     constrain: bool = True
 
 

@@ -14,13 +14,16 @@ decoded under masks and its content is left to the student:
 - the pass opens with `<plan>`; where the student's card lists `plan_choices` (the plans
   its teacher's planner chose among) the plan is decoded as one of them, as the
   teacher's was: a 135M student learns the plan's lines but not where the list ends,
-  and writes invented analysts until its budget runs out;
+  and writes invented analysts until its budget runs out. A plan of its own pauses at
+  `</plan>`;
 - after the plan and after each tool response, what comes next is chosen among the parts
-  the format allows there (another tool call while under the cap, else the reflection),
-  so a student that has learned the parts but not their order stays in the format;
-- a tool call that does not parse, fails its tool's schema, or runs past the longest
-  runnable call is decoded again under `ChoiceConstraint`, over every call on what the
-  prompt shows (so a look-up is made, not an error message read back);
+  the format allows there (a tool call while under the cap, or the reflection; after a
+  reflection, or in a format without one, the ranking), so a student that has learned
+  the parts but not their order stays in the format;
+- a tool call that does not parse or fails its tool's schema is decoded again under
+  `ChoiceConstraint`, over every call on what the prompt shows (so a look-up is made,
+  not an error message read back); so is a call opened by a choice that runs past a
+  bound no runnable call reaches (the longest one's bytes);
 - when the pass ends without a `<recommend>` list that is a permutation, the list is
   decoded once more under `PermutationConstraint`, in place of the broken one or after
   the text.
@@ -29,7 +32,8 @@ decoded under masks and its content is left to the student:
 `repaired` say what happened. The parse (`parsed`, whose `well_formed` is the GRPO format
 reward) is taken before the ranking repair, and a pass with a repaired call is not well
 formed: the reward judges what the student wrote; choices made under a mask are the
-student's own.
+student's own. Choices and repairs count in the token budget; one under way may finish
+past it, and they are sampled as the pass is (`student.temperature`).
 
 Continuations go through `ChatModel.complete` on the text so far, so a backend without
 a KV cache re-reads the prompt each time: `prompt_tokens` counts what the backend
@@ -73,6 +77,7 @@ from starrec.trajectories.format import (
     parse_student_output,
     parse_tool_call,
     pending_tag,
+    tags_written,
     tool_call_json,
     wrap,
 )
@@ -102,8 +107,8 @@ class StudentAnswer:
     tool_calls: list[ExecutedCall] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    segments: int = 0  # generation requests: 1 + one per answered tool call + one per repair
-    chosen_plan: bool = False  # the plan was decoded among the card's plan choices
+    segments: int = 0  # generation requests: free continuations, choices and repairs decoded
+    chosen_plan: bool = False  # the plan is one of the card's plan choices, taken under a mask
     repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
     # broken tool calls (their content as written) decoded again under a choice mask
     repaired_calls: list[str] = field(default_factory=list)
@@ -150,36 +155,38 @@ class Student:
         n = len(shown.candidates)
         constrain = self.config.constrain and self.model.supports(PermutationConstraint(n))
         # every runnable call on what the prompt shows: what a broken call is decoded again
-        # among, and, by its longest option, the length past which a call is broken
-        calls = self._call_options(shown, tools) if constrain and self.fmt.tools else ()
+        # among, and, by its longest option, a bound past which a call cannot be runnable
+        # (the option's bytes, each at least one token)
+        choosing = constrain and self.model.supports(ChoiceConstraint(()))
+        calls = self._call_options(shown, tools) if choosing and self.fmt.tools else ()
         call_cap = ChoiceConstraint(calls).max_tokens + len(close_tag(TOOL_CALL))
         text = self._open_plan(prompt, answer) if constrain and self.fmt.plan else ""
         if answer.chosen_plan:
             text += self._next_part(prompt, text, answer)
         while True:
-            # repairs and choices are the student's tokens too
-            remaining = self.config.max_new_tokens - answer.completion_tokens
+            remaining = self._left(answer)
             if remaining <= 0:
                 answer.stop = "length"
                 break
-            # a call that starts here may not ramble on (a 135M student can write an item id
-            # of 12,000,000,...): cut at the cap, it is decoded again as a broken one
+            # a call opened by a choice may not ramble on (a 135M student can write an item
+            # id of 12,000,000,...): cut at the bound, it is decoded again as a broken one
             limit = min(remaining, call_cap) if calls and text.endswith(open_tag(TOOL_CALL)) else remaining
-            try:
-                completion = self.model.complete(
-                    prompt + text, max_tokens=limit, temperature=self.config.temperature,
-                    stop=stop, seed=self.config.seed)
-            except LLMError as error:
-                answer.stop, answer.error = "error", str(error)
+            # a plan of the student's own pauses at its end, so what follows is chosen too
+            own_plan = choosing and pending_tag(text) == PLAN
+            completion = self._decode(prompt + text, None, limit, answer,
+                                      stop=stop + [close_tag(PLAN)] if own_plan else stop)
+            if completion is None:
+                answer.stop = "error"
                 break
-            answer.segments += 1
-            answer.prompt_tokens += completion.prompt_tokens
-            answer.completion_tokens += completion.completion_tokens
             text += completion.text
             pending = pending_tag(text)
             if completion.finish_reason == "length" and not (limit < remaining and pending == TOOL_CALL):
                 answer.stop = "length"
                 break
+            if own_plan and pending == PLAN:
+                text += "" if text.endswith(close_tag(PLAN)) else close_tag(PLAN)
+                text += self._next_part(prompt, text, answer)
+                continue
             if pending == RECOMMEND:
                 text += "" if text.endswith(close_tag(RECOMMEND)) else close_tag(RECOMMEND)
                 answer.stop = "recommend"
@@ -196,8 +203,7 @@ class Student:
                 response = Template(prompt_text("student_tool_limit.md").strip()).substitute(
                     limit=self.config.max_tool_calls)
             else:
-                if (constrain and answer.completion_tokens < self.config.max_new_tokens
-                        and not self._runnable(call_content(text), tools)):
+                if constrain and self._left(answer) > 0 and not self._runnable(call_content(text), tools):
                     text = self._repair_call(prompt, text, calls, answer)
                 response = self._execute(text, tools, answer.tool_calls)
             text += wrap(TOOL_RESPONSE, response)
@@ -249,12 +255,15 @@ class Student:
 
     def _next_part(self, prompt: str, text: str, answer: StudentAnswer) -> str:
         """The opening of the part that follows `text` (which ends a plan or a tool
-        response), chosen among those the format allows there: a tool call while under
-        `max_tool_calls`, else the reflection (the ranking where the format has none). ""
-        with the budget spent, or where the backend cannot choose, fails or answers outside
-        them: the student then writes it."""
-        if answer.completion_tokens >= self.config.max_new_tokens:
+        response), chosen among those the format allows there: a tool call (while under
+        `max_tool_calls`) or the reflection, the ranking where the format has no
+        reflection; after a reflection (a call the student wrote past it) only the
+        ranking. "" with the budget spent, or where the backend cannot choose, fails or
+        answers outside them: the student then writes it."""
+        if self._left(answer) <= 0:
             return ""
+        if REFLECTION in tags_written(text):
+            return self._choose(prompt + text, (SEPARATOR + open_tag(RECOMMEND),), answer) or ""
         allowed = ((TOOL_CALL, self.fmt.tools and len(answer.tool_calls) < self.config.max_tool_calls),
                    (REFLECTION, self.fmt.reflection), (RECOMMEND, not self.fmt.reflection))
         return self._choose(prompt + text, tuple(SEPARATOR + open_tag(tag)
@@ -297,12 +306,19 @@ class Student:
                 continue
         return tuple(options)
 
-    def _decode(self, text: str, constraint: Constraint, max_tokens: int,
-                answer: StudentAnswer) -> Completion | None:
-        """One masked continuation of `text`, counted in `answer`; None (the error kept in
-        `answer.error`) if the backend fails."""
+    def _left(self, answer: StudentAnswer) -> int:
+        """Tokens left of the pass's budget: choices and repairs are the student's tokens
+        too (one under way may finish past the budget)."""
+        return self.config.max_new_tokens - answer.completion_tokens
+
+    def _decode(self, text: str, constraint: Constraint | None, max_tokens: int,
+                answer: StudentAnswer, stop: list[str] | None = None) -> Completion | None:
+        """One continuation of `text` (masked by `constraint`, sampled as the pass is),
+        counted in `answer`; None (the error kept in `answer.error`) if the backend fails."""
         try:
-            completion = self.model.complete(text, max_tokens=max_tokens, constraint=constraint)
+            completion = self.model.complete(
+                text, max_tokens=max_tokens, temperature=self.config.temperature, stop=stop,
+                constraint=constraint, seed=self.config.seed)
         except LLMError as error:
             answer.error = str(error)
             return None

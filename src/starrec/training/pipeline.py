@@ -20,7 +20,7 @@ from starrec.trajectories.dataset import ExportStats, build_dataset
 from starrec.trajectories.filters import FilterReport, filter_runs, holdout_tasks
 from starrec.trajectories.recorder import read_runs
 from starrec.trajectories.schema import TeacherRun
-from starrec.trajectories.serialize import serialize_run
+from starrec.trajectories.serialize import serialize_run, strip_tags
 from starrec.training.sft import (
     SFTResult,
     load_tokenizer,
@@ -42,11 +42,17 @@ def read_trajectories(paths: list[Path]) -> list[TeacherRun]:
 def plan_choices(runs: list[TeacherRun]) -> list[str]:
     """The plans the teachers of `runs` chose among, as the student format writes them:
     every analyst set of each run's `mars.analysts`, when every run planned under
-    `mars.constrain`; none when a run's planner wrote freely (its student then does too)."""
-    settings = [run.config.get("mars", {}) for run in runs]
-    if not settings or not all(s.get("constrain") and s.get("analysts") for s in settings):
-        return []
-    return list(dict.fromkeys(plan for s in settings for plan in plan_options(s["analysts"])))
+    `mars.constrain` and wrote one of them; none when a planner wrote freely (its
+    student then does too), as one on a server without guided decoding does whatever the
+    setting says."""
+    options: dict[str, None] = {}
+    for run in runs:
+        settings = run.config.get("mars", {})
+        mine = plan_options(settings.get("analysts") or [])
+        if not (settings.get("constrain") and strip_tags(run.plan) in mine):
+            return []
+        options.update(dict.fromkeys(mine))
+    return list(options)
 
 
 def _encode(runs: list[TeacherRun], dataset: Dataset, tokenizer, cfg: StarConfig,

@@ -261,6 +261,12 @@ def tool_response_spans(text: str) -> list[tuple[int, int]]:
     return [(s.start, s.end) for s in _segments(text)[0] if s.tag == TOOL_RESPONSE]
 
 
+def tags_written(text: str) -> list[str]:
+    """The tags of the parts in `text`, in order (a tool response quoting a tag counts
+    as the response only)."""
+    return [segment.tag for segment in _segments(text)[0]]
+
+
 def pending_tag(text: str) -> str | None:
     """The tag a generation stopped in: the last part when it is still open (a backend
     that cuts the stop string) or closes exactly at the end (one that keeps it)."""
