@@ -35,9 +35,10 @@ formed: the reward judges what the student wrote; choices made under a mask are 
 student's own. Choices and repairs count in the token budget; one under way may finish
 past it, and they are sampled as the pass is (`student.temperature`).
 
-Continuations go through `ChatModel.complete` on the text so far, so a backend without
-a KV cache re-reads the prompt each time: `prompt_tokens` counts what the backend
-actually processed, summed over continuations.
+Continuations go through `ChatModel.complete` on the text so far: `prompt_tokens` sums
+the prompt each continuation sends, as the backend reports it. An engine that keeps its
+KV cache (llama.cpp in process, vLLM and SGLang with prefix caching) computes only what
+is new since the last one; one without re-reads it all.
 """
 
 from __future__ import annotations
