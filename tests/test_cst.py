@@ -165,6 +165,11 @@ def test_executor_returns_errors_never_raises(tiny, tmp_path):
     ok = tools.call("item_neighbours", {"item_id": tasks[0].history[-1], "k": 2})
     assert ok.ok and ok.text.count("\n") <= 1 and "users who consumed" in ok.text
     assert tools.stats.calls["item_neighbours"] == 6
+    # the ids a call names that the store does not hold, found before it runs
+    known = tasks[0].history[-1]
+    assert tools.unknown_items({"item_id": "zzz", "k": 5}) == ["zzz"]
+    assert tools.unknown_items({"item_ids": [known, "i39999", "zzz"]}) == ["i39999", "zzz"]
+    assert tools.unknown_items({"item_id": known}) == [] == tools.unknown_items({"recent": 3})
 
 
 def test_numeric_ids_are_accepted(tmp_path):

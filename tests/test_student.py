@@ -27,6 +27,14 @@ def opened(call: str) -> str:
     return call.removeprefix("<tool_call>")
 
 
+def paused(text: str) -> list[str]:
+    """`reflection</reflection>\n<recommend>list</recommend>` as a student under masks
+    writes it: the reflection pauses at its end and the ranking's opening follows
+    without a decode, so two continuations."""
+    reflection, ranking = text.split("</reflection>\n<recommend>")
+    return [reflection, ranking]
+
+
 def order(first: list[int], n: int = 20) -> str:
     return "[" + ", ".join(map(str, first + [i for i in range(n) if i not in first])) + "]"
 
@@ -120,9 +128,9 @@ def test_constrained_pass_chooses_its_plan_among_the_card_choices(world):
     plans = ("recent: the latest items\nlong_term: lasting interests", "recent: the latest items")
     final = f"r</reflection>\n<recommend>{order([2])}</recommend>"
     masks = [PermutationConstraint, ChoiceConstraint]
-    model = ScriptedModel([plans[1], "\n<reflection>", final], supports=masks)
+    model = ScriptedModel([plans[1], "\n<reflection>", *paused(final)], supports=masks)
     answer = Student(model, store, plan_choices=plans).answer(task)
-    choice, part, rest = model.calls
+    choice, part, rest, ranking = model.calls
     assert choice.kwargs["constraint"] == ChoiceConstraint(plans)
     assert choice.messages[-1]["content"].endswith("<|im_start|>assistant\n<plan>")
     # what follows the closed plan is chosen among the parts the format allows there
@@ -132,14 +140,17 @@ def test_constrained_pass_chooses_its_plan_among_the_card_choices(world):
     assert rest.messages[-1]["content"].endswith(f"<plan>{plans[1]}</plan>\n<reflection>")
     assert rest.kwargs["max_tokens"] == 768 - (len(plans[1]) // 4 + 1) - (len("\n<reflection>") // 4 + 1)
     assert answer.chosen_plan and answer.parsed.well_formed and not answer.repaired
-    assert answer.text == f"<plan>{plans[1]}</plan>\n<reflection>{final}" and answer.segments == 3
-    again = ScriptedModel([plans[1], "\n<reflection>", final], supports=masks)
+    assert answer.text == f"<plan>{plans[1]}</plan>\n<reflection>{final}" and answer.segments == 4
+    # the reflection pauses at its end: only the ranking may follow, with nothing to choose
+    assert "</reflection>" in rest.kwargs["stop"] and ranking.kwargs["constraint"] is None
+    assert ranking.messages[-1]["content"].endswith("r</reflection>\n<recommend>")
+    again = ScriptedModel([plans[1], "\n<reflection>", *paused(final)], supports=masks)
     assert StarSystem(Student(again, store, plan_choices=plans)).recommend(task).details["chosen_plan"]
 
     # no choices, an answer outside them or a failing backend: the student writes its own
     # plan after <plan>; it pauses at </plan> and what follows is chosen, as above.
     # Without a choice mask the student writes all of it.
-    own = ["mine", "\n<reflection>", final]
+    own = ["mine", "\n<reflection>", *paused(final)]
     for script, kwargs, supports in ((own, {}, masks),
                                      (["other", *own], {"plan_choices": plans}, masks),
                                      ([LLMError("down"), *own], {"plan_choices": plans}, masks),
@@ -152,7 +163,7 @@ def test_constrained_pass_chooses_its_plan_among_the_card_choices(world):
         assert plan.messages[-1]["content"].endswith("<plan>") and plan.kwargs["constraint"] is None
         assert ("</plan>" in plan.kwargs["stop"]) == (ChoiceConstraint in supports)
         if ChoiceConstraint in supports:
-            assert model.calls[-2].kwargs["constraint"].options == ("\n<tool_call>", "\n<reflection>")
+            assert model.calls[-3].kwargs["constraint"].options == ("\n<tool_call>", "\n<reflection>")
 
 
 def test_constrained_pass_chooses_each_next_part_within_the_tool_cap(world):
@@ -161,20 +172,20 @@ def test_constrained_pass_chooses_each_next_part_within_the_tool_cap(world):
     call = tool_call_json("item_neighbours", {"k": 5, "item_id": task.history[-1]})
     final = f"r</reflection>\n<recommend>{order([1])}</recommend>"
     plans = ("recent: the latest items", "long_term: lasting interests")
-    model = ScriptedModel([plans[0], "\n<tool_call>", call, "\n<tool_call>", call, final],
+    model = ScriptedModel([plans[0], "\n<tool_call>", call, "\n<tool_call>", call, *paused(final)],
                           supports=[PermutationConstraint, ChoiceConstraint])
     student = Student(model, store, config=StudentConfig(max_tool_calls=2), plan_choices=plans)
     answer = student.answer(task)
     both = ChoiceConstraint(("\n<tool_call>", "\n<reflection>"))
     assert [c.kwargs["constraint"] for c in model.calls] == [
-        ChoiceConstraint(plans), both, None, both, None, None]
+        ChoiceConstraint(plans), both, None, both, None, None, None]
     # at the cap the reflection is the only part left: it follows without a decode
     response = ToolExecutor(store, student.shown(task)).call(
         "item_neighbours", {"item_id": task.history[-1]}).text
     looked_up = f"\n<tool_call>{call}</tool_call><tool_response>{response}</tool_response>"
-    assert model.calls[-1].messages[-1]["content"].endswith(f"{looked_up}\n<reflection>")
+    assert model.calls[-2].messages[-1]["content"].endswith(f"{looked_up}\n<reflection>")
     assert answer.text == f"<plan>{plans[0]}</plan>{looked_up * 2}\n<reflection>{final}"
-    assert answer.parsed.well_formed and answer.completed.valid and answer.segments == 6
+    assert answer.parsed.well_formed and answer.completed.valid and answer.segments == 7
     assert [c.name for c in answer.tool_calls] == ["item_neighbours"] * 2
     # a format without a reflection goes from the last response to the ranking
     fmt = StudentFormatConfig(reflection=False)
@@ -184,12 +195,14 @@ def test_constrained_pass_chooses_each_next_part_within_the_tool_cap(world):
     assert model.calls[1].kwargs["constraint"].options == ("\n<tool_call>", "\n<recommend>")
     assert model.calls[-1].messages[-1]["content"].endswith("</tool_response>\n<recommend>")
     assert answer.parsed.well_formed and answer.stop == "recommend"
-    # a call after the reflection: the ranking is all that may follow, never a second one
-    model = ScriptedModel([plans[0], "\n<reflection>", f"r</reflection>\n<tool_call>{call}",
+    # a call the student wrote after its reflection (a choice failed, so it wrote on):
+    # the ranking is all that may follow, never a second reflection
+    model = ScriptedModel([plans[0], LLMError("busy"), f"\n<reflection>r</reflection>\n<tool_call>{call}",
                            f"{order([1])}</recommend>"],
                           supports=[PermutationConstraint, ChoiceConstraint])
     answer = Student(model, store, plan_choices=plans).answer(task)
     assert answer.text.count("<reflection>") == 1 and len(model.calls) == 4
+    assert [c.name for c in answer.tool_calls] == ["item_neighbours"]
     assert model.calls[-1].messages[-1]["content"].endswith("</tool_response>\n<recommend>")
 
 
@@ -201,7 +214,7 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     part, final = "\n<reflection>", f"r</reflection>\n<recommend>{order([5, 2])}</recommend>"
     # the placeholder a weak student copies from its prompt's format description
     broken = '{"name": "TOOL", "arguments": {...}}'
-    script = ["look", "\n<tool_call>", broken, chosen, part, final]
+    script = ["look", "\n<tool_call>", broken, chosen, part, *paused(final)]
     model = ScriptedModel(list(script), supports=[PermutationConstraint, ChoiceConstraint])
     student = Student(model, store)
     answer = student.answer(task)
@@ -218,7 +231,7 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
         f"<tool_call>{chosen}</tool_call><tool_response>{expected}</tool_response>")
     assert "TOOL" not in answer.text and answer.repaired_calls == [broken] and not answer.repaired
     assert [(c.name, c.ok) for c in answer.tool_calls] == [("item_neighbours", True)]
-    assert answer.segments == 6 and answer.completed.valid
+    assert answer.segments == 7 and answer.completed.valid
     # the budget goes on after the repair's tokens; the pass is not the student's own form
     assert model.calls[5].kwargs["max_tokens"] == 768 - sum(
         len(call.text) // 4 + 1 for call in model.calls[:5])
@@ -226,15 +239,16 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     again = ScriptedModel(list(script), supports=[PermutationConstraint, ChoiceConstraint])
     assert StarSystem(Student(again, store)).recommend(task).details["repaired_calls"] == [broken]
 
-    # a call the schema rejects is decoded again; an unknown item is the tool's to answer;
-    # a backend that cannot mask a choice reads the error back
+    # a call the schema rejects, or on an item that does not exist, is decoded again; a
+    # backend that cannot mask a choice reads the error back
     bad_k = tool_call("item_neighbours", item_id=last, k="many")
-    unknown = tool_call("item_neighbours", item_id="nope")
+    unknown = tool_call("item_neighbours", item_id="12345")
     for call, masks, repaired in ((bad_k, [PermutationConstraint, ChoiceConstraint], 1),
-                                  (unknown, [PermutationConstraint, ChoiceConstraint], 0),
-                                  (bad_k, [PermutationConstraint], 0)):
+                                  (unknown, [PermutationConstraint, ChoiceConstraint], 1),
+                                  (bad_k, [PermutationConstraint], 0),
+                                  (unknown, [PermutationConstraint], 0)):
         # with a choice mask the parts after the plan and the response are chosen too
-        script = (["p", "\n<tool_call>", opened(call)] + [chosen] * repaired + [part, final]
+        script = (["p", "\n<tool_call>", opened(call)] + [chosen] * repaired + [part, *paused(final)]
                   if ChoiceConstraint in masks else ["p</plan>\n" + call, part + final])
         answer = Student(ScriptedModel(script, supports=masks), store).answer(task)
         assert len(answer.repaired_calls) == repaired and answer.completed.valid
@@ -244,7 +258,7 @@ def test_constrained_pass_decodes_a_broken_tool_call_again_among_runnable_calls(
     # leaves the call as written; with the budget spent nothing is decoded again
     masks = [PermutationConstraint, ChoiceConstraint]
     for reply in ("not a call", LLMError("timeout")):
-        model = ScriptedModel(["p", "\n<tool_call>", opened(bad_k), reply, part, final],
+        model = ScriptedModel(["p", "\n<tool_call>", opened(bad_k), reply, part, *paused(final)],
                               supports=masks)
         answer = Student(model, store).answer(task)
         assert not answer.repaired_calls and "<tool_response>Error: invalid k" in answer.text
@@ -263,7 +277,7 @@ def test_a_rambling_tool_call_is_cut_at_the_longest_runnable_call_and_decoded_ag
     rambling = '{"name": "item_neighbours", "arguments": {"k": 5, "item_id": "12' + ",000" * 500
     final = f"r</reflection>\n<recommend>{order([3])}</recommend>"
     plans = ("recent: the latest items", "long_term: lasting interests")
-    model = ScriptedModel([plans[0], "\n<tool_call>", rambling, chosen, "\n<reflection>", final],
+    model = ScriptedModel([plans[0], "\n<tool_call>", rambling, chosen, "\n<reflection>", *paused(final)],
                           supports=[PermutationConstraint, ChoiceConstraint], honour_max_tokens=True)
     answer = Student(model, store, plan_choices=plans).answer(task)
     cut, repair = model.calls[2], model.calls[3]
@@ -274,7 +288,7 @@ def test_a_rambling_tool_call_is_cut_at_the_longest_runnable_call_and_decoded_ag
     assert [(c.name, c.ok) for c in answer.tool_calls] == [("item_neighbours", True)]
     assert answer.stop == "recommend" and answer.completed.valid and not answer.repaired
     # a call that fits the cap runs as written; the rest of the budget is uncapped
-    model = ScriptedModel([plans[0], "\n<tool_call>", chosen, "\n<reflection>", final],
+    model = ScriptedModel([plans[0], "\n<tool_call>", chosen, "\n<reflection>", *paused(final)],
                           supports=[PermutationConstraint, ChoiceConstraint], honour_max_tokens=True)
     answer = Student(model, store, plan_choices=plans).answer(task)
     assert not answer.repaired_calls and answer.parsed.well_formed

@@ -160,6 +160,13 @@ class ToolExecutor:
         defaults = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
         return {**defaults, **arguments}
 
+    def unknown_items(self, arguments: dict[str, Any]) -> list[str]:
+        """The item ids in `arguments` (as `arguments_for` returns them) that the store
+        does not hold: the call would only return an error."""
+        ids = [arguments[key] for key in ("item_id",) if key in arguments]
+        ids += [i for key in ITEM_LIST_FIELDS for i in arguments.get(key) or []]
+        return [i for i in ids if i not in self.store.items.index]
+
     def _item(self, item: str) -> str:
         if item not in self.store.items.index:
             raise ToolError(render("unknown_item", item=item))

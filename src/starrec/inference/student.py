@@ -14,16 +14,18 @@ decoded under masks and its content is left to the student:
 - the pass opens with `<plan>`; where the student's card lists `plan_choices` (the plans
   its teacher's planner chose among) the plan is decoded as one of them, as the
   teacher's was: a 135M student learns the plan's lines but not where the list ends,
-  and writes invented analysts until its budget runs out. A plan of its own pauses at
-  `</plan>`;
+  and writes invented analysts until its budget runs out. A plan of its own and the
+  reflection pause at their closing tag;
 - after the plan and after each tool response, what comes next is chosen among the parts
   the format allows there (a tool call while under the cap, or the reflection; after a
   reflection, or in a format without one, the ranking), so a student that has learned
-  the parts but not their order stays in the format;
-- a tool call that does not parse or fails its tool's schema is decoded again under
-  `ChoiceConstraint`, over every call on what the prompt shows (so a look-up is made,
-  not an error message read back); so is a call opened by a choice that runs past a
-  bound no runnable call reaches (the longest one's bytes);
+  the parts but not their order stays in the format (it wrote a second, third, ...
+  reflection where the ranking belongs);
+- a tool call that does not parse, fails its tool's schema or names an item that does
+  not exist is decoded again under `ChoiceConstraint`, over every call on what the
+  prompt shows (so a look-up is made, not an error message read back); so is a call
+  opened by a choice that runs past a bound no runnable call reaches (the longest
+  one's bytes);
 - when the pass ends without a `<recommend>` list that is a permutation, the list is
   decoded once more under `PermutationConstraint`, in place of the broken one or after
   the text.
@@ -80,6 +82,7 @@ from starrec.trajectories.format import (
     pending_tag,
     tags_written,
     tool_call_json,
+    unclosed_tag,
     wrap,
 )
 from starrec.trajectories.serialize import prompt_messages
@@ -172,10 +175,12 @@ class Student:
             # a call opened by a choice may not ramble on (a 135M student can write an item
             # id of 12,000,000,...): cut at the bound, it is decoded again as a broken one
             limit = min(remaining, call_cap) if calls and text.endswith(open_tag(TOOL_CALL)) else remaining
-            # a plan of the student's own pauses at its end, so what follows is chosen too
-            own_plan = choosing and pending_tag(text) == PLAN
+            # a plan of the student's own and a reflection pause at their end, so what
+            # follows is chosen too
+            pausing = unclosed_tag(text) if choosing else None
+            pausing = pausing if pausing in (PLAN, REFLECTION) else None
             completion = self._decode(prompt + text, None, limit, answer,
-                                      stop=stop + [close_tag(PLAN)] if own_plan else stop)
+                                      stop=stop + [close_tag(pausing)] if pausing else stop)
             if completion is None:
                 answer.stop = "error"
                 break
@@ -184,8 +189,8 @@ class Student:
             if completion.finish_reason == "length" and not (limit < remaining and pending == TOOL_CALL):
                 answer.stop = "length"
                 break
-            if own_plan and pending == PLAN:
-                text += "" if text.endswith(close_tag(PLAN)) else close_tag(PLAN)
+            if pausing and pending == pausing:
+                text += "" if text.endswith(close_tag(pausing)) else close_tag(pausing)
                 text += self._next_part(prompt, text, answer)
                 continue
             if pending == RECOMMEND:
@@ -330,13 +335,14 @@ class Student:
 
     @staticmethod
     def _runnable(content: str, tools: ToolExecutor) -> bool:
-        """Whether a call parses and its arguments pass the tool's schema (an unknown
-        item is left to the tool, whose error message names it)."""
+        """Whether a call parses, its arguments pass the tool's schema, and the items it
+        names exist (a 135M student writes ids such as 12345, and reads the error back
+        without learning from it)."""
         try:
-            tools.arguments_for(*parse_tool_call(content))
+            arguments = tools.arguments_for(*parse_tool_call(content))
         except (ValueError, ToolError):
             return False
-        return True
+        return not tools.unknown_items(arguments)
 
     @staticmethod
     def _execute(text: str, tools: ToolExecutor, calls: list[ExecutedCall]) -> str:

@@ -267,6 +267,12 @@ def tags_written(text: str) -> list[str]:
     return [segment.tag for segment in _segments(text)[0]]
 
 
+def unclosed_tag(text: str) -> str | None:
+    """The tag of the last part of `text` while it is still open."""
+    segments, _ = _segments(text)
+    return segments[-1].tag if segments and not segments[-1].closed else None
+
+
 def pending_tag(text: str) -> str | None:
     """The tag a generation stopped in: the last part when it is still open (a backend
     that cuts the stop string) or closes exactly at the end (one that keeps it)."""
