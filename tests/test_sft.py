@@ -161,6 +161,8 @@ def test_distill_sft_command(tiny_lm_dir, tmp_path):
     assert (out / "data" / "train").is_dir() and (out / "filter_report.json").is_file()
     # the teacher planned under a mask: its student's plan is decoded among the same plans
     assert card.plan_choices == list(plan_options(["recent", "long_term"])) and len(card.plan_choices) == 3
+    # the longest trained reflection, where a student's reflection is cut
+    assert card.max_reflection_tokens == card.data["train"]["max_reflection_tokens"] > 0
 
     common = ["--trajectories", str(trajectories), "--model", str(tiny_lm_dir), "--dataset",
               str(folder), "--no-tools", "--max-steps", "1", "--set", "sft.max_length=1024"]

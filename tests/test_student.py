@@ -302,6 +302,32 @@ def test_a_rambling_tool_call_is_cut_at_the_longest_runnable_call_and_decoded_ag
     assert answer.repaired and answer.completed.valid
 
 
+def test_a_reflection_past_the_longest_trained_one_is_cut_and_the_ranking_follows(world):
+    store, tasks = world
+    task = tasks[0]
+    plans = ("recent: the latest items", "long_term: lasting interests")
+    long = "the evidence says " * 40
+    masks = [PermutationConstraint, ChoiceConstraint]
+    model = ScriptedModel([plans[0], "\n<reflection>", long, f"{order([4])}</recommend>"],
+                          supports=masks, honour_max_tokens=True)
+    answer = Student(model, store, plan_choices=plans, reflection_cap=10).answer(task)
+    cut = model.calls[2]
+    assert cut.kwargs["max_tokens"] == 10 + len("</reflection>") and cut.text == long[:(23 - 1) * 4]
+    assert answer.reflection_cut and answer.stop == "recommend" and not answer.repaired
+    assert answer.text.endswith(f"<reflection>{cut.text}</reflection>\n<recommend>{order([4])}</recommend>")
+    assert answer.parsed.well_formed and answer.completed.ranking[0] == student_first(store, task, 4)
+    # without a cap (a card without the count) the reflection runs to the budget
+    model = ScriptedModel([plans[0], "\n<reflection>", long + "</reflection>", f"{order([4])}</recommend>"],
+                          supports=masks, honour_max_tokens=True)
+    answer = Student(model, store, plan_choices=plans).answer(task)
+    assert not answer.reflection_cut and model.calls[2].kwargs["max_tokens"] > 700
+    assert answer.parsed.well_formed
+
+
+def student_first(store, task, index: int) -> str:
+    return Student(ScriptedModel([]), store).shown(task).candidates[index]
+
+
 def test_call_options_leave_out_what_a_schema_rejects(world):
     store, tasks = world
     task = tasks[1]
@@ -386,7 +412,7 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
     fmt = StudentFormatConfig(tools=False)  # keeps the prompt inside the tiny model's 1024 positions
     plans = ["a: the user", "b: the items"]
     write_model_card(folder, ModelCard(stage="sft", base_model="tiny", base_model_path=str(tiny_lm_dir),
-                                       format=fmt, plan_choices=plans))
+                                       format=fmt, plan_choices=plans, max_reflection_tokens=5))
     config = StarConfig(llm=LLMConfig(threads=1), student=StudentConfig(max_new_tokens=12))
     system = load_star_system(folder, store, config)
     assert system.student.fmt == fmt
@@ -400,4 +426,5 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
     assert answer.stop in ("length", "end", "recommend", "tool_cap") and answer.segments >= 2
     # the card's plan choices reach the student; its plan is one of them, under a real mask
     assert system.student.plan_choices == tuple(plans) and answer.chosen_plan
+    assert system.student.reflection_cap == 5
     assert any(answer.text.startswith(f"<plan>{plan}</plan>") for plan in plans)

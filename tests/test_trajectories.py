@@ -14,6 +14,7 @@ from starrec.trajectories.format import (
     StudentSequence,
     ToolCall,
     parse_student_output,
+    part_content,
     render_sequence,
     tool_response_spans,
 )
@@ -303,6 +304,12 @@ def test_dataset_rows_and_length_drop(tiny_lm_dir):
     both, stats = build_dataset(runs, tokenizer, max_length=max(lengths), show_progress=False)
     trained = [sum(label != -100 for label in row) for row in both["labels"]]
     assert stats.max_trained_tokens == max(trained) < stats.trained_tokens == sum(trained)
+    reflections = [part_content(r.completion, "reflection") for r in runs]
+    assert stats.max_reflection_tokens == max(
+        len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in reflections) > 0
+    ablated = [serialize_run(make_run(make_task("train-u1", history=1)), title,
+                             FULL.model_copy(update={"reflection": False}))]
+    assert build_dataset(ablated, tokenizer, 4096, show_progress=False)[1].max_reflection_tokens == 0
 
 
 def test_run_line_writes_a_shared_system_prompt_once_and_nothing_else():

@@ -15,7 +15,8 @@ decoded under masks and its content is left to the student:
   its teacher's planner chose among) the plan is decoded as one of them, as the
   teacher's was: a 135M student learns the plan's lines but not where the list ends,
   and writes invented analysts until its budget runs out. A plan of its own and the
-  reflection pause at their closing tag;
+  reflection pause at their closing tag; a reflection longer than the longest of its
+  training data (the card's `max_reflection_tokens`) is cut there;
 - after the plan and after each tool response, what comes next is chosen among the parts
   the format allows there (a tool call while under the cap, or the reflection; after a
   reflection, or in a format without one, the ranking), so a student that has learned
@@ -113,6 +114,7 @@ class StudentAnswer:
     completion_tokens: int = 0
     segments: int = 0  # generation requests: free continuations, choices and repairs decoded
     chosen_plan: bool = False  # the plan is one of the card's plan choices, taken under a mask
+    reflection_cut: bool = False  # the reflection ran past the card's max_reflection_tokens
     repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
     # broken tool calls (their content as written) decoded again under a choice mask
     repaired_calls: list[str] = field(default_factory=list)
@@ -126,12 +128,14 @@ class Student:
 
     def __init__(self, model: ChatModel, store: EvidenceStore,
                  fmt: StudentFormatConfig | None = None,
-                 config: StudentConfig | None = None, plan_choices: Sequence[str] = ()) -> None:
+                 config: StudentConfig | None = None, plan_choices: Sequence[str] = (),
+                 reflection_cap: int | None = None) -> None:
         self.model = model
         self.store = store
         self.fmt = fmt or StudentFormatConfig()
         self.config = config or StudentConfig()
         self.plan_choices = tuple(plan_choices)
+        self.reflection_cap = reflection_cap
 
     def shown(self, task: Task) -> Task:
         """The task as the model sees it: candidates in `format.candidate_order`."""
@@ -172,13 +176,18 @@ class Student:
             if remaining <= 0:
                 answer.stop = "length"
                 break
-            # a call opened by a choice may not ramble on (a 135M student can write an item
-            # id of 12,000,000,...): cut at the bound, it is decoded again as a broken one
-            limit = min(remaining, call_cap) if calls and text.endswith(open_tag(TOOL_CALL)) else remaining
             # a plan of the student's own and a reflection pause at their end, so what
             # follows is chosen too
             pausing = unclosed_tag(text) if choosing else None
             pausing = pausing if pausing in (PLAN, REFLECTION) else None
+            limit = remaining
+            if calls and text.endswith(open_tag(TOOL_CALL)):
+                # a call opened by a choice may not ramble on (a 135M student can write an
+                # item id of 12,000,000,...): cut at the bound, decoded again as a broken one
+                limit = min(remaining, call_cap)
+            elif pausing == REFLECTION and self.reflection_cap:
+                # nor a reflection past the longest one it was trained on: the ranking follows
+                limit = min(remaining, self.reflection_cap + len(close_tag(REFLECTION)))
             completion = self._decode(prompt + text, None, limit, answer,
                                       stop=stop + [close_tag(pausing)] if pausing else stop)
             if completion is None:
@@ -186,10 +195,12 @@ class Student:
                 break
             text += completion.text
             pending = pending_tag(text)
-            if completion.finish_reason == "length" and not (limit < remaining and pending == TOOL_CALL):
+            cut = completion.finish_reason == "length" and limit < remaining
+            if completion.finish_reason == "length" and not (cut and pending in (TOOL_CALL, REFLECTION)):
                 answer.stop = "length"
                 break
             if pausing and pending == pausing:
+                answer.reflection_cut = answer.reflection_cut or (cut and pausing == REFLECTION)
                 text += "" if text.endswith(close_tag(pausing)) else close_tag(pausing)
                 text += self._next_part(prompt, text, answer)
                 continue

@@ -42,6 +42,7 @@ class StarSystem:
                 "repaired": answer.repaired,
                 "repaired_calls": answer.repaired_calls,
                 "chosen_plan": answer.chosen_plan,
+                "reflection_cut": answer.reflection_cut,
             },
         )
 
@@ -59,4 +60,6 @@ def load_star_system(model: str | Path, store: EvidenceStore, config: StarConfig
     fmt = card.format if card is not None else StudentFormatConfig()
     chat_model = load_chat_model(str(model), config.llm)
     plans = card.plan_choices if card is not None else []
-    return StarSystem(Student(chat_model, store, fmt, config.student, plan_choices=plans))
+    cap = card.max_reflection_tokens if card is not None else None
+    return StarSystem(Student(chat_model, store, fmt, config.student, plan_choices=plans,
+                              reflection_cap=cap))

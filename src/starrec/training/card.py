@@ -35,6 +35,9 @@ class ModelCard(BaseModel):
     # the plans its teacher's planner chose among (under mars.constrain), which inference
     # decodes the student's <plan> among; empty when the teacher wrote free plans
     plan_choices: list[str] = []
+    # the longest <reflection> of its training data, in tokens: inference cuts a longer one
+    # (a 135M student copies evidence into it until its budget runs out); None: no cut
+    max_reflection_tokens: int | None = None
     data: dict[str, Any] = {}  # trajectory files, counts kept/dropped, examples, tokens
     training: dict[str, Any] = {}  # the settings used
     metrics: dict[str, Any] = {}  # steps, final train / eval loss, seconds

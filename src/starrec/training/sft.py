@@ -178,10 +178,11 @@ def train_sft(
     resume: bool = False,
     data_info: dict[str, Any] | None = None,
     plan_choices: Sequence[str] = (),
+    max_reflection_tokens: int | None = None,
     show_progress: bool = True,
 ) -> SFTResult:
     """Fine-tune `base_model` (a spec, see `resolve_base_model`) on `train` and write the
-    student model folder `out`; `plan_choices` go to its card (`ModelCard.plan_choices`)."""
+    student model folder `out`; `plan_choices` and `max_reflection_tokens` go to its card."""
     from trl import SFTTrainer
 
     started = time.perf_counter()
@@ -219,7 +220,7 @@ def train_sft(
         write_model_card(out, ModelCard(
             stage="sft", base_model=base_model, base_model_path=path, format=settings.format,
             lora=settings.lora, merged=merged or not settings.lora, data=data_info or {},
-            plan_choices=list(plan_choices),
+            plan_choices=list(plan_choices), max_reflection_tokens=max_reflection_tokens,
             training=settings.model_dump(exclude={"format", "filter"}),
             metrics={"global_step": result.global_step, "resumed_from": result.resumed_from,
                      "train_loss": result.train_loss, "eval_loss": result.eval_loss,

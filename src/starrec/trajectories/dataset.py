@@ -27,7 +27,7 @@ from datasets import Dataset
 
 from starrec.llm.base import Message
 from starrec.progress import progress
-from starrec.trajectories.format import tool_response_spans
+from starrec.trajectories.format import REFLECTION, part_content, tool_response_spans
 from starrec.trajectories.serialize import SerializedRun
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class ExportStats:
     tokens: int = 0
     trained_tokens: int = 0
     max_trained_tokens: int = 0  # of one sequence: what a student's token budget must allow
+    max_reflection_tokens: int = 0  # of one <reflection>: past it a student's is cut
 
 
 def _pieces(tokenizer, messages: list[Message], completion: str) -> list[tuple[str, bool]]:
@@ -101,6 +102,10 @@ def build_dataset(runs: list[SerializedRun], tokenizer, max_length: int,
         trained = sum(label != IGNORE_INDEX for label in encoded.labels)
         stats.trained_tokens += trained
         stats.max_trained_tokens = max(stats.max_trained_tokens, trained)
+        reflection = part_content(run.completion, REFLECTION)
+        if reflection is not None:
+            stats.max_reflection_tokens = max(stats.max_reflection_tokens, len(
+                tokenizer(reflection, add_special_tokens=False)["input_ids"]))
     if stats.dropped_too_long:
         log.warning("dropped %d of %d sequences longer than %d tokens", stats.dropped_too_long,
                     len(runs), max_length)

@@ -267,6 +267,11 @@ def tags_written(text: str) -> list[str]:
     return [segment.tag for segment in _segments(text)[0]]
 
 
+def part_content(text: str, tag: str) -> str | None:
+    """The content of the first `tag` part of `text`; None without one."""
+    return next((segment.content for segment in _segments(text)[0] if segment.tag == tag), None)
+
+
 def unclosed_tag(text: str) -> str | None:
     """The tag of the last part of `text` while it is still open."""
     segments, _ = _segments(text)
