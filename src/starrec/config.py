@@ -170,7 +170,9 @@ class SFTSettings(Strict):
                                "down_proj"]
     merge: bool = True  # merge LoRA into the weights: eval/serve load a plain model folder
     learning_rate: float | None = None  # None: 1e-3 with LoRA, 2e-5 for a full fine-tune
-    epochs: float = 3.0
+    # ML-100K's 19 kept runs: validation loss fell through epoch 6 (0.64, 0.37, 0.29, 0.20,
+    # 0.17, 0.15); after 3 the student had not learned where its plan ends
+    epochs: float = 6.0
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     max_length: int = 4096  # longer sequences are dropped, never cut before <recommend>
     batch_size: int = 1
