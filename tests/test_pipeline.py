@@ -95,3 +95,25 @@ def test_pipeline_refuses_orders_that_would_drop_every_teacher_run(tmp_path):
     result = CliRunner().invoke(app, ["pipeline", "--out", str(tmp_path),
                                       "--set", "mars.candidate_order=presented"])
     assert result.exit_code != 0 and "must agree" in result.output
+
+
+def test_answerer_key_follows_what_decides_the_answers(tmp_path):
+    from starrec.cli.pipeline import answerer_key
+    from starrec.config import StarConfig
+    from starrec.training.card import ModelCard, write_model_card
+
+    card = ModelCard(stage="sft", base_model="smollm2", base_model_path="x", created="t0",
+                     plan_choices=["recent: x"], max_reflection_tokens=10)
+    write_model_card(tmp_path, card)
+    cfg = StarConfig()
+    key = answerer_key("star", str(tmp_path), cfg)
+    assert key == answerer_key("star", str(tmp_path), cfg)
+    for change in ({"max_reflection_tokens": 11}, {"plan_choices": []}, {"created": "t1"}):
+        write_model_card(tmp_path, card.model_copy(update=change))
+        assert answerer_key("star", str(tmp_path), cfg) != key, change
+    write_model_card(tmp_path, card.model_copy(update={"metrics": {"seconds": 1.0}}))
+    assert answerer_key("star", str(tmp_path), cfg) == key  # not read by inference
+    other = cfg.model_copy(update={"student": cfg.student.model_copy(update={"max_new_tokens": 9})})
+    assert answerer_key("star", str(tmp_path), other) != key
+    assert answerer_key("mars", None, cfg) != answerer_key(
+        "mars", None, cfg.model_copy(update={"mars": cfg.mars.model_copy(update={"max_turns": 2})}))

@@ -212,9 +212,11 @@ class StudentConfig(Strict):
     # where the backend can, the format's structure is decoded under masks (see
     # inference/student.py): the plan among the card's plan_choices (the plans its teacher
     # chose among), the part after the plan and after each tool response among those the
-    # format allows there; a tool call that does not parse, fails its schema or rambles
-    # past any runnable call is decoded again among the runnable calls, and a <recommend>
-    # list that is not a permutation (or none at all) is decoded again as one
+    # format allows there, and a reflection pauses at its end (cut at the card's
+    # max_reflection_tokens) so the ranking follows; a tool call that does not parse, fails
+    # its schema, names an unknown item or rambles past any runnable call is decoded again
+    # among the runnable calls, and a <recommend> list that is not a permutation (or none
+    # at all) is decoded again as one
     constrain: bool = True
 
 

@@ -163,8 +163,10 @@ def evaluate_stage(system: str, spec: str | None, loaded: Dataset, dataset: str,
 
 
 def answerer_key(system: str, spec: str | None, cfg: StarConfig) -> str:
-    """A short hash of what decides a system's answers: its model (a student's card, so
-    a retrained student differs) and its settings."""
+    """A short hash of what decides a system's answers: its model (a student's card:
+    when it was trained and what inference reads from it, so a retrained or re-carded
+    student differs) and its settings. Code changes are not in it: a records file kept
+    across one that changes answers must be moved aside by hand."""
     import hashlib
     import json
 
@@ -172,7 +174,9 @@ def answerer_key(system: str, spec: str | None, cfg: StarConfig) -> str:
 
     if system == "star":
         card = read_model_card(spec) if spec else None
-        identity: Any = {"card": card.created if card else None, "student": cfg.student.model_dump()}
+        read = {"created", "format", "plan_choices", "max_reflection_tokens"}
+        identity: Any = {"card": card.model_dump(mode="json", include=read) if card else None,
+                         "student": cfg.student.model_dump()}
     else:
         identity = {"model": spec or cfg.llm.model, "mars": cfg.mars.model_dump()}
     identity["llm"] = cfg.llm.model_dump()

@@ -16,7 +16,9 @@ decoded under masks and its content is left to the student:
   teacher's was: a 135M student learns the plan's lines but not where the list ends,
   and writes invented analysts until its budget runs out. A plan of its own and the
   reflection pause at their closing tag; a reflection longer than the longest of its
-  training data (the card's `max_reflection_tokens`) is cut there;
+  training data (the card's `max_reflection_tokens`, plus room for the closing tag) is
+  cut there. Both apply to a part the pass opened itself or by a choice, so only where
+  the backend masks choices;
 - after the plan and after each tool response, what comes next is chosen among the parts
   the format allows there (a tool call while under the cap, or the reflection; after a
   reflection, or in a format without one, the ranking), so a student that has learned
@@ -114,7 +116,9 @@ class StudentAnswer:
     completion_tokens: int = 0
     segments: int = 0  # generation requests: free continuations, choices and repairs decoded
     chosen_plan: bool = False  # the plan is one of the card's plan choices, taken under a mask
-    reflection_cut: bool = False  # the reflection ran past the card's max_reflection_tokens
+    # the reflection ran past the card's max_reflection_tokens (plus room for its closing
+    # tag: the tag's characters, more than its tokens) and was cut there
+    reflection_cut: bool = False
     repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
     # broken tool calls (their content as written) decoded again under a choice mask
     repaired_calls: list[str] = field(default_factory=list)
@@ -271,12 +275,12 @@ class Student:
         return head + completion.text + close_tag(RECOMMEND)
 
     def _next_part(self, prompt: str, text: str, answer: StudentAnswer) -> str:
-        """The opening of the part that follows `text` (which ends a plan or a tool
-        response), chosen among those the format allows there: a tool call (while under
-        `max_tool_calls`) or the reflection, the ranking where the format has no
-        reflection; after a reflection (a call the student wrote past it) only the
-        ranking. "" with the budget spent, or where the backend cannot choose, fails or
-        answers outside them: the student then writes it."""
+        """The opening of the part that follows `text` (which ends a plan, a tool
+        response or a reflection), chosen among those the format allows there: a tool call
+        (while under `max_tool_calls`) or the reflection, the ranking where the format has
+        no reflection; after a reflection only the ranking (appended, nothing to choose).
+        "" with the budget spent, or where the backend cannot choose, fails or answers
+        outside them: the student then writes it."""
         if self._left(answer) <= 0:
             return ""
         if REFLECTION in tags_written(text):

@@ -129,5 +129,6 @@ def sft_from_trajectories(
     result = train_sft(settings.base_model, train, out, settings, eval_data=eval_data,
                        resume=resume, data_info=data_info, show_progress=show_progress,
                        plan_choices=plan_choices(kept) if settings.format.plan else [],
+                       # of the sequences trained on, not the held-out ones
                        max_reflection_tokens=train_stats.max_reflection_tokens or None)
     return result, report
