@@ -65,3 +65,23 @@ def test_a_fallback_ranking_counts_as_invalid_even_when_complete(tiny):
     fallback, = run_tasks(CountingSystem(fallback=True), [task], progress=False)
     assert own.valid and not fallback.valid
     assert own.rank == fallback.rank  # the ranking itself still counts
+
+
+def test_answer_counts_sum_the_details_of_the_answers():
+    from starrec.evaluation.runner import TaskRecord, answer_counts, results_json
+
+    def record(task: str, details: dict) -> TaskRecord:
+        return TaskRecord(task, "t", 1, True, 1.0, 1, 10, 5, ["t"], details=details)
+
+    records = [record("a", {"well_formed": True, "repaired": False, "stop": "recommend",
+                            "tool_calls": [1, 2, 3], "text": "x"}),
+               record("b", {"well_formed": False, "repaired": True, "stop": "length",
+                            "tool_calls": []}),
+               record("c", {"well_formed": True, "repaired": False, "stop": "recommend",
+                            "tool_calls": [1, 2]})]
+    assert answer_counts(records) == {"repaired": 1, "well_formed": 2,
+                                      "stop": {"length": 1, "recommend": 2},
+                                      "tool_calls_per_task": 1.67}
+    assert results_json("s", "d", "test", records, {})["answers"]["well_formed"] == 2
+    plain = [record("a", {})]
+    assert answer_counts(plain) == {} and "answers" not in results_json("s", "d", "test", plain, {})

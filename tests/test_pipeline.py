@@ -58,6 +58,11 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
             "shop-mars-test-eval-200-first2.json", "shop-star-test-eval-200-first2.json"} <= names
     star = json.loads((out / "shop-star-test-eval-200-first2.json").read_text())
     assert star["n_tasks"] == 2 and star["efficiency"]["llm_calls_per_task"] == 1
+    # what the student's passes did, counted from their records' details
+    answers = star["answers"]
+    assert sum(answers["stop"].values()) == 2 and 0 <= answers["well_formed"] <= 2
+    assert answers["tool_calls_per_task"] >= 0 and "answers" not in json.loads(
+        (out / "shop-pop-test-all.json").read_text())
     mars = json.loads((out / "shop-mars-test-eval-200-first2.json").read_text())
     assert mars["n_tasks"] == 2 and mars["metrics"]["valid_rate"] == 100.0
     (teacher_runs,) = (out / "teacher").glob("test-eval-200-first2.*.jsonl")

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,6 +166,7 @@ def results_json(
     def per_task(attribute: str) -> float:
         return round(float(np.mean([getattr(r, attribute) for r in records])), 2)
 
+    answers = answer_counts(records)
     return {
         "system": system,
         "dataset": dataset,
@@ -172,6 +174,7 @@ def results_json(
         "n_tasks": len(records),
         "metrics": metrics,
         "ci95": ci,
+        **({"answers": answers} if answers else {}),
         "efficiency": {
             "median_s": round(float(np.median(seconds)), 6),
             "p95_s": round(float(np.percentile(seconds, 95)), 6),
@@ -181,6 +184,28 @@ def results_json(
         },
         "config": {**config, "machine": machine_description()},
     }
+
+
+def answer_counts(records: list[TaskRecord]) -> dict[str, Any]:
+    """What the answers' `details` say, over the tasks: how many held each yes/no fact (a
+    student's well-formed passes, repairs, chosen plans), how the passes ended (`stop`),
+    and the mean length of each list (tool calls per task). Empty without details."""
+    flags: Counter[str] = Counter()
+    stops: Counter[str] = Counter()
+    lengths: dict[str, list[int]] = {}
+    for record in records:
+        for key, value in (record.details or {}).items():
+            if isinstance(value, bool):
+                flags[key] += value
+            elif isinstance(value, list):
+                lengths.setdefault(key, []).append(len(value))
+            elif key == "stop" and isinstance(value, str):
+                stops[value] += 1
+    counts: dict[str, Any] = {key: flags[key] for key in sorted(flags)}
+    if stops:
+        counts["stop"] = dict(sorted(stops.items()))
+    counts.update({f"{key}_per_task": round(sum(v) / len(records), 2) for key, v in sorted(lengths.items())})
+    return counts
 
 
 def machine_description() -> str:
