@@ -163,7 +163,7 @@ class ToolExecutor:
     def unknown_items(self, arguments: dict[str, Any]) -> list[str]:
         """The item ids in `arguments` (as `arguments_for` returns them) that the store
         does not hold: the call would only return an error."""
-        ids = [arguments[key] for key in ("item_id",) if key in arguments]
+        ids = [arguments["item_id"]] if "item_id" in arguments else []
         ids += [i for key in ITEM_LIST_FIELDS for i in arguments.get(key) or []]
         return [i for i in ids if i not in self.store.items.index]
 
