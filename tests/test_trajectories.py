@@ -13,10 +13,14 @@ from starrec.trajectories.filters import filter_runs, holdout_tasks, strata, ter
 from starrec.trajectories.format import (
     StudentSequence,
     ToolCall,
+    closed,
     parse_student_output,
     part_content,
+    pending_tag,
     render_sequence,
+    tags_written,
     tool_response_spans,
+    unclosed_tag,
 )
 from starrec.trajectories.schema import Step, TeacherRun
 from starrec.trajectories.serialize import (
@@ -180,6 +184,16 @@ def test_tool_response_spans_include_the_tags():
     text = sequence()
     (start, end), = tool_response_spans(text)
     assert text[start:end] == "<tool_response>r</tool_response>"
+
+
+def test_where_a_generation_stopped_and_closing_its_part():
+    # a backend that cuts the stop string, and one that keeps it
+    cut, kept = "<plan>p</plan>\n<tool_call>{}", "<plan>p</plan>\n<tool_call>{}</tool_call>"
+    assert pending_tag(cut) == pending_tag(kept) == "tool_call"
+    assert unclosed_tag(cut) == "tool_call" and unclosed_tag(kept) is None
+    assert closed(cut, "tool_call") == kept == closed(kept, "tool_call")
+    assert tags_written(kept) == ["plan", "tool_call"]
+    assert pending_tag(kept + "\nmore") is None
 
 
 # ---------------------------------------------------------------- filters and strata

@@ -79,6 +79,7 @@ from starrec.trajectories.format import (
     TOOL_RESPONSE,
     ParsedOutput,
     close_tag,
+    closed,
     open_tag,
     parse_student_output,
     parse_tool_call,
@@ -205,17 +206,17 @@ class Student:
                 break
             if pausing and pending == pausing:
                 answer.reflection_cut = answer.reflection_cut or (cut and pausing == REFLECTION)
-                text += "" if text.endswith(close_tag(pausing)) else close_tag(pausing)
+                text = closed(text, pausing)
                 text += self._next_part(prompt, text, answer)
                 continue
             if pending == RECOMMEND:
-                text += "" if text.endswith(close_tag(RECOMMEND)) else close_tag(RECOMMEND)
+                text = closed(text, RECOMMEND)
                 answer.stop = "recommend"
                 break
             if pending != TOOL_CALL or not self.fmt.tools:
                 answer.stop = "end"
                 break
-            text += "" if text.endswith(close_tag(TOOL_CALL)) else close_tag(TOOL_CALL)
+            text = closed(text, TOOL_CALL)
             if len(answer.tool_calls) >= self.config.max_tool_calls:
                 refused += 1
                 if refused > 1:
@@ -265,8 +266,8 @@ class Student:
         cut = text.rfind(open_tag(RECOMMEND))
         body = text[:cut] if cut >= 0 else text.rstrip()
         unclosed = pending_tag(body)
-        if unclosed and not body.rstrip().endswith(close_tag(unclosed)):
-            body = body.rstrip() + close_tag(unclosed)
+        if unclosed:
+            body = closed(body.rstrip(), unclosed)
         head = body.rstrip() + "\n" + open_tag(RECOMMEND)
         completion = self._decode(prompt + head, PermutationConstraint(n), 6 * n + 8, answer)
         if completion is None:

@@ -51,6 +51,12 @@ def wrap(name: str, content: str) -> str:
     return f"{open_tag(name)}{content}{close_tag(name)}"
 
 
+def closed(text: str, name: str) -> str:
+    """`text`, which ends inside a `name` part, with that part closed; unchanged where a
+    backend that keeps its stop string already wrote the closing tag."""
+    return text if text.endswith(close_tag(name)) else text + close_tag(name)
+
+
 @dataclass
 class ToolCall:
     """A call as the student wrote it and the response the runtime gave it (None when the
