@@ -203,3 +203,42 @@ def test_content_signals_with_minilm(tmp_path):
     assert top.item == "b"
     text = ToolExecutor(store).call("content_neighbours", {"item_id": "c"}).text
     assert "Pride and Prejudice" in text and "similarity" in text
+
+
+def test_recent_window_ends_at_the_cutoff_strictly_before_it():
+    from starrec.cst.signals import Timeline
+
+    stamps = np.arange(0, 101, dtype=float)  # one interaction a second, item = second % 3
+    timeline = Timeline.build(stamps[::-1], (np.arange(0, 101) % 3)[::-1], n_items=4)
+    counts = timeline.recent_popularity(0.1, cutoff_time=50.0)  # window [45, 50)
+    assert counts.tolist() == [2.0, 2.0, 1.0, 0.0]  # 45, 48 | 46, 49 | 47
+    assert timeline.recent_popularity(0.1, cutoff_time=0.0).sum() == 0
+    assert timeline.recent_popularity(0.1, cutoff_time=None).sum() == 11  # [90, 100]
+
+
+def test_recent_popularity_of_a_task_ignores_interactions_after_its_cutoff(tiny, tmp_path):
+    tasks = build_split_tasks(tiny, "test")
+    task = max(tasks, key=lambda t: t.cutoff_time)
+    end = tiny.interactions["timestamp"].max()
+    late = pd.DataFrame({"user": "late", "item": task.candidates[:6],
+                         "timestamp": [end + 1000 + 10 * k for k in range(6)], "rating": 4.0})
+    grown = Dataset("tiny", pd.concat([tiny.interactions, late], ignore_index=True), tiny.items)
+    grown_tasks = build_split_tasks(grown, "test")
+    (same,) = [t for t in grown_tasks if t.user_id == task.user_id]
+    assert same == task
+    before = store_for(tiny, tasks, tmp_path, name="before.sqlite")
+    after = store_for(grown, grown_tasks, tmp_path, name="after.sqlite")
+    assert after.meta["n_interactions"] > before.meta["n_interactions"]
+    recent = [[e.recent_pct for e in candidate_evidence(store, task)] for store in (before, after)]
+    assert recent[0] == recent[1] and max(recent[0]) > 0
+    lines = [ToolExecutor(store, task).call("popularity", {"item_ids": task.candidates}).text
+             for store in (before, after)]
+    assert [l.split("recent popularity")[1] for l in lines[0].splitlines()] == \
+        [l.split("recent popularity")[1] for l in lines[1].splitlines()]
+
+
+def test_store_has_no_global_recent_columns(world):
+    store, _ = world
+    assert "recent_pct" not in store.items.columns
+    columns = [row[1] for row in store.db.execute("PRAGMA table_info(items)")]
+    assert "recent" not in columns and "recent_pct" not in columns

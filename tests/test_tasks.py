@@ -1,17 +1,22 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from starrec.data.splits import fit_interactions, target_mask
+from starrec.data.errors import DataError
+from starrec.data.schema import Dataset
+from starrec.data.splits import fit_interactions, target_mask, task_interactions
 from starrec.data.tasks import (
     EVAL_USERS,
     SCENARIOS,
+    Task,
     build_split_tasks,
     eval_users,
     load_tasks,
     prepare,
     scenario_tasks,
+    validate_tasks,
 )
 from tests.conftest import make_dataset
 
@@ -148,3 +153,147 @@ def test_ml100k_prepare_twice_meets_the_protocol(tmp_path, ml100k):
     for task in load_tasks(tmp_path / "a" / "test.jsonl"):
         assert len(set(task.candidates)) == 20 and task.target in task.candidates
         assert not (set(task.candidates) - {task.target}) & seen[task.user_id]
+
+
+# --- explicit cutoffs, validation on load, valid-200 ------------------------------------
+
+def repeating_dataset() -> Dataset:
+    """User "r" consumes a, b, c, then b again; others fill a catalogue of 30 items.
+
+    Built directly, not through a loader, because loaders drop repeated pairs."""
+    rows = [("r", item, t, 4.0) for t, item in enumerate(["a", "b", "c", "b"], start=1)]
+    for u in range(6):
+        rows += [(f"o{u}", f"x{(u * 5 + k) % 30}", 10 + k, 3.0) for k in range(6)]
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating"])
+    frame = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    ids = ["a", "b", "c", *(f"x{i}" for i in range(30))]
+    items = pd.DataFrame({"title": [f"Item {i}" for i in ids]}, index=pd.Index(ids, name="item"))
+    return Dataset("repeats", frame, items)
+
+
+def test_tasks_carry_their_cutoff_position_and_time(tiny):
+    for split, offset in (("test", 1), ("valid", 2), ("train", 3)):
+        for task in build_split_tasks(tiny, split):
+            rows = tiny.interactions[tiny.interactions["user"] == task.user_id]
+            assert task.cutoff == len(rows) - offset == len(task.history)
+            assert task.cutoff_time == float(rows["timestamp"].iloc[task.cutoff])
+    fit = fit_interactions(tiny, "test")
+    short = scenario_tasks(build_split_tasks(tiny, "test"), "short_term", fit)
+    assert all(t.cutoff > len(t.history) == 5 for t in short)
+
+
+def test_task_interactions_cut_by_position_not_by_a_repeated_item():
+    dataset = repeating_dataset()
+    (valid,) = [t for t in build_split_tasks(dataset, "valid") if t.user_id == "r"]
+    assert (valid.history, valid.target, valid.cutoff) == (["a", "b"], "c", 2)
+    for tasks in ([valid], scenario_tasks([valid], "short_term", dataset.interactions)):
+        kept = task_interactions(dataset, tasks, "valid")
+        assert kept.loc[kept["user"] == "r", "item"].tolist() == ["a", "b"]
+    # a task file written before cutoffs existed: the cut is found by position too
+    old = json.loads(valid.to_json())
+    del old["cutoff"], old["cutoff_time"]
+    kept = task_interactions(dataset, [Task(**{**old, "scenario": "short_term"})], "valid")
+    assert kept.loc[kept["user"] == "r", "item"].tolist() == ["a", "b"]
+
+
+def test_old_task_files_without_cutoffs_stay_readable(tmp_path):
+    path = tmp_path / "old.jsonl"
+    base = {"user_id": "u", "history": ["a", "b"], "candidates": ["c", "d"], "target": "c"}
+    path.write_text(json.dumps({"task_id": "t1", "scenario": "classic", **base}) + "\n"
+                    + json.dumps({"task_id": "t2", "scenario": "short_term", **base}) + "\n")
+    classic, short = load_tasks(path)
+    assert (classic.cutoff, classic.cutoff_time, classic.split) == (2, None, "test")
+    assert short.cutoff is None
+    assert json.loads(classic.to_json())["cutoff"] == 2
+
+
+def task_line(**fields) -> str:
+    record = {"task_id": "test-u", "user_id": "u", "scenario": "classic", "history": ["a"],
+              "candidates": ["b", "c"], "target": "b", "split": "test"}
+    record.update(fields)
+    return json.dumps({k: v for k, v in record.items() if v is not None})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"split": "tset"}, "unknown split 'tset'"),
+    ({"scenario": "weekend"}, "unknown scenario 'weekend'"),
+    ({"scenario": None}, r"missing field\(s\) \['scenario'\]"),
+    ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
+    ({"candidates": ["b"]}, r"1 candidate\(s\); a ranking needs at least 2"),
+    ({"candidates": ["b", "c", "b"]}, "candidates must be distinct"),
+    ({"target": "z"}, "candidates must contain the target 'z'"),
+    ({"history": "a"}, "history must be a list"),
+    ({"cutoff": 0}, "cutoff must be"),
+])
+def test_load_names_file_and_line_of_a_bad_record(tmp_path, fields, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(task_line(task_id="test-ok") + "\n" + task_line(**fields) + "\n")
+    with pytest.raises(DataError, match=rf"t\.jsonl: line 2: {message}"):
+        load_tasks(path)
+
+
+def test_load_refuses_repeated_task_ids(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(task_line() + "\n\n" + task_line() + "\n")
+    with pytest.raises(DataError, match="line 3: task id 'test-u' repeats the task of line 1"):
+        load_tasks(path)
+
+
+def test_candidate_count_is_the_manifests(tmp_path, tiny):
+    prepare(tiny, tmp_path)
+    lines = (tmp_path / "test.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    record["candidates"] = [record["target"], next(c for c in record["candidates"]
+                                                   if c != record["target"])]
+    lines[1] = json.dumps(record)
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="line 2: 2 candidates; the manifest beside this file says 20"):
+        load_tasks(tmp_path / "test.jsonl")
+
+
+def test_validate_tasks_against_the_data(tmp_path, tiny):
+    prepare(tiny, tmp_path)
+    path = tmp_path / "test.jsonl"
+    tasks = load_tasks(path)
+    validate_tasks(tasks, tiny, path)
+    first = tasks[0]
+    other = next(i for i in tiny.items.index if i not in first.candidates)
+    cases = [
+        (Task("x", "ghost", "classic", [], ["i1", "i2"], "i1"), "unknown user 'ghost'"),
+        (Task("x", first.user_id, "classic", first.history, ["zz", first.target], first.target),
+         r"unknown item\(s\) \['zz'\]"),
+        (Task("x", first.user_id, "classic", first.history[1:], first.candidates, first.target,
+              cutoff=first.cutoff), "shows the whole history"),
+        (Task("x", first.user_id, "short_term", first.history[:-1], first.candidates,
+              first.target, cutoff=first.cutoff), "history is not the user's"),
+        (Task("x", first.user_id, "classic", first.history, [first.target, other], other,
+              cutoff=first.cutoff), "target 'i.*' is not the user's interaction at the cutoff"),
+        (Task("x", first.user_id, "classic", first.history[:-1], first.candidates,
+              first.history[-1], split="test"), "prepared from other data"),
+    ]
+    for task, message in cases:
+        task._line = 7
+        with pytest.raises(DataError, match=rf"test\.jsonl: line 7: task x: .*{message}"):
+            validate_tasks([task], tiny, path)
+
+
+def test_prepare_writes_valid_200_of_eval_200s_users_and_time_ties(tmp_path):
+    dataset = make_dataset(n_users=230, n_items=60, per_user=4)
+    stamps = dataset.interactions["timestamp"].to_numpy().copy()
+    manifest = prepare(dataset, tmp_path)
+    eval_tasks = load_tasks(tmp_path / "eval-200.jsonl")
+    valid_tasks = load_tasks(tmp_path / "valid-200.jsonl")
+    assert len(valid_tasks) == 200 == manifest["files"]["valid-200.jsonl"]["count"]
+    assert {t.user_id for t in valid_tasks} == {t.user_id for t in eval_tasks}
+    assert {t.split for t in valid_tasks} == {"valid"}
+    assert "valid-200-short_term.jsonl" in manifest["files"]
+    assert manifest["target_time_ties"] == {"train": 0.0, "valid": 0.0, "test": 0.0}
+    assert (dataset.interactions["timestamp"].to_numpy() == stamps).all()
+    # every test target now shares its time with the interaction before it
+    tied = dataset.interactions.copy()
+    last = tied.groupby("user").cumcount(ascending=False) == 0
+    before = tied.groupby("user").cumcount(ascending=False) == 1
+    tied.loc[last, "timestamp"] = tied.loc[before].set_index("user")["timestamp"].reindex(
+        tied.loc[last, "user"]).to_numpy()
+    tied = Dataset("tied", tied, dataset.items)
+    assert prepare(tied, tmp_path / "tied")["target_time_ties"]["test"] == 1.0

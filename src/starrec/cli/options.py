@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -24,10 +25,46 @@ DatasetOption = Annotated[
     ),
 ]
 TasksOption = Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")]
-UsersOption = Annotated[str, typer.Option(help="all or eval-200 (when --tasks is not given).")]
-ScenarioOption = Annotated[
-    str, typer.Option(help="classic, user_cold, item_cold, long_term or short_term.")
-]
+# choices are checked by typer, so a typo is refused before any data is read
+USER_SETS = ("all", "eval-200", "valid-200")
+SPLIT_CHOICES = ("train", "valid", "test")
+SCENARIO_CHOICES = ("classic", "user_cold", "item_cold", "long_term", "short_term")
+
+
+def choice(values: tuple[str, ...]) -> Callable[[str | None], str | None]:
+    """A typer callback refusing values outside `values` (usage error, exit code 2).
+
+    A callback rather than a Literal or Enum type: values stay plain strings for the code
+    that compares and prints them, on every typer version the project allows."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in values:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(values)}")
+        return value
+
+    return check
+
+
+def choice_option(values: tuple[str, ...], help: str) -> Any:
+    return typer.Option(callback=choice(values), metavar="[" + "|".join(values) + "]", help=help)
+
+
+UsersOption = Annotated[str, choice_option(
+    USER_SETS, "all users of the split, eval-200 (200 test users) or valid-200 (the valid tasks "
+    "of the same users) (when --tasks is not given).")]
+ScenarioOption = Annotated[str, choice_option(SCENARIO_CHOICES, "The scenario's task file.")]
+
+
+def split_option(default: str) -> Any:
+    """A --split option whose default is implied by --users (eval-200: test, valid-200:
+    valid), else `default`; None when not given, so a contradiction can be told apart."""
+    return Annotated[Optional[str], choice_option(
+        SPLIT_CHOICES, f"train, valid or test (when --tasks is not given). Default: the split "
+        f"--users implies, else {default}.")]
+
+
+SplitOption = split_option("test")
+TrainSplitOption = split_option("train")  # star teach: teacher runs are made on train tasks
 LimitOption = Annotated[Optional[int], typer.Option(help="Only the first N tasks.")]
 ModelOption = Annotated[Optional[str], typer.Option(
     help="smollm2, a model folder, a hub id, a .gguf file or http(s)://host:port/v1. "

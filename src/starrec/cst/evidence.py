@@ -1,7 +1,9 @@
 """Signals that depend on a task: how each candidate links to the user's history.
 
 Computed from the store's graph for the task's own history, so a shortened scenario
-history gets evidence for what it shows, and nothing of the user beyond the store's cut.
+history gets evidence for what it shows, and nothing of the user beyond the store's cut;
+recent popularity is counted in a window ending at the task's own cutoff time, so it
+never includes what other users did after this task's target.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class CandidateEvidence:
     similar_users: int  # how many similar users were considered
     pop: int
     pop_pct: float
-    recent_pct: float
+    recent_pct: float  # percentile of popularity just before the task's cutoff time
     content_best_item: str | None
     content_similarity: float | None
 
@@ -92,6 +94,8 @@ def candidate_evidence(store: EvidenceStore, task: Task) -> list[CandidateEviden
              if len(neighbours) else np.zeros(len(cand)))
     votes[~known] = 0
 
+    recent_pct = store.recent_percentiles(task.cutoff_time)
+
     vectors = store.embeddings
     content = None
     if vectors is not None and len(hist):
@@ -121,7 +125,7 @@ def candidate_evidence(store: EvidenceStore, task: Task) -> list[CandidateEviden
                 similar_users=len(neighbours),
                 pop=int(stats["pop"]) if stats is not None else 0,
                 pop_pct=float(stats["pop_pct"]) if stats is not None else 0.0,
-                recent_pct=float(stats["recent_pct"]) if stats is not None else 0.0,
+                recent_pct=float(recent_pct[cand[j]]) if known[j] else 0.0,
                 content_best_item=graph.items[hist[c_best]] if c_best is not None else None,
                 content_similarity=float(content[j, c_best]) if c_best is not None else None,
             )

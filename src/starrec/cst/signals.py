@@ -65,14 +65,43 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
     return 100.0 * np.searchsorted(sorted_values, values, side="left") / len(values)
 
 
-def recent_popularity(interactions: pd.DataFrame, items: pd.Index, fraction: float) -> np.ndarray:
-    """Interactions per item within the last `fraction` of the data's time span."""
-    if interactions.empty:
-        return np.zeros(len(items))
-    start, end = interactions["timestamp"].min(), interactions["timestamp"].max()
-    recent = interactions[interactions["timestamp"] >= end - fraction * (end - start)]
-    counts = recent["item"].value_counts()
-    return counts.reindex(items, fill_value=0).to_numpy(dtype=float)
+@dataclass
+class Timeline:
+    """Interactions in time order, for popularity within a window that ends at a task's
+    cutoff: what was popular just before the target, never after it."""
+
+    timestamps: np.ndarray  # sorted ascending
+    columns: np.ndarray  # the item column of each interaction, same order
+    n_items: int
+
+    @classmethod
+    def build(cls, timestamps: np.ndarray, columns: np.ndarray, n_items: int) -> Timeline:
+        order = np.argsort(np.asarray(timestamps, dtype=np.float64), kind="stable")
+        return cls(np.asarray(timestamps, dtype=np.float64)[order],
+                   np.asarray(columns, dtype=np.int64)[order], n_items)
+
+    def recent_popularity(self, fraction: float, cutoff_time: float | None) -> np.ndarray:
+        """Interactions per item in the window of length `fraction` x (cutoff - the data's
+        first time) that ends at `cutoff_time`, strictly before it.
+
+        The span is measured up to the cutoff, not to the data's end, so interactions after
+        the cutoff (any user's) change nothing, and a target's own timestamp is outside
+        the window. Without a cutoff (a store queried outside any task), the window ends at
+        the last interaction and includes it.
+        """
+        if len(self.timestamps) == 0:
+            return np.zeros(self.n_items)
+        start = self.timestamps[0]
+        if cutoff_time is None:
+            end = self.timestamps[-1]
+            low = np.searchsorted(self.timestamps, end - fraction * (end - start), side="left")
+            high = len(self.timestamps)
+        else:
+            begin = cutoff_time - fraction * max(cutoff_time - start, 0.0)
+            low = np.searchsorted(self.timestamps, begin, side="left")
+            high = np.searchsorted(self.timestamps, cutoff_time, side="left")
+        counts = np.bincount(self.columns[low:high], minlength=self.n_items)
+        return counts[: self.n_items].astype(float)
 
 
 @dataclass

@@ -26,20 +26,20 @@ from starrec.cst.signals import (
     build_graph,
     cooccurrence_neighbours,
     embedding_neighbours,
+    Timeline,
     percentile_ranks,
-    recent_popularity,
     transition_neighbours,
 )
 from starrec.paths import star_home
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: recent popularity is computed per task from the interactions (no global columns)
+FORMAT_VERSION = 2
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE items (idx INTEGER PRIMARY KEY, item TEXT NOT NULL UNIQUE, title TEXT NOT NULL,
-    text TEXT NOT NULL, pop INTEGER NOT NULL, pop_pct REAL NOT NULL, recent INTEGER NOT NULL,
-    recent_pct REAL NOT NULL);
+    text TEXT NOT NULL, pop INTEGER NOT NULL, pop_pct REAL NOT NULL);
 CREATE TABLE interactions (seq INTEGER PRIMARY KEY, user TEXT NOT NULL, item INTEGER NOT NULL,
     ts REAL NOT NULL);
 CREATE TABLE neighbours (kind TEXT NOT NULL, item INTEGER NOT NULL, rank INTEGER NOT NULL,
@@ -96,7 +96,6 @@ def build_store(
     trans = transition_neighbours(graph, config.neighbours)
     tick = lap("transition neighbours", tick)
     pop = graph.popularity
-    recent = recent_popularity(interactions, graph.items, config.recent_fraction)
     catalogue = items.reindex(graph.items)
     titles = catalogue["title"].fillna(pd.Series(graph.items, index=graph.items)).astype(str)
     from starrec.cst.content import embed_texts, item_texts
@@ -116,10 +115,9 @@ def build_store(
     try:
         db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
         db.executemany(
-            "INSERT INTO items VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO items VALUES (?,?,?,?,?,?)",
             zip(range(len(graph.items)), graph.items.astype(str), titles, texts,
-                pop.astype(int).tolist(), percentile_ranks(pop).tolist(),
-                recent.astype(int).tolist(), percentile_ranks(recent).tolist()),
+                pop.astype(int).tolist(), percentile_ranks(pop).tolist()),
         )
         db.executemany(
             "INSERT INTO interactions VALUES (?,?,?,?)",
@@ -212,10 +210,11 @@ class EvidenceStore:
         self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
         self.meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
         frame = pd.read_sql_query(
-            "SELECT idx, item, title, pop, pop_pct, recent, recent_pct FROM items ORDER BY idx", self.db
+            "SELECT idx, item, title, pop, pop_pct FROM items ORDER BY idx", self.db
         )
         self.items = frame.set_index("item")
         self.item_ids = pd.Index(frame["item"])
+        self._recent: dict[float | None, np.ndarray] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -271,6 +270,29 @@ class EvidenceStore:
         if not graph.items.equals(self.item_ids):
             raise RuntimeError(f"{self.path}: item order of the store and its graph differ")
         return graph
+
+    @cached_property
+    def timeline(self) -> Timeline:
+        rows = self.db.execute("SELECT ts, item FROM interactions ORDER BY seq").fetchall()
+        table = np.array(rows, dtype=np.float64).reshape(-1, 2)
+        return Timeline.build(table[:, 0], table[:, 1].astype(np.int64), len(self.item_ids))
+
+    def recent_percentiles(self, cutoff_time: float | None) -> np.ndarray:
+        """Per item (store order): the percentile (0-100) of its recent popularity in the
+        window ending at `cutoff_time` (`Timeline.recent_popularity`). A task's evidence
+        passes its own cutoff, so it never counts what happened after its target."""
+        cached = self._recent.get(cutoff_time)
+        if cached is None:
+            counts = self.timeline.recent_popularity(self.config.recent_fraction, cutoff_time)
+            cached = percentile_ranks(counts)
+            if len(self._recent) >= 64:  # a run serves tasks one after another
+                self._recent.clear()
+            self._recent[cutoff_time] = cached
+        return cached
+
+    def recent_percentile(self, item: str, cutoff_time: float | None) -> float:
+        index = self.index(item)
+        return 0.0 if index is None else float(self.recent_percentiles(cutoff_time)[index])
 
     @cached_property
     def item_users(self):

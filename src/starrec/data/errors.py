@@ -31,3 +31,11 @@ class DataError(ValueError):
         if column is not None:
             where.append(f"column '{column}'")
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class LeakError(DataError):
+    """Data meant for fitting or evidence holds a task's target or what came after it.
+
+    Raised before a model is fit or a store is built, because a number measured on leaked
+    data looks better than it is and nothing downstream could tell (DESIGN.md 3.3).
+    """

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,7 @@ from starrec.data.splits import (
     TARGET_OFFSET,
     Split,
     fit_interactions,
+    locate_cutoff,
     sorted_ids,
 )
 
@@ -36,12 +38,26 @@ EVAL_SEED = 2026
 SCENARIOS = ("classic", "user_cold", "item_cold", "long_term", "short_term")
 SHORT_HISTORY = 5
 COLD_ITEM_MAX_INTERACTIONS = 5
+# scenarios whose history is the last SHORT_HISTORY items only, so its length is not the cutoff
+SHORT_SCENARIOS = ("user_cold", "short_term")
+# version of the task files' content; a folder written by another version is re-prepared
+TASK_FORMAT = 2
+MIN_CANDIDATES = 2
 
 
 @dataclass
 class Task:
     """One ranking request. `candidates` are in presented order (the task file's; an LLM
-    may be shown them reordered, `starrec.cst.ranker.present`); `target` is among them."""
+    may be shown them reordered, `starrec.cst.ranker.present`); `target` is among them.
+
+    `cutoff` is the 0-based position of the target in the user's full time-ordered
+    sequence, and `cutoff_time` its timestamp: every cut of the data for this task uses
+    them, because the history may be shortened (scenarios) and an item may repeat, so
+    neither the history's length nor its last item says where the target was. Files
+    written before cutoffs existed are read with `cutoff = len(history)` where the history
+    is the full prefix, and None (found from the data, `starrec.data.splits.task_cutoff`)
+    where it was shortened.
+    """
 
     task_id: str
     user_id: str
@@ -50,12 +66,21 @@ class Task:
     candidates: list[str]
     target: str
     split: str = "test"
+    cutoff: int | None = None
+    cutoff_time: float | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.cutoff is None and self.scenario not in SHORT_SCENARIOS:
+            self.cutoff = len(self.history)
 
     def to_json(self) -> str:
         record = asdict(self)
         if not record["extra"]:
             del record["extra"]
+        time = record["cutoff_time"]
+        if isinstance(time, float) and time.is_integer():
+            record["cutoff_time"] = int(time)  # epoch seconds read as written
         return json.dumps(record, ensure_ascii=False)
 
     @property
@@ -103,7 +128,9 @@ def sample_candidates(
 def build_split_tasks(dataset: Dataset, split: Split, seed: int = 0) -> list[Task]:
     """Classic leave-one-out tasks of one split, one per user, users in sorted order."""
     universe = np.array(sorted_ids(dataset.interactions["item"]), dtype=object)
-    sequences = dataset.interactions.groupby("user", sort=False)["item"].agg(list)
+    grouped = dataset.interactions.groupby("user", sort=False)
+    sequences = grouped["item"].agg(list)
+    times = grouped["timestamp"].agg(list)
     tasks: list[Task] = []
     too_short = too_few_items = 0
     for user in sorted_ids(sequences.index):
@@ -126,6 +153,8 @@ def build_split_tasks(dataset: Dataset, split: Split, seed: int = 0) -> list[Tas
                 candidates=candidates,
                 target=target,
                 split=split,
+                cutoff=cut,
+                cutoff_time=float(times[user][cut]),
             )
         )
     if too_short:
@@ -165,6 +194,8 @@ def scenario_tasks(tasks: list[Task], scenario: str, fit: pd.DataFrame) -> list[
             candidates=list(t.candidates),
             target=t.target,
             split=t.split,
+            cutoff=t.cutoff,
+            cutoff_time=t.cutoff_time,
         )
         for t in kept
     ]
@@ -189,31 +220,126 @@ def write_tasks(tasks: Iterable[Task], path: Path) -> tuple[int, str]:
     return text.count("\n"), hashlib.sha256(text.encode()).hexdigest()
 
 
-def iter_tasks(path: str | Path) -> Iterator[Task]:
+TASK_FIELDS = ("task_id", "user_id", "scenario", "history", "candidates", "target")
+OPTIONAL_FIELDS = ("split", "cutoff", "cutoff_time", "extra")
+
+
+def manifest_beside(path: str | Path) -> dict | None:
+    """The manifest of the folder a task file is in, or None if there is none."""
+    manifest = Path(path).parent / "manifest.json"
+    if not manifest.exists():
+        return None
+    try:
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"not valid JSON ({error.msg})", path=manifest, line=error.lineno) from None
+    if not isinstance(record, dict):
+        raise DataError("expected a JSON object", path=manifest)
+    return record
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _id_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_id(v) for v in value)
+
+
+def parse_task(record: Any, path: str | Path, line: int, n_candidates: int | None = None) -> Task:
+    """A task from one JSON record, every field checked, errors naming file and line.
+
+    `n_candidates` is the count every task must have (the manifest's); None requires only
+    `MIN_CANDIDATES`, since a hand-written file may use any list length.
+    """
+
+    def fail(message: str) -> DataError:
+        return DataError(message, path=path, line=line)
+
+    if not isinstance(record, dict):
+        raise fail(f"a JSON {type(record).__name__}, expected one task object a line")
+    missing = [f for f in TASK_FIELDS if f not in record]
+    if missing:
+        raise fail(f"missing field(s) {missing}; a task has {list(TASK_FIELDS)} "
+                   f"(and optionally {list(OPTIONAL_FIELDS)})")
+    unknown = sorted(set(record) - set(TASK_FIELDS) - set(OPTIONAL_FIELDS))
+    if unknown:
+        raise fail(f"unknown field(s) {unknown}; expected {list(TASK_FIELDS + OPTIONAL_FIELDS)}")
+    for name in ("task_id", "user_id", "target"):
+        if not _is_id(record[name]):
+            raise fail(f"{name} must be a non-empty string, got {record[name]!r}")
+    for name in ("history", "candidates"):
+        if not _id_list(record[name]):
+            raise fail(f"{name} must be a list of non-empty string ids")
+    split = record.get("split", "test")
+    if split not in SPLITS:
+        raise fail(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    if record["scenario"] not in SCENARIOS:
+        raise fail(f"unknown scenario {record['scenario']!r}; expected one of {list(SCENARIOS)}")
+    candidates = record["candidates"]
+    if n_candidates is not None and len(candidates) != n_candidates:
+        raise fail(f"{len(candidates)} candidates; the manifest beside this file says "
+                   f"{n_candidates}")
+    if len(candidates) < MIN_CANDIDATES:
+        raise fail(f"{len(candidates)} candidate(s); a ranking needs at least {MIN_CANDIDATES}")
+    repeated = sorted({c for c in candidates if candidates.count(c) > 1})
+    if repeated:
+        raise fail(f"candidates must be distinct; repeated: {repeated}")
+    if record["target"] not in candidates:
+        raise fail(f"candidates must contain the target {record['target']!r}")
+    cutoff = record.get("cutoff")
+    if cutoff is not None and (isinstance(cutoff, bool) or not isinstance(cutoff, int)
+                               or cutoff < len(record["history"])):
+        raise fail(f"cutoff must be an integer position at or after the history's end "
+                   f"({len(record['history'])}), got {cutoff!r}")
+    cutoff_time = record.get("cutoff_time")
+    if cutoff_time is not None:
+        if isinstance(cutoff_time, bool) or not isinstance(cutoff_time, int | float):
+            raise fail(f"cutoff_time must be a number (seconds) or null, got {cutoff_time!r}")
+        record = {**record, "cutoff_time": float(cutoff_time)}
+    if not isinstance(record.get("extra", {}), dict):
+        raise fail("extra must be a JSON object")
+    return Task(**record)
+
+
+def iter_tasks(path: str | Path, n_candidates: int | None = None) -> Iterator[Task]:
+    """Tasks of a JSON lines file, each checked (`parse_task`); ids must be unique.
+
+    The candidate count is `n_candidates` if given, else the `n_candidates` of a
+    `manifest.json` beside the file (a prepared folder), else any count of at least
+    `MIN_CANDIDATES` (said in the log, so a short list in a hand-written file is seen).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError("task file not found (run `star data prepare` first?)", path=path)
+    if n_candidates is None:
+        manifest = manifest_beside(path)
+        n_candidates = manifest.get("n_candidates") if manifest else None
+        if n_candidates is None:
+            log.info("%s: no manifest with n_candidates beside it; candidate lists only need "
+                     "at least %d items", path, MIN_CANDIDATES)
+    seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                task = Task(**record)
-            except (json.JSONDecodeError, TypeError) as error:
+            except json.JSONDecodeError as error:
                 raise DataError(f"not a task record: {error}", path=path, line=number) from None
-            if task.target not in task.candidates or len(set(task.candidates)) != len(
-                task.candidates
-            ):
-                raise DataError(
-                    "candidates must be distinct and contain the target", path=path, line=number
-                )
+            task = parse_task(record, path, number, n_candidates)
+            if task.task_id in seen:
+                raise DataError(f"task id {task.task_id!r} repeats the task of line "
+                                f"{seen[task.task_id]}", path=path, line=number)
+            seen[task.task_id] = number
+            task._line = number  # for `validate_tasks` messages; not a field, never written
             yield task
 
 
-def load_tasks(path: str | Path, limit: int | None = None) -> list[Task]:
+def load_tasks(path: str | Path, limit: int | None = None,
+               n_candidates: int | None = None) -> list[Task]:
     tasks = []
-    for task in iter_tasks(path):
+    for task in iter_tasks(path, n_candidates):
         if limit is not None and len(tasks) >= limit:
             break
         tasks.append(task)
@@ -222,11 +348,88 @@ def load_tasks(path: str | Path, limit: int | None = None) -> list[Task]:
     return tasks
 
 
-def prepare(dataset: Dataset, out: Path, seed: int = 0, scenarios: Iterable[str] = SCENARIOS) -> dict:
-    """Write every split's task files, eval-200, scenario variants and a manifest.
+def validate_tasks(tasks: Iterable[Task], dataset: Dataset, path: str | Path | None = None) -> None:
+    """Check tasks against the data they will be scored on; DataError naming file:line.
 
-    Returns the manifest. Running it twice on the same data and seed writes identical
-    files (the manifest records their hashes).
+    Every user and item must be known, and the history must be the user's sequence just
+    before the task's cutoff, with the target at the cutoff in the position its split
+    puts it (DESIGN.md 3.2). A task file prepared from other data (a newer interaction
+    appended, say) fails here instead of being scored with its target inside the fit
+    data. A cutoff past the user's last interaction is accepted: the target was removed
+    from the data (AgentRecBench's block set), which leaks nothing.
+    """
+    where = str(path) if path is not None else "tasks"
+    frame = dataset.interactions
+    grouped = frame.groupby("user", sort=False)
+    sequences = grouped["item"].agg(list).to_dict()
+    times = grouped["timestamp"].agg(list).to_dict()
+    known_users = set(sequences) | (set(dataset.users.index.astype(str))
+                                    if dataset.users is not None else set())
+    items = dataset.items.index
+    for index, task in enumerate(tasks):
+        line = getattr(task, "_line", index + 1)
+
+        def fail(message: str) -> DataError:
+            return DataError(f"task {task.task_id}: {message}", path=where, line=line)
+
+        if task.user_id not in known_users:
+            raise fail(f"unknown user {task.user_id!r}: not in the dataset {dataset.name!r}")
+        ids = [*task.history, *task.candidates]
+        unknown = [i for i in dict.fromkeys(ids) if i not in items]
+        if unknown:
+            raise fail(f"unknown item(s) {unknown[:5]}: not in the items of {dataset.name!r}")
+        sequence = sequences.get(task.user_id, [])
+        cutoff = task.cutoff if task.cutoff is not None else locate_cutoff(sequence, task.history)
+        if cutoff is None or cutoff > len(sequence):
+            raise fail("the history is not a run of the user's interactions; the task file "
+                       "does not match the data")
+        if task.scenario not in SHORT_SCENARIOS and len(task.history) != cutoff:
+            raise fail(f"a {task.scenario} task shows the whole history before its cutoff "
+                       f"({cutoff} interaction(s)), this one {len(task.history)}")
+        if sequence[cutoff - len(task.history):cutoff] != task.history:
+            raise fail(f"the history is not the user's {len(task.history)} interaction(s) before "
+                       f"the cutoff {cutoff}; the task file does not match the data")
+        if cutoff == len(sequence):
+            continue
+        if sequence[cutoff] != task.target:
+            raise fail(f"the target {task.target!r} is not the user's interaction at the cutoff "
+                       f"{cutoff} ({sequence[cutoff]!r})")
+        expected = len(sequence) - TARGET_OFFSET[task.split]
+        if cutoff != expected:
+            raise fail(f"a {task.split} target sits at position {expected} of this user's "
+                       f"{len(sequence)} interactions, this task's at {cutoff}: the task file was "
+                       "prepared from other data (run `star data prepare` again)")
+        if task.cutoff_time is not None and float(times[task.user_id][cutoff]) != task.cutoff_time:
+            raise fail(f"cutoff_time {task.cutoff_time:g} differs from the target's timestamp "
+                       f"{float(times[task.user_id][cutoff]):g} in the data")
+
+
+def target_time_ties(dataset: Dataset, tasks: Iterable[Task]) -> float | None:
+    """Share of tasks whose target has the same timestamp as the interaction before it.
+
+    Tied timestamps keep file order (DESIGN.md 3.2), so for these targets which item came
+    "last" is the file's choice, not the user's: worth knowing when reading the numbers.
+    """
+    times = dataset.interactions.groupby("user", sort=False)["timestamp"].agg(list).to_dict()
+    ties = total = 0
+    for task in tasks:
+        sequence = times.get(task.user_id, [])
+        cutoff = task.cutoff
+        if cutoff is None or not 0 < cutoff < len(sequence):
+            continue
+        total += 1
+        ties += sequence[cutoff] == sequence[cutoff - 1]
+    return round(ties / total, 4) if total else None
+
+
+def prepare(dataset: Dataset, out: Path, seed: int = 0, scenarios: Iterable[str] = SCENARIOS) -> dict:
+    """Write every split's task files, eval-200, valid-200, scenario variants and a manifest.
+
+    valid-200 holds the valid tasks of eval-200's users, so design choices are made on the
+    same users without touching their test targets (DESIGN.md 3.2). Returns the manifest.
+    Running it twice on the same data and seed writes identical files (the manifest
+    records their hashes, the data's fingerprint and the protocol, so a folder is reused
+    only for the data and protocol it was written for: `starrec.data.prepared`).
     """
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict] = {}
@@ -239,23 +442,29 @@ def prepare(dataset: Dataset, out: Path, seed: int = 0, scenarios: Iterable[str]
     for split, tasks in by_split.items():
         emit(f"{split}.jsonl", tasks)
     chosen = eval_users(by_split["test"])
-    emit("eval-200.jsonl", [t for t in by_split["test"] if t.user_id in chosen])
-    fit = fit_interactions(dataset, "test")
-    for scenario in scenarios:
-        if scenario == "classic":
-            continue
-        variant = scenario_tasks(by_split["test"], scenario, fit)
-        emit(f"test-{scenario}.jsonl", variant)
-        emit(f"eval-200-{scenario}.jsonl", [t for t in variant if t.user_id in chosen])
+    subsets = {"test": "eval-200", "valid": "valid-200"}
+    for split, subset in subsets.items():
+        emit(f"{subset}.jsonl", [t for t in by_split[split] if t.user_id in chosen])
+    for split, subset in subsets.items():
+        fit = fit_interactions(dataset, split)
+        for scenario in scenarios:
+            if scenario == "classic":
+                continue
+            variant = scenario_tasks(by_split[split], scenario, fit)
+            emit(f"{split}-{scenario}.jsonl", variant)
+            emit(f"{subset}-{scenario}.jsonl", [t for t in variant if t.user_id in chosen])
     manifest = {
         "dataset": dataset.name,
         "data_fingerprint": dataset.fingerprint(),
+        "task_format": TASK_FORMAT,
         "seed": seed,
         "n_candidates": N_CANDIDATES,
         "eval_seed": EVAL_SEED,
         "n_users": dataset.n_users,
         "n_items": dataset.n_items,
         "n_interactions": len(dataset.interactions),
+        "target_time_ties": {split: target_time_ties(dataset, tasks)
+                             for split, tasks in by_split.items()},
         "files": files,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
