@@ -38,6 +38,22 @@ def complete_ranking(output: Sequence[str] | None, candidates: Sequence[str]) ->
     return CompletedRanking(ranked, valid)
 
 
+def kendall_tau(ranking: Sequence[str], reference: Sequence[str]) -> float:
+    """Kendall tau between two orders of the same items: 1 when `ranking` keeps
+    `reference`'s order, -1 when it reverses it, near 0 when unrelated. It says how far
+    an LLM moved from the order it was shown (DESIGN.md 3.4); 1.0 for fewer than 2 items."""
+    if sorted(ranking) != sorted(reference):
+        raise ValueError("Kendall tau needs two orders of the same items")
+    n = len(ranking)
+    if n < 2:
+        return 1.0
+    position = {item: i for i, item in enumerate(reference)}
+    order = [position[item] for item in ranking]
+    concordant = sum(1 for i in range(n) for j in range(i + 1, n) if order[i] < order[j])
+    pairs = n * (n - 1) // 2
+    return (2 * concordant - pairs) / pairs
+
+
 def per_task_metrics(rank: int) -> dict[str, float]:
     """Metrics of one task given the 1-based rank of its target."""
     hits = {k: float(rank <= k) for k in (1, 3, 5)}

@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class StarSystem:
-    """One LLM call per task: the single pass (tool look-ups are not LLM calls, and the
-    continuations after them belong to the same generation)."""
+    """The student's single pass per task. A pass is several generation requests (free
+    continuations after each tool response, choices and repairs under masks), so its
+    `llm_calls` and `generation_requests` count them, not the pass: the teacher / student
+    cost ratio is then like for like (DESIGN.md 3.4)."""
 
     def __init__(self, student: Student, name: str = "star") -> None:
         self.student = student
@@ -28,7 +30,7 @@ class StarSystem:
         answer = self.student.answer(task)
         return Recommendation(
             ranking=answer.ranking,
-            llm_calls=1,
+            llm_calls=answer.segments,
             prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
             details={
@@ -44,6 +46,14 @@ class StarSystem:
                 "chosen_plan": answer.chosen_plan,
                 "reflection_cut": answer.reflection_cut,
             },
+            # the order the prompt showed (student.format.candidate_order)
+            shown=list(self.student.shown(task).candidates),
+            # the parse is taken before the ranking repair; a repaired call already
+            # made it not well formed
+            well_formed=answer.parsed.well_formed and not answer.repaired,
+            repaired=answer.repaired or bool(answer.repaired_calls),
+            constrained=answer.repaired,  # the list decoded again under a permutation mask
+            generation_requests=answer.segments,
         )
 
 

@@ -1,0 +1,191 @@
+"""Who answered a records file: the identity a resumed evaluation must match.
+
+A long LLM evaluation resumes from its per-task records file. Resuming on task ids alone
+once reported one model's answers under another model's name (same `--out`, another
+`--model`), so the file now opens with the identity of the run that wrote it, and a
+resume with another identity stops and names the fields that differ. The same hashes
+go into every results JSON as its provenance (`starrec.evaluation.provenance`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from starrec.data.tasks import Task
+
+# settings that change where or how fast answers come, not what they are: a resume may
+# change them (more threads, a longer timeout); the model itself is identified by its hash
+OPERATIONAL_KEYS = ("model", "fit_s", "llm.model", "llm.api_key_env", "llm.timeout_s",
+                    "llm.max_retries", "llm.concurrency", "llm.threads")
+# files up to this size are hashed whole; larger ones (weights) by size, head and tail, so
+# that identifying a model of several GB takes milliseconds, not a minute
+WHOLE_FILE_BYTES = 8 << 20
+EDGE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What decides a run's answers. `model` is the spec as given (for reading);
+    `model_hash` identifies it (files or card; the spec itself for a hub id or an
+    endpoint); `config_hash` covers the settings that change answers; `tasks_sha256` is
+    the task file's sha256; `code_version` the package version and git commit."""
+
+    system: str
+    model: str | None = None
+    model_hash: str | None = None
+    config_hash: str | None = None
+    tasks_sha256: str | None = None
+    code_version: str = ""
+
+    # fields a resume must match; a new code version is recorded, not refused, so that a
+    # three-hour run survives a commit (the records file says where the code changed)
+    BINDING = ("system", "model_hash", "config_hash", "tasks_sha256")
+
+    def differences(self, other: RunIdentity) -> list[str]:
+        """The binding fields whose values differ, as "field: here -> there"."""
+        return [f"{name}: {getattr(self, name)!r} -> {getattr(other, name)!r}"
+                for name in self.BINDING if getattr(self, name) != getattr(other, name)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> RunIdentity:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def run_identity(system: str, tasks: Sequence[Task], config: Mapping[str, Any] | None = None,
+                 model: str | Path | None = None, tasks_path: Path | None = None) -> RunIdentity:
+    """The identity of `system` answering `tasks` under `config` with `model`. With
+    `tasks_path` the task file's sha256 identifies the tasks, so `--limit 10` and
+    `--limit 20` on one file resume each other; without it, the tasks' own lines do."""
+    return RunIdentity(
+        system=system,
+        model=str(model) if model is not None else None,
+        model_hash=model_hash(model),
+        config_hash=config_hash(config) if config is not None else None,
+        tasks_sha256=file_sha256(tasks_path) if tasks_path is not None else tasks_sha256(tasks),
+        code_version=code_version(),
+    )
+
+
+def canonical_json(value: Any) -> str:
+    """One text per value: sorted keys, pydantic models as their dumps."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot hash a {type(value).__name__} in a configuration")
+
+
+def _drop(config: Any, dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if not isinstance(config, dict) or head not in config:
+        return
+    if rest:
+        _drop(config[head], rest)
+    else:
+        del config[head]
+
+
+def config_hash(config: Mapping[str, Any] | Any, ignore: Iterable[str] = OPERATIONAL_KEYS) -> str:
+    """16 hex digits of sha256 over the configuration's canonical JSON, without the
+    (dotted) keys in `ignore`: two runs with the same hash answer alike."""
+    plain = json.loads(canonical_json(config))
+    for key in ignore:
+        _drop(plain, key)
+    return hashlib.sha256(canonical_json(plain).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tasks_sha256(tasks: Iterable[Task]) -> str:
+    """sha256 of the tasks as a task file holds them: equal to the file's sha256 when
+    the tasks are a whole file written by `star data prepare`."""
+    return hashlib.sha256("".join(t.to_json() + "\n" for t in tasks).encode()).hexdigest()
+
+
+def _file_digest(path: Path, digest: Any) -> None:
+    size = path.stat().st_size
+    digest.update(f"{size}\n".encode())
+    with path.open("rb") as handle:
+        if size <= WHOLE_FILE_BYTES:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(EDGE_BYTES))
+            handle.seek(size - EDGE_BYTES)
+            digest.update(handle.read(EDGE_BYTES))
+
+
+def model_hash(spec: str | Path | None) -> str | None:
+    """16 hex digits identifying a model: a file (a GGUF) or a folder (weights, config,
+    tokenizer, star_model.json card) by its files' names and contents (large files by
+    size, first and last 4 MiB); a hub id, an alias or an endpoint by the spec itself,
+    which is all that is known of it here. None without a model (baselines)."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    digest = hashlib.sha256()
+    if path.is_file():
+        digest.update(b"file\n")
+        _file_digest(path, digest)
+    elif path.is_dir():
+        digest.update(b"folder\n")
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            relative = file.relative_to(path)
+            if any(part.startswith(".") for part in relative.parts):
+                continue  # caches, locks: not the model
+            digest.update(f"{relative.as_posix()}\n".encode())
+            _file_digest(file, digest)
+    else:
+        digest.update(f"spec\n{spec}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The package version, plus `+g<commit>` when the package runs from a git checkout
+    of this project (`.dirty` when tracked files differ from that commit)."""
+    import starrec
+
+    version = starrec.__version__
+    package = Path(starrec.__file__).resolve().parent
+    top = _git(package, "rev-parse", "--show-toplevel")
+    # a package installed into a venv that happens to sit in some repository is not that
+    # repository's code
+    if not top or package != (Path(top) / "src" / "starrec").resolve():
+        return version
+    commit = _git(package, "rev-parse", "HEAD")
+    if not commit:
+        return version
+    dirty = _git(package, "status", "--porcelain", "--untracked-files=no")
+    return f"{version}+g{commit[:12]}{'.dirty' if dirty else ''}"

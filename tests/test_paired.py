@@ -1,0 +1,135 @@
+"""Per-task files and paired comparison of two results on their shared tasks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from starrec.cli.main import app
+from starrec.data.tasks import build_split_tasks
+from starrec.evaluation.paired import compare_rows, paired_comparison, paired_markdown
+from starrec.evaluation.runner import (
+    Recommendation,
+    candidates_sha256,
+    results_json,
+    run_tasks,
+    task_file_path,
+    write_results,
+)
+
+runner = CliRunner()
+
+
+def row(task_id: str, rank: int, target: str = "t", candidates: tuple = ("t", "x", "y")) -> dict:
+    return {"task_id": task_id, "target": target, "rank": rank,
+            "candidates_sha256": candidates_sha256(candidates)}
+
+
+def test_paired_difference_interval_and_win_tie_loss():
+    a = [row("1", 1), row("2", 1), row("3", 4), row("4", 2), row("5", 9)]
+    b = [row("1", 1), row("2", 3), row("3", 1), row("4", 6), row("6", 1)]
+    comparison = compare_rows(a, b, "a", "b", n_resamples=200)
+    assert comparison.n_shared == 4 and comparison.only_a == 1 and comparison.only_b == 1
+    hr1 = comparison.metric("HR@1")
+    # per task (a - b): 0, +1, -1, 0
+    assert (hr1.wins, hr1.ties, hr1.losses) == (1, 2, 1)
+    assert hr1.a == pytest.approx(50.0) and hr1.b == pytest.approx(50.0)
+    assert hr1.difference == pytest.approx(0.0)
+    avg = comparison.metric("AvgHR")
+    # AvgHR per task: a = 1, 1, 1/3, 2/3; b = 1, 2/3, 1, 0
+    assert avg.difference == pytest.approx(100 * (0 + 1 / 3 - 2 / 3 + 2 / 3) / 4, abs=0.01)
+    assert (avg.wins, avg.ties, avg.losses) == (2, 1, 1)
+    assert avg.ci95[0] <= avg.difference <= avg.ci95[1]
+    assert -100 <= avg.ci95[0] and avg.ci95[1] <= 100
+    table = paired_markdown(comparison)
+    assert "4 shared tasks" in table and "| AvgHR |" in table and "| 2 / 1 / 1 |" in table
+
+
+def test_identical_systems_differ_by_zero_with_a_zero_interval():
+    rows = [row(str(i), 1 + i % 5) for i in range(30)]
+    comparison = compare_rows(rows, rows)
+    for metric in comparison.metrics:
+        assert metric.difference == 0 and metric.ci95 == (0.0, 0.0) and metric.ties == 30
+
+
+def test_a_task_id_naming_another_task_is_refused():
+    with pytest.raises(ValueError, match="different tasks"):
+        compare_rows([row("1", 1)], [row("1", 1, target="x")])
+    with pytest.raises(ValueError, match="different tasks"):
+        compare_rows([row("1", 1)], [row("1", 1, candidates=("t", "x", "z"))])
+    with pytest.raises(ValueError, match="share no task"):
+        compare_rows([row("1", 1)], [row("2", 1)])
+
+
+class Fixed:
+    def __init__(self, name: str, first: int):
+        self.name, self.first = name, first
+
+    def recommend(self, task):
+        order = [task.candidates[self.first]] + [c for i, c in enumerate(task.candidates) if i != self.first]
+        return Recommendation(order)
+
+
+def write(system, tasks, path):
+    records = run_tasks(system, tasks, progress=False)
+    result = results_json(system.name, "tiny", "test", records, {}, n_resamples=20)
+    return write_results(result, records, path), records
+
+
+def test_per_task_file_beside_results_and_paired_report(tiny, tmp_path):
+    tasks = build_split_tasks(tiny, "test")[:8]
+    targets = [t.target_index for t in tasks]
+    rows_path, records = write(Fixed("zero", 0), tasks, tmp_path / "zero.json")
+    assert rows_path == task_file_path(tmp_path / "zero.json") == tmp_path / "zero.tasks.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    assert [r["task_id"] for r in rows] == [t.task_id for t in tasks]
+    assert {"task_id", "target", "rank", "ranking", "valid", "well_formed", "seconds"} <= set(rows[0])
+    assert [r["rank"] for r in rows] == [r.rank for r in records]
+    write(Fixed("one", 1), tasks, tmp_path / "one.json")
+
+    comparison = paired_comparison(tmp_path / "zero.json", tmp_path / "one.json")
+    hr1 = comparison.metric("HR@1")
+    assert hr1.wins == sum(i == 0 for i in targets) and hr1.losses == sum(i == 1 for i in targets)
+
+    result = runner.invoke(app, ["report", "--paired", str(tmp_path / "zero.json"),
+                                 str(tmp_path / "one.json")])
+    assert result.exit_code == 0, result.output
+    assert "zero (zero.json)" in result.output and "| HR@1 |" in result.output
+
+    # results of another task file: same ids, other candidates
+    other = [replace(t, candidates=list(reversed(t.candidates))[:-1] + ["new"])
+             if t.target != t.candidates[0] else t for t in tasks]
+    write(Fixed("other", 0), other, tmp_path / "other.json")
+    result = runner.invoke(app, ["report", "--paired", str(tmp_path / "zero.json"),
+                                 str(tmp_path / "other.json")])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+
+
+def test_report_on_bad_input_is_one_line_and_exit_2(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    other = tmp_path / "other.json"
+    other.write_text('{"files": {}}')
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    for args in (["report", str(tmp_path / "missing.json")], ["report", str(empty)],
+                 ["report", str(other)], ["report", str(broken)],
+                 ["report", "--paired", str(empty)],
+                 ["report", "--paired", str(empty), str(other)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_paired_needs_per_task_rows(tiny, tmp_path):
+    tasks = build_split_tasks(tiny, "test")[:3]
+    records = run_tasks(Fixed("zero", 0), tasks, progress=False)
+    (tmp_path / "r.json").write_text(json.dumps(results_json("zero", "tiny", "test", records, {},
+                                                             n_resamples=10)))
+    with pytest.raises(ValueError, match="no per-task file"):
+        paired_comparison(tmp_path / "r.json", tmp_path / "r.json")
