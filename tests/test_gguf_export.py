@@ -1,7 +1,12 @@
 """GGUF export of transformers Llama folders for llama.cpp, its cache, and which engine
 `load_chat_model` picks. Fast tests use a tiny random Llama (grouped-query attention, so
 both the Q and the K rotary permutations are exercised) with a metadata-only base GGUF
-built from its tokenizer; slow ones use SmolLM2."""
+built from its tokenizer; slow ones use SmolLM2.
+
+Engines are compared as `tiny_lm.engine_agreement` does: next-token log-probabilities
+on the same tokens within a tolerance, and the most likely token on most positions, never
+greedy text, which parts at the first near-tie that rounds the other way on another CPU.
+Exact checks stay where exactness is the contract: template text and prompt tokens."""
 
 from __future__ import annotations
 
@@ -19,12 +24,25 @@ from starrec.llm.base import LLMError
 from starrec.llm.gguf_export import GGUFExportError, export_gguf
 from starrec.llm.hf_backend import passive_openmp
 from starrec.training.card import ModelCard, write_model_card
+from tiny_lm import engine_agreement
 
 # Before any test imports torch: spinning OpenMP threads make both engines many times
 # slower while other work shares the cores (see passive_openmp).
 passive_openmp()
 
 PROMPT_IDS = list(range(3, 60))
+# Tolerances of one model in two engines: float32 or float16 weights, the same tokens.
+# Rounding (llama.cpp's f16 KV cache, other summation orders on other CPUs) moves
+# log-probabilities by thousandths and flips a near-tie here and there; a wrong rotary
+# layout or chat template moves some by whole units and changes many top tokens.
+TOP1 = 0.9  # share of positions whose most likely token both engines agree on
+GAP = 0.1  # largest log-probability difference over each position's 5 likely tokens
+MESSAGES = [{"role": "system", "content": "You rank movies."},
+            {"role": "user", "content": "the user liked space movies, 17 [3, 0]"}]
+ANSWER = "<recommend>[3, 0, 1, 2]</recommend> the user liked space movies"
+# a chat format other than the models' own (ChatML), to show the checks notice it
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -47,35 +65,40 @@ def _copy_model(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def _hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    import torch
-    from transformers import AutoModelForCausalLM
+def _hf_logprobs(folder: Path, ids: list[int]) -> np.ndarray:
+    from starrec.llm.hf_backend import HFChatModel
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    with torch.inference_mode():
-        return model(torch.tensor([ids])).logits[0].numpy()
+    return HFChatModel.load(folder, threads=1).next_token_logprobs(ids)
 
 
-def _llamacpp_logits(gguf: Path, ids: list[int]) -> np.ndarray:
-    from starrec.llm.llamacpp_backend import import_llama_cpp
+def _llamacpp_logprobs(gguf: Path, ids: list[int]) -> np.ndarray:
+    from starrec.llm.llamacpp_backend import LlamaCppChatModel
 
-    llama = import_llama_cpp().Llama(model_path=str(gguf), n_ctx=256, n_threads=1,
-                                     logits_all=True, verbose=False)
-    llama.eval(ids)
-    return np.array(llama.scores[: len(ids)])
+    return LlamaCppChatModel(gguf, threads=1, n_ctx=512).next_token_logprobs(ids)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [("f32", 0.1), ("f16", 0.1)])
-def test_export_matches_transformers_logits(tiny_gqa, tmp_path, dtype, tolerance):
+def _answer_agreement(reference, other, messages, answer: str):
+    """Each engine reads the chat as it renders and tokenises it, then the same answer
+    tokens (teacher forcing); compared from the position that predicts the answer's first
+    token on. A template that renders the chat differently moves every one of them."""
+    answer_ids = reference.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    rows = []
+    for model in (reference, other):
+        prompt = model.chat_token_ids(messages)
+        rows.append(model.next_token_logprobs(prompt + answer_ids)[len(prompt) - 1:])
+    return engine_agreement(*rows)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_export_matches_transformers_logits(tiny_gqa, tmp_path, dtype):
     pytest.importorskip("llama_cpp")
     folder, base = tiny_gqa
     out = export_gguf(folder, tmp_path / f"m-{dtype}.gguf", base, dtype)
     assert out.is_file() and not list(tmp_path.glob(".*tmp*"))
-    ref, got = _hf_logits(folder, PROMPT_IDS), _llamacpp_logits(out, PROMPT_IDS)
+    ref, got = _hf_logprobs(folder, PROMPT_IDS), _llamacpp_logprobs(out, PROMPT_IDS)
     assert ref.std() > 1.0  # far from flat: a wrong head layout could not hide
-    # llama.cpp keeps its KV cache in f16, hence not 1e-5 even for f32 weights
-    assert np.abs(got - ref).max() < tolerance
-    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    agreement = engine_agreement(ref, got)
+    assert agreement.holds(TOP1, GAP), agreement
 
 
 def test_export_without_the_rotary_permutation_would_be_wrong(tiny_gqa, tmp_path, monkeypatch):
@@ -84,8 +107,30 @@ def test_export_without_the_rotary_permutation_would_be_wrong(tiny_gqa, tmp_path
     folder, base = tiny_gqa
     monkeypatch.setattr(gguf_export, "rotary_permute", lambda weights, n_head: weights)
     out = export_gguf(folder, tmp_path / "unpermuted.gguf", base, "f32")
-    ref, got = _hf_logits(folder, PROMPT_IDS), _llamacpp_logits(out, PROMPT_IDS)
-    assert np.abs(got - ref).max() > 1.0 and (got.argmax(-1) == ref.argmax(-1)).mean() < 0.5
+    agreement = engine_agreement(_hf_logprobs(folder, PROMPT_IDS), _llamacpp_logprobs(out, PROMPT_IDS))
+    assert agreement.max_gap > 1.0 and agreement.top1 < 0.5, agreement
+
+
+def test_llamacpp_logprobs_match_a_logits_all_context_and_leave_decoding_alone(tiny_gqa, tmp_path):
+    """`next_token_logprobs` asks a plain context for every position's logits: the same
+    numbers a context built with logits_all keeps, and later generation is unchanged."""
+    pytest.importorskip("llama_cpp")
+    from starrec.llm.llamacpp_backend import LlamaCppChatModel, import_llama_cpp
+
+    folder, base = tiny_gqa
+    out = export_gguf(folder, tmp_path / "m.gguf", base, "f32")
+    model = LlamaCppChatModel(out, threads=1, n_ctx=512)
+    before = model.chat(MESSAGES, max_tokens=8)
+    got = model.next_token_logprobs(PROMPT_IDS)
+    assert model.chat(MESSAGES, max_tokens=8).text == before.text
+    reference = import_llama_cpp().Llama(model_path=str(out), n_ctx=512, n_threads=1,
+                                         logits_all=True, verbose=False)
+    reference.eval(PROMPT_IDS)
+    logits = np.array(reference.scores[: len(PROMPT_IDS)], dtype=np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    expected = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-4)
+    assert np.allclose(np.exp(got).sum(-1), 1.0)
 
 
 def test_rotary_permute_is_the_inverse_of_transformers_gguf_loader():
@@ -173,6 +218,30 @@ def test_base_gguf_follows_model_cards_to_the_training_base(tiny_gqa, tmp_path):
     assert models.base_gguf_of(sft) == base
 
 
+def test_a_gguf_without_a_chat_template_fails_the_preflight_until_given_one(tiny_gqa, tmp_path):
+    """A base model's GGUF (no tokenizer.chat_template) stops at load with one clear
+    error; a template from a Jinja file or another model's folder lets it chat."""
+    pytest.importorskip("llama_cpp")
+    from tiny_lm import CHAT_TEMPLATE, make_tiny_base_gguf, make_tiny_lm
+
+    folder = make_tiny_lm(tmp_path / "base-model", hidden=64, heads=4, kv_heads=2,
+                          init_std=0.2, chat_template=None)
+    gguf = export_gguf(folder, tmp_path / "base.gguf",
+                       make_tiny_base_gguf(folder, tmp_path / "meta.gguf"), "f32")
+    assert "tokenizer.chat_template" not in gguf_export.read_metadata(gguf)[0]
+    config = LLMConfig(backend="llamacpp", threads=1, n_ctx=512)
+    with pytest.raises(LLMError, match=r"model '.*base.gguf' has no chat template; pass "
+                                       r"--chat-template FILE"):
+        models.load_chat_model(str(gguf), config)
+    jinja = tmp_path / "chatml.jinja"
+    jinja.write_text(CHAT_TEMPLATE, encoding="utf-8")
+    with_chatml, _ = tiny_gqa
+    for source in (jinja, with_chatml):
+        model = models.load_chat_model(str(gguf), config.model_copy(update={"chat_template": str(source)}))
+        assert model.render_chat(MESSAGES).startswith("<|im_start|>system\nYou rank movies.")
+        assert model.chat(MESSAGES, max_tokens=2).prompt_tokens == len(model.chat_token_ids(MESSAGES))
+
+
 # --- which engine load_chat_model picks -------------------------------------------
 
 class _Engine:
@@ -192,6 +261,7 @@ def engines(monkeypatch, tiny_gqa):
     monkeypatch.setattr(hf_backend.HFChatModel, "load",
                         classmethod(lambda cls, path, **kw: _Engine("transformers", path, **kw)))
     monkeypatch.setattr(models, "base_gguf_of", lambda folder: base)
+    monkeypatch.setattr(models, "check_chat_model", lambda model: None)  # fakes cannot chat
     available = {"llama_cpp": True}
     monkeypatch.setattr(models, "llama_cpp_available", lambda: available["llama_cpp"])
     return available
@@ -215,6 +285,19 @@ def test_auto_runs_llama_folders_and_ggufs_with_llamacpp_when_installed(engines,
     assert models.load_chat_model(str(folder), config).kind == "transformers"
 
 
+def test_a_configured_chat_template_reaches_either_engine(engines, tiny_gqa, tmp_path):
+    folder, base = tiny_gqa
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    assert models.load_chat_model(str(base), LLMConfig()).kwargs["chat_template"] is None
+    for backend in ("llamacpp", "transformers"):
+        config = LLMConfig(backend=backend, gguf_dtype="f32", chat_template=str(jinja))
+        picked = models.load_chat_model(str(folder), config)
+        assert picked.kind == backend and picked.kwargs["chat_template"] == jinja.read_text()
+    with pytest.raises(LLMError, match="chat template file not found"):
+        models.load_chat_model(str(folder), LLMConfig(chat_template=str(tmp_path / "no.jinja")))
+
+
 def test_auto_falls_back_to_transformers_when_llamacpp_cannot_run_it(engines, tiny_lm_dir,
                                                                      tmp_path, caplog):
     gemma = tmp_path / "gemma"
@@ -232,7 +315,8 @@ def test_auto_falls_back_to_transformers_when_llamacpp_cannot_run_it(engines, ti
 
 
 def test_llamacpp_chat_model_on_an_export_talks_like_transformers(tiny_gqa, tmp_path):
-    """Same template text, same prompt tokens, same greedy answer on the tiny model."""
+    """Same template text and prompt tokens (exact), and the same next-token
+    distributions over a chat and its answer (within the tolerance)."""
     pytest.importorskip("llama_cpp")
     from starrec.llm.hf_backend import HFChatModel
     from starrec.llm.llamacpp_backend import LlamaCppChatModel
@@ -241,12 +325,29 @@ def test_llamacpp_chat_model_on_an_export_talks_like_transformers(tiny_gqa, tmp_
     llama = LlamaCppChatModel(export_gguf(folder, tmp_path / "m.gguf", base, "f32"), threads=1,
                               n_ctx=512)
     hf = HFChatModel.load(folder, threads=1)
-    messages = [{"role": "system", "content": "You rank movies."},
-                {"role": "user", "content": "the user liked space movies, 17 [3, 0]"}]
-    assert llama.render_chat(messages) == hf.render_chat(messages)
-    a, b = llama.chat(messages, max_tokens=8), hf.chat(messages, max_tokens=8)
-    assert a.prompt_tokens == b.prompt_tokens
-    assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
+    assert llama.render_chat(MESSAGES) == hf.render_chat(MESSAGES)
+    assert llama.chat_token_ids(MESSAGES) == hf.chat_token_ids(MESSAGES)
+    a, b = llama.chat(MESSAGES, max_tokens=8), hf.chat(MESSAGES, max_tokens=8)
+    assert a.prompt_tokens == b.prompt_tokens == len(hf.chat_token_ids(MESSAGES))
+    assert 1 <= a.completion_tokens <= 8 and 1 <= b.completion_tokens <= 8
+    agreement = _answer_agreement(hf, llama, MESSAGES, ANSWER)
+    assert agreement.holds(TOP1, GAP), agreement
+
+
+def test_a_wrong_chat_template_fails_the_engine_agreement(tiny_gqa, tmp_path):
+    """The agreement check is not blind to templates: llama.cpp given another chat format
+    than transformers' reads the same answer in another context, and most positions move."""
+    pytest.importorskip("llama_cpp")
+    from starrec.llm.hf_backend import HFChatModel
+    from starrec.llm.llamacpp_backend import LlamaCppChatModel
+
+    folder, base = tiny_gqa
+    wrong = LlamaCppChatModel(export_gguf(folder, tmp_path / "m.gguf", base, "f32"), threads=1,
+                              n_ctx=512, chat_template=PLAIN_TEMPLATE)
+    hf = HFChatModel.load(folder, threads=1)
+    assert wrong.render_chat(MESSAGES) != hf.render_chat(MESSAGES)
+    agreement = _answer_agreement(hf, wrong, MESSAGES, ANSWER)
+    assert not agreement.holds(TOP1, GAP) and agreement.top1 < 0.5, agreement
 
 
 # --- SmolLM2 (slow) -------------------------------------------------------------------
@@ -259,6 +360,18 @@ def smollm2_folder() -> Path:
     return Path(models.resolve_model_folder("smollm2"))
 
 
+# SmolLM2 in both engines. An f32 or f16 export computes what transformers does, up to
+# rounding; the shipped Q4_1 file has the very weights of the de-quantised folder, but
+# llama.cpp also rounds the activations to 8 bits in every Q4_1 product, so its
+# log-probabilities move further, by tenths, on a few likely tokens. A chat rendered in
+# another format moves the answer's first log-probabilities by whole units, ten and more.
+SMOLLM2_GAP = 0.15
+Q4_1_GAP = 1.5
+SCIFI = [{"role": "user", "content": "Name a famous science fiction movie and say why."}]
+SCIFI_ANSWER = (" One of the most famous science fiction movies is Star Wars, because it "
+                "changed how films were made and told a story of hope.")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_smollm2_export_decodes_like_transformers(smollm2_folder, tmp_path, dtype):
@@ -269,20 +382,27 @@ def test_smollm2_export_decodes_like_transformers(smollm2_folder, tmp_path, dtyp
     out = export_gguf(smollm2_folder, tmp_path / f"smollm2-{dtype}.gguf", dtype=dtype)
     llama = LlamaCppChatModel(out, threads=2, n_ctx=1024)
     hf = HFChatModel.load(smollm2_folder, threads=2)
-    messages = [{"role": "user", "content": "Name a famous science fiction movie and say why."}]
-    assert llama.render_chat(messages) == hf.render_chat(messages)
-    a, b = llama.chat(messages, max_tokens=16), hf.chat(messages, max_tokens=16)
-    assert a.prompt_tokens == b.prompt_tokens and a.completion_tokens == b.completion_tokens == 16
-    assert a.text == b.text  # the same 16 greedy tokens
-    ids = hf.tokenizer(hf.render_chat(messages), add_special_tokens=False)["input_ids"]
-    ref, got = _hf_logits(smollm2_folder, ids), _llamacpp_logits(out, ids)
-    assert np.abs(got - ref).max() < 0.25 and (got.argmax(-1) == ref.argmax(-1)).all()
+    assert llama.render_chat(SCIFI) == hf.render_chat(SCIFI)
+    ids = hf.chat_token_ids(SCIFI)
+    assert llama.chat_token_ids(SCIFI) == ids
+    a, b = llama.chat(SCIFI, max_tokens=16), hf.chat(SCIFI, max_tokens=16)
+    assert a.prompt_tokens == b.prompt_tokens == len(ids)
+    assert a.text.strip() and 1 <= a.completion_tokens <= 16 and 1 <= b.completion_tokens <= 16
+    prompt = engine_agreement(hf.next_token_logprobs(ids), llama.next_token_logprobs(ids))
+    answer = _answer_agreement(hf, llama, SCIFI, SCIFI_ANSWER)
+    assert prompt.holds(TOP1, SMOLLM2_GAP) and answer.holds(TOP1, SMOLLM2_GAP), (prompt, answer)
+    # the same check fails when llama.cpp renders the chat in another format
+    wrong = LlamaCppChatModel(out, threads=2, n_ctx=1024, chat_template=PLAIN_TEMPLATE)
+    broken = _answer_agreement(hf, wrong, SCIFI, SCIFI_ANSWER)
+    assert broken.max_gap > 10 * SMOLLM2_GAP and not broken.holds(TOP1, SMOLLM2_GAP), broken
 
 
 @pytest.mark.slow
 def test_smollm2_llamacpp_and_transformers_agree_on_the_chat_contract(smollm2_folder):
-    """Template, token counts, stop strings and seeds behave alike on both engines (the
-    shipped Q4_1 GGUF against the de-quantised folder)."""
+    """Template and prompt tokens are the same on both engines (the shipped Q4_1 GGUF
+    against the de-quantised folder), next-token distributions agree within the
+    quantisation's tolerance, and stop strings, token counts and seeds keep their promises
+    on each engine."""
     pytest.importorskip("llama_cpp")
     from starrec.llm.hf_backend import HFChatModel
     from starrec.llm.llamacpp_backend import LlamaCppChatModel
@@ -294,19 +414,26 @@ def test_smollm2_llamacpp_and_transformers_agree_on_the_chat_contract(smollm2_fo
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Why?"}]
     text = llama.render_chat(messages)
     assert text == hf.render_chat(messages)
-    assert llama._tokenize(text, add_bos=False) == hf.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llama.chat_token_ids(messages) == hf.chat_token_ids(messages)
+    # the same tokens (a chat and its answer) read by both engines
+    ids = hf.chat_token_ids(SCIFI) + hf.tokenizer(SCIFI_ANSWER, add_special_tokens=False)["input_ids"]
+    agreement = engine_agreement(hf.next_token_logprobs(ids), llama.next_token_logprobs(ids))
+    assert agreement.holds(TOP1, Q4_1_GAP), agreement
     short = [{"role": "user", "content": "Name a famous science fiction movie."}]
-    a, b = llama.chat(short, max_tokens=40, stop=["."]), hf.chat(short, max_tokens=40, stop=["."])
-    assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, "stop")
-    assert "." not in a.text
-    seeded = [llama.chat(short, max_tokens=10, temperature=1.0, seed=3).text for _ in range(2)]
-    unseeded = {llama.chat(short, max_tokens=10, temperature=1.0).text for _ in range(3)}
-    assert seeded[0] == seeded[1] and len(unseeded) > 1
-    hf_unseeded = {hf.chat(short, max_tokens=6, temperature=1.0).text for _ in range(3)}
-    assert len(hf_unseeded) > 1
-    raw_a, raw_b = llama.complete("The capital of France is", max_tokens=3), hf.complete(
-        "The capital of France is", max_tokens=3)
-    assert raw_a.prompt_tokens == raw_b.prompt_tokens and raw_a.text.strip().startswith("Paris")
+    prompt_tokens = len(hf.chat_token_ids(short))
+    for model in (llama, hf):
+        cut = model.chat(short, max_tokens=40, stop=["."])
+        assert "." not in cut.text and cut.finish_reason == "stop", (model.name, cut)
+        assert cut.prompt_tokens == prompt_tokens and 1 <= cut.completion_tokens < 40
+        # what a seed guarantees: the same engine, seed and process give the same text
+        seeded = [model.chat(short, max_tokens=10, temperature=1.0, seed=3).text for _ in range(2)]
+        assert seeded[0] == seeded[1], model.name
+    france = hf.tokenizer("The capital of France is")["input_ids"]
+    paris = hf.tokenizer(" Paris", add_special_tokens=False)["input_ids"]
+    raw_a, raw_b = (m.complete("The capital of France is", max_tokens=3) for m in (llama, hf))
+    assert raw_a.prompt_tokens == raw_b.prompt_tokens == len(france)
+    for model in (llama, hf):  # a likely answer, by a wide margin, on both engines
+        assert model.next_token_logprobs(france)[-1].argmax() == paris[0], model.name
 
 
 @pytest.mark.slow

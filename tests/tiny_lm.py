@@ -5,11 +5,20 @@ template, eos/pad tokens, a Llama causal LM) at a size where `generate` is insta
 tests can exercise every code path that loads, prompts, constrains or fine-tunes a model.
 The output is nonsense, but deterministic: the tokenizer is trained on a fixed corpus and
 the weights come from a fixed seed.
+
+`engine_agreement` is how tests compare two engines (or two weight formats) of one model:
+next-token log-probabilities on the same tokens, within a tolerance, and the share of
+positions whose most likely token is the same. Greedy text is not compared: it parts at
+the first near-tie that rounds the other way on another CPU, and from there on differs
+entirely, while a broken export or chat template moves most positions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 # Same special tokens, same roles and same template shape as SmolLM2-135M-Instruct, minus
 # its default system prompt (tests should see exactly the messages they pass).
@@ -46,9 +55,11 @@ def _corpus() -> list[str]:
 
 
 def make_tiny_lm(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
-                 heads: int = 2, kv_heads: int | None = None, init_std: float = 0.02) -> Path:
+                 heads: int = 2, kv_heads: int | None = None, init_std: float = 0.02,
+                 chat_template: str | None = CHAT_TEMPLATE) -> Path:
     """Write tokenizer + config + safetensors weights of a tiny Llama into `folder`
-    (`init_std` well above the default makes attention and logits far from uniform)."""
+    (`init_std` well above the default makes attention and logits far from uniform;
+    `chat_template=None` makes a base model's folder, with no template)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -66,7 +77,7 @@ def make_tiny_lm(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
                                         pad_token="<|endoftext|>", bos_token="<|im_start|>",
                                         unk_token="<|endoftext|>",
                                         model_max_length=1024)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
 
     torch.manual_seed(seed)
@@ -119,3 +130,28 @@ def make_tiny_base_gguf(folder: Path, out: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely two engines' next-token distributions agree on the same positions."""
+
+    top1: float  # share of positions where both put the same token first
+    max_gap: float  # largest |log p difference| over each position's likely tokens
+    positions: int
+
+    def holds(self, top1: float, max_gap: float) -> bool:
+        return self.top1 >= top1 and self.max_gap <= max_gap
+
+
+def engine_agreement(reference: np.ndarray, other: np.ndarray, likely: int = 5) -> Agreement:
+    """Compare two (positions x vocabulary) log-probability arrays of one token sequence.
+    The gap is taken over the `likely` tokens the reference ranks first at each position:
+    the far tail of a distribution moves more under quantisation without changing any
+    choice the model makes."""
+    assert reference.shape == other.shape, (reference.shape, other.shape)
+    top = np.argsort(-reference, axis=-1)[:, :likely]
+    gap = np.abs(np.take_along_axis(reference, top, -1) - np.take_along_axis(other, top, -1))
+    same = reference.argmax(-1) == other.argmax(-1)
+    return Agreement(top1=float(same.mean()), max_gap=float(gap.max()),
+                     positions=int(reference.shape[0]))

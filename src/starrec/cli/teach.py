@@ -20,6 +20,7 @@ from starrec.cli.options import (
     ScenarioOption,
     SetOption,
     TasksOption,
+    TrainSplitOption,
     UsersOption,
 )
 from starrec.cli.options import config_from as _config
@@ -33,8 +34,22 @@ if TYPE_CHECKING:
     from starrec.trajectories.recorder import TeachSummary
 
 
+ChatTemplateOption = Annotated[Optional[Path], typer.Option(
+    "--chat-template",
+    help="A chat template for a model without one (or to replace its own): a Jinja file, or "
+    "a model folder holding one. Sets llm.chat_template.")]
+
+
+def with_chat_template(cfg: StarConfig, chat_template: Path | None) -> StarConfig:
+    """`cfg` with `--chat-template` applied (an option wins over the config file)."""
+    if chat_template is not None:
+        cfg.llm.chat_template = str(chat_template)
+    return cfg
+
+
 def _load_model(spec: str | None, cfg: StarConfig) -> ChatModel:
-    """The teacher's model (a seam for tests, which use a scripted one)."""
+    """The teacher's model, preflighted by `load_chat_model` (a seam for tests, which use
+    a scripted one)."""
     from starrec.llm.models import load_chat_model
 
     return load_chat_model(spec, cfg.llm)
@@ -45,7 +60,7 @@ def teach(
         "trajectories.jsonl"),
     tasks: TasksOption = None,
     dataset: DatasetOption = None,
-    split: Annotated[str, typer.Option(help="train, valid or test (when --tasks is not given).")] = "train",
+    split: TrainSplitOption = None,
     users: UsersOption = "all",
     scenario: ScenarioOption = "classic",
     limit: LimitOption = None,
@@ -57,6 +72,7 @@ def teach(
         help="Sampling temperature of every agent. Default: mars.temperature.")] = None,
     retry_errors: Annotated[bool, typer.Option(
         help="Run again the tasks whose recorded run ended in an error.")] = False,
+    chat_template: ChatTemplateOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -74,14 +90,15 @@ def teach(
     overrides = list(set_ or [])
     if temperature is not None:
         overrides.append(f"mars.temperature={temperature}")
-    cfg = _config(config, overrides)
+    cfg = with_chat_template(_config(config, overrides), chat_template)
     if samples > 1 and cfg.mars.temperature == 0:
         typer.secho("warning: several samples at temperature 0 are identical; pass --temperature",
                     fg=typer.colors.YELLOW, err=True)
     dataset = dataset or cfg.data.dataset
     try:
-        task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg)
         loaded = load_dataset(dataset, cfg.data.source)
+        task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg, loaded=loaded,
+                               default_split="train")
         summary = teach_tasks(task_list, loaded, dataset, cfg, model, out, samples=samples,
                               concurrency=concurrency, retry_errors=retry_errors)
     except (DataError, ValueError, LLMError, TrajectoryFileError) as error:
@@ -93,19 +110,22 @@ def teach_tasks(task_list: list[Task], loaded: Dataset, dataset: str, cfg: StarC
                 model: str | None, out: Path, *, samples: int = 1, concurrency: int = 1,
                 retry_errors: bool = False) -> TeachSummary:
     """Teacher runs of `task_list` appended to `out` (resumed if it exists), each run
-    reading the evidence store built from exactly what these tasks may see."""
+    reading the evidence store built from exactly what these tasks may see. The model is
+    loaded and preflighted first: one that cannot answer stops here, before the store is
+    built or any task is run."""
     from starrec.agents.mars import MarsTeacher
     from starrec.cst.store import EvidenceStore, ensure_store
     from starrec.data.registry import dataset_slug
-    from starrec.data.splits import task_interactions
+    from starrec.data.splits import check_no_leak, task_interactions
     from starrec.evaluation.runner import split_of
     from starrec.trajectories.recorder import run_teacher
 
     task_split = split_of(task_list)
+    chat_model = _load_model(model, cfg)
     allowed = task_interactions(loaded, task_list, task_split)
+    check_no_leak(task_list, allowed, where=f"evidence store of the {task_split} tasks")
     store = ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset),
                          split=task_split)
-    chat_model = _load_model(model, cfg)
 
     def teacher() -> MarsTeacher:
         # one store connection per worker thread

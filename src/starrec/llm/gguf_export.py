@@ -123,13 +123,22 @@ def chat_template_files(folder: Path) -> list[Path]:
             if p.is_file()]
 
 
+def template_of(tokenizer_config: dict) -> str | None:
+    """The chat template a tokenizer_config.json holds: a string, or (as older
+    transformers wrote several) a list of named ones, of which "default" is the chat's."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def chat_template(folder: Path) -> str | None:
     """The folder's own chat template, if it has one."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
-    return template if isinstance(template, str) else None
+    return template_of(_read_json(folder / "tokenizer_config.json"))
 
 
 def read_metadata(gguf_path: Path) -> tuple[dict[str, Any], dict[str, tuple]]:

@@ -12,11 +12,16 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from starrec.llm.base import Completion, Constraint, LLMError, Message
+from starrec.llm.base import Completion, Constraint, LLMError, Message, NoChatTemplateError
 from starrec.llm.constraints import TokenVocab, find_list_tokens, hf_logits_processor, maskable
 from starrec.paths import available_cores
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +73,15 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
 
 
 class HFChatModel:
-    """`ChatModel` over a loaded transformers model and its tokenizer."""
+    """`ChatModel` over a loaded transformers model and its tokenizer. `chat_template`
+    (Jinja text) replaces the tokenizer's own, or gives one to a tokenizer without."""
 
-    def __init__(self, model, tokenizer, name: str, threads: int | None = None) -> None:
+    def __init__(self, model, tokenizer, name: str, threads: int | None = None,
+                 chat_template: str | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
         self.name = name
         self.threads = cap_torch_threads(threads) if model.device.type == "cpu" else None
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -81,7 +90,7 @@ class HFChatModel:
 
     @classmethod
     def load(cls, path: str | Path, gguf_file: str | None = None, threads: int | None = None,
-             name: str | None = None) -> HFChatModel:
+             name: str | None = None, chat_template: str | None = None) -> HFChatModel:
         """Load a folder or hub id (hub: only from the local cache unless online); with
         `gguf_file`, de-quantise that GGUF inside `path`."""
         passive_openmp()
@@ -99,7 +108,8 @@ class HFChatModel:
                            f"{' / ' + gguf_file if gguf_file else ''}: {exc}") from exc
         if cuda:
             model = model.to("cuda")
-        return cls(model, tokenizer, name=name or str(path), threads=threads)
+        return cls(model, tokenizer, name=name or str(path), threads=threads,
+                   chat_template=chat_template)
 
     @property
     def vocab(self) -> TokenVocab:
@@ -124,7 +134,7 @@ class HFChatModel:
 
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         if not self.tokenizer.chat_template:
-            raise LLMError(f"{self.name} has no chat template; use complete() with raw text")
+            raise NoChatTemplateError(self.name)
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
@@ -134,6 +144,23 @@ class HFChatModel:
         # The template already writes any BOS the model expects.
         return self._generate(self.render_chat(messages), False, max_tokens, temperature, stop,
                               constraint, seed)
+
+    def chat_token_ids(self, messages: list[Message]) -> list[int]:
+        """The prompt tokens `chat` feeds the model for these messages."""
+        return self.tokenizer(self.render_chat(messages), add_special_tokens=False)["input_ids"]
+
+    def next_token_logprobs(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Log-probabilities of the next token after every prefix of `token_ids`, teacher
+        forced in one pass: row i is the distribution after `token_ids[:i + 1]`, shape
+        (len(token_ids), vocabulary size), float64. A test and diagnostic helper: engines
+        and weight formats are compared on the same tokens with a tolerance, since their
+        greedy texts part at the first near-tie that rounds differently on another CPU."""
+        import torch
+
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.model.device)
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0].to(torch.float64)
+        return torch.log_softmax(logits, dim=-1).cpu().numpy()
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0,
                  stop: list[str] | None = None, constraint: Constraint | None = None,

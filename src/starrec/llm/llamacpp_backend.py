@@ -2,8 +2,9 @@
 
 Decodes ~3x faster than transformers on CPU (SmolLM2-135M, 2 threads: ~40 vs ~13 tokens/s,
 benchmarks/llm_engines.py). The chat template
-comes from the GGUF's own metadata; prompts are tokenised here so that token counts and
-the constraint hooks see exactly what the model sees.
+comes from the GGUF's own metadata unless one is given (`llm.chat_template`); prompts are
+tokenised here so that token counts and the constraint hooks see exactly what the model
+sees.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import json
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
-from starrec.llm.base import Completion, Constraint, JSONSchemaConstraint, LLMError, Message
+import numpy as np
+
+from starrec.llm.base import (Completion, Constraint, JSONSchemaConstraint, LLMError, Message,
+                              NoChatTemplateError)
 from starrec.llm.constraints import TokenVocab, find_list_tokens, llamacpp_logits_processor, maskable
 from starrec.llm.hf_backend import passive_openmp
 from starrec.paths import available_cores
@@ -31,25 +36,30 @@ def import_llama_cpp():
 
 
 class LlamaCppChatModel:
-    """`ChatModel` over one GGUF file loaded by llama-cpp-python."""
+    """`ChatModel` over one GGUF file loaded by llama-cpp-python. `chat_template` (Jinja
+    text) replaces the GGUF's own, or gives one to a GGUF without."""
 
     def __init__(self, gguf_path: str | Path, *, threads: int | None = None, n_ctx: int = 8192,
-                 name: str | None = None) -> None:
+                 name: str | None = None, chat_template: str | None = None) -> None:
         llama_cpp = import_llama_cpp()
 
         path = Path(gguf_path)
         if not path.is_file():
             raise LLMError(f"GGUF file not found: {path}")
         n_threads = max(1, min(threads or available_cores(), available_cores()))
-        self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
-                                     n_threads_batch=n_threads, verbose=False)
+        try:
+            self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads,
+                                         n_threads_batch=n_threads, verbose=False)
+        except ValueError as exc:  # an architecture or file version this llama.cpp lacks
+            raise LLMError(f"llama.cpp cannot load {path}: {exc}") from exc
         # Free the model while the interpreter is intact: llama-cpp-python's own __del__
         # at exit finds its modules torn down and prints a traceback.
         weakref.finalize(self, self.llama.close)
         self.name = name or path.name
         self._llama_cpp = llama_cpp
         self.eos_ids = (self.llama.token_eos(),)
-        self.chat_template: str | None = self.llama.metadata.get("tokenizer.chat_template")
+        self.chat_template: str | None = (chat_template if chat_template is not None
+                                          else self.llama.metadata.get("tokenizer.chat_template"))
         self._vocab: TokenVocab | None = None
         self._lock = threading.Lock()
 
@@ -83,8 +93,8 @@ class LlamaCppChatModel:
         # transformers' renderer, so the text matches what the HF backend would build.
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        if self.chat_template is None:
-            raise LLMError(f"{self.name} has no chat template in its GGUF metadata")
+        if not self.chat_template:
+            raise NoChatTemplateError(self.name)
         rendered, _ = render_jinja_template(
             conversations=[list(messages)], chat_template=self.chat_template,
             add_generation_prompt=add_generation_prompt,
@@ -97,6 +107,42 @@ class LlamaCppChatModel:
              seed: int | None = None) -> Completion:
         return self._generate(self._tokenize(self.render_chat(messages), add_bos=False),
                               max_tokens, temperature, stop, constraint, seed)
+
+    def chat_token_ids(self, messages: list[Message]) -> list[int]:
+        """The prompt tokens `chat` feeds the model for these messages."""
+        return self._tokenize(self.render_chat(messages), add_bos=False)
+
+    def next_token_logprobs(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Log-probabilities of the next token after every prefix of `token_ids`, teacher
+        forced: row i is the distribution after `token_ids[:i + 1]`, shape
+        (len(token_ids), vocabulary size), float64. A test and diagnostic helper (see
+        `HFChatModel.next_token_logprobs`). The context was made without logits for every
+        position (they would take n_ctx x vocabulary floats), so the batches here ask for
+        them; the KV cache is cleared before and after, and the next generation evaluates
+        its prompt from scratch."""
+        ids = [int(i) for i in token_ids]
+        llama = self.llama
+        n_vocab = llama.n_vocab()
+        rows: list[np.ndarray] = []
+        with self._lock:
+            llama.reset()
+            llama._ctx.kv_cache_clear()
+            try:
+                for start in range(0, len(ids), llama.n_batch):
+                    chunk = ids[start:start + llama.n_batch]
+                    llama._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                    llama._ctx.decode(llama._batch)
+                    logits = np.ctypeslib.as_array(llama._ctx.get_logits(),
+                                                   shape=(len(chunk), n_vocab))
+                    rows.append(logits.astype(np.float64))
+            except (ValueError, RuntimeError) as exc:  # context overflow, decode failure
+                raise LLMError(f"{self.name}: {exc}") from exc
+            finally:
+                llama.reset()
+                llama._ctx.kv_cache_clear()
+        logits = np.concatenate(rows) if rows else np.zeros((0, n_vocab))
+        peak = logits.max(axis=-1, keepdims=True)
+        return logits - peak - np.log(np.exp(logits - peak).sum(axis=-1, keepdims=True))
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0,
                  stop: list[str] | None = None, constraint: Constraint | None = None,

@@ -12,6 +12,13 @@ Folders, `smollm2`'s de-quantised one included, are exported once to a GGUF of
 on the same weight format. For transformers (and for trainers), GGUF files
 are de-quantised once and cached as safetensors under `$STAR_HOME/models`, so later
 loads take well under a second instead of half a minute.
+
+A loaded model is preflighted (`check_chat_model`): one short chat, one token. A model
+that cannot answer at all (no chat template, a template that does not render, an engine
+that cannot run it, a server that rejects it) stops the run at its start with one clear
+error, instead of failing on every task and being scored as the fallback ranking.
+`llm.chat_template` gives a model without a template (a base model, a GGUF written
+without one) the template of a file or of another model's folder.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import shutil
 from pathlib import Path
 
 from starrec.config import LLMConfig
-from starrec.llm.base import ChatModel, LLMError
-from starrec.llm.gguf_export import (GGUFDtype, GGUFExportError, chat_template_files,
-                                     export_gguf, weight_files)
+from starrec.llm.base import ChatModel, LLMError, Message, NoChatTemplateError
+from starrec.llm.gguf_export import (GGUFDtype, GGUFExportError, chat_template,
+                                     chat_template_files, export_gguf, template_of,
+                                     weight_files)
 from starrec.llm.hf_backend import passive_openmp
 from starrec.paths import package_dir, star_home
 
@@ -209,22 +217,87 @@ def _llamacpp_gguf(spec: str, config: LLMConfig, strict: bool) -> Path | None:
     return None
 
 
-def load_chat_model(spec: str | None, config: LLMConfig) -> ChatModel:
-    """Resolve `spec` (default `config.model`) with `config.backend` to a backend."""
-    spec = spec or config.model
+def load_chat_template(source: str | Path) -> str:
+    """The chat template `source` holds: a Jinja file, a tokenizer_config.json, or a
+    model folder with either (`chat_template.jinja` first). It lets a model without a
+    template (a base model, a GGUF written without one) hold conversations in the format
+    of the model the template comes from."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        template = chat_template(path)
+        if template is None:
+            raise LLMError(f"chat template: {path} has neither a chat_template.jinja nor a "
+                           f"chat_template in its tokenizer_config.json")
+        return template
+    if not path.is_file():
+        raise LLMError(f"chat template file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            template = template_of(json.loads(text))
+        except (ValueError, AttributeError) as exc:
+            raise LLMError(f"chat template: {path} is not a tokenizer_config.json ({exc})") from exc
+        if template is None:
+            raise LLMError(f"chat template: {path} holds no chat_template")
+        return template
+    if not text.strip():
+        raise LLMError(f"chat template file {path} is empty")
+    return text
+
+
+# The shape of every prompt the project sends (agents and students alike): a system
+# message, then a user message. Some templates refuse a system role; better to know now.
+PREFLIGHT_CHAT: list[Message] = [{"role": "system", "content": "You are a helpful assistant."},
+                                 {"role": "user", "content": "Say hello."}]
+
+
+def check_chat_model(model: ChatModel) -> None:
+    """Render a short chat with `model` and generate one token from it; raise `LLMError`
+    naming the model and the cause if that fails. Runs before a run's first task: a model
+    that cannot answer any chat would otherwise fail task by task, each failure answered
+    by the fallback ranking, and the run would report the fallback's numbers as its own."""
+    try:
+        model.chat(PREFLIGHT_CHAT, max_tokens=1)
+    except NoChatTemplateError:
+        raise
+    except LLMError as exc:
+        raise LLMError(f"model {model.name!r} failed its preflight (a two-message chat, one "
+                       f"token): {exc}") from exc
+    except Exception as exc:  # a template's Jinja error, an engine's failure
+        raise LLMError(f"model {model.name!r} failed its preflight (a two-message chat, one "
+                       f"token): {type(exc).__name__}: {exc}") from exc
+
+
+def load_chat_model(spec: str | None, config: LLMConfig, *, check: bool = True) -> ChatModel:
+    """Resolve `spec` (default `config.model`) with `config.backend` to a backend, with
+    `config.chat_template` applied; with `check`, preflighted (`check_chat_model`), so
+    that a model that cannot answer stops its run here rather than on every task."""
+    model = _load_chat_model(spec or config.model, config)
+    if check:
+        check_chat_model(model)
+    return model
+
+
+def _load_chat_model(spec: str, config: LLMConfig) -> ChatModel:
     backend = config.backend
     if backend == "openai" or is_url(spec) or (backend == "auto" and config.base_url):
+        if config.chat_template:
+            raise LLMError("llm.chat_template (--chat-template) applies to in-process models; "
+                           "a server applies its own template (e.g. vllm serve --chat-template)")
         return _openai(spec, config)
+    template = load_chat_template(config.chat_template) if config.chat_template else None
     if backend == "llamacpp" or (backend == "auto" and llama_cpp_available()):
         passive_openmp()  # before a conversion or an export loads torch
         gguf = _llamacpp_gguf(spec, config, strict=backend == "llamacpp")
         if gguf is not None:
             from starrec.llm.llamacpp_backend import LlamaCppChatModel
 
-            return LlamaCppChatModel(gguf, threads=config.threads, n_ctx=config.n_ctx, name=spec)
+            return LlamaCppChatModel(gguf, threads=config.threads, n_ctx=config.n_ctx, name=spec,
+                                     chat_template=template)
     from starrec.llm.hf_backend import HFChatModel
 
-    return HFChatModel.load(resolve_model_folder(spec), threads=config.threads, name=spec)
+    return HFChatModel.load(resolve_model_folder(spec), threads=config.threads, name=spec,
+                            chat_template=template)
 
 
 def _openai(spec: str, config: LLMConfig) -> ChatModel:
