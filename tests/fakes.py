@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from starrec.agents.prompts import role_prompt, roles
+from starrec.labels import candidate_labels, label_list
 from starrec.llm.base import Completion, Constraint, Message
 
 Answer = Union[str, BaseException, Callable[[list[Message]], str]]
@@ -37,9 +38,15 @@ class Call:
 
 
 def permutation(n: int = 20, first: Sequence[int] = ()) -> str:
-    """`<recommend>[...]</recommend>` with `first` at the top, then the rest in order."""
+    """`<recommend>[...]</recommend>` in letter labels with the candidates at 0-based
+    `first` at the top, then the rest in order."""
+    return f"<recommend>{ranking(n, first)}</recommend>"
+
+
+def ranking(n: int = 20, first: Sequence[int] = ()) -> str:
+    """`[F, A, B, ...]`: a list of letter labels with 0-based `first` at the top."""
     order = list(first) + [i for i in range(n) if i not in first]
-    return f"<recommend>[{', '.join(map(str, order))}]</recommend>"
+    return label_list(order, candidate_labels(n))
 
 
 class ScriptedModel:

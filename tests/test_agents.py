@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from starrec.agents.answers import parse_findings, parse_plan, parse_verdict
-from starrec.agents.mars import MarsTeacher, fallback_order
+from starrec.agents.mars import MarsTeacher
 from starrec.agents.choices import plan_options, tool_call_options
 from starrec.agents.prompts import role_prompt, roles
 from starrec.agents.system import MarsSystem
@@ -19,6 +19,7 @@ from starrec.config import MarsConfig
 from starrec.cst.ranker import CSTRanker
 from starrec.cst.tools import ToolExecutor, tool_specs
 from starrec.data.tasks import Task
+from starrec.labels import candidate_labels
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
 from starrec.llm.structured import (
     ParseError,
@@ -26,11 +27,12 @@ from starrec.llm.structured import (
     generate_structured,
     parse_ranking,
     parse_tool_call,
+    ranking_prefix,
 )
 from starrec.trajectories.recorder import TrajectoryWriter, read_runs
 from starrec.trajectories.schema import TeacherRun
 from tests.conftest import write_dataset_folder
-from tests.fakes import ScriptedModel, permutation
+from tests.fakes import ScriptedModel, permutation, ranking
 
 SPECS = list(tool_specs())
 
@@ -80,46 +82,66 @@ def test_tool_call_errors_tell_the_model_what_to_do():
         parse_tool_call('{"name": "popularity", "arguments": [1, 2]}', SPECS)
 
 
+L4, L5 = candidate_labels(4), candidate_labels(5)
+
+
 @pytest.mark.parametrize("text,expected", [
-    ("[2, 0, 1, 3]", [2, 0, 1, 3]),
-    ("I think <recommend>[3, 1, 0, 2]</recommend> because 7 > 2", [3, 1, 0, 2]),
-    ("Ranking: [3, 1, 0, 2,] done. [5]", [3, 1, 0, 2]),
-    ("[1] Item 4\n[3] Item 9\n[0] Item 1\n[2] Item 7", [1, 3, 0, 2]),  # candidates echoed
-    ("<recommend>2, 3, 1, 0</recommend>", [2, 3, 1, 0]),
+    ("[C, A, B, D]", [2, 0, 1, 3]),
+    ("I think <recommend>[D, B, A, C]</recommend> because 7 > 2", [3, 1, 0, 2]),
+    ("Ranking: [D, B, A, C,] done. [E]", [3, 1, 0, 2]),
+    ("[B] Item 4\n[D] Item 9\n[A] Item 1\n[C] Item 7", [1, 3, 0, 2]),  # candidates echoed
+    ("<recommend>C, D, B, A</recommend>", [2, 3, 1, 0]),
 ])
 def test_ranking_forms(text, expected):
-    assert parse_ranking(text, 4) == expected
+    assert parse_ranking(text, L4) == expected
+
+
+def test_ranking_in_number_labels_counts_from_one():
+    labels = candidate_labels(12, "numbers")
+    assert parse_ranking("[12, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]", labels) == [11, *range(11)]
+    with pytest.raises(ParseError):  # 0 is no label: a 0-based answer is not read as one
+        parse_ranking("[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]", labels)
 
 
 def test_ranking_errors_are_precise():
     with pytest.raises(RankingError) as caught:
-        parse_ranking("<recommend>[3, 3, 7, 0, 1]</recommend>", 5)
+        parse_ranking("<recommend>[D, D, A, B]</recommend>", L5)
     error = caught.value
-    assert (error.duplicates, error.out_of_range, error.missing) == ([3], [7], [2, 4])
-    assert "duplicated: [3]" in str(error) and "out of range: [7]" in str(error)
-    assert "missing: [2, 4]" in str(error)
+    assert (error.duplicates, error.missing) == (["D"], ["C", "E"])
+    assert "duplicated: D" in str(error) and "missing: C, E" in str(error)
     with pytest.raises(RankingError) as caught:  # cut off by max_tokens
-        parse_ranking("<recommend>[4, 2, 0", 5)
-    assert caught.value.missing == [1, 3]
-    with pytest.raises(ParseError, match="no list of candidate indices"):
-        parse_ranking("The best is Star Wars.", 5)
+        parse_ranking("<recommend>[E, C, A", L5)
+    assert caught.value.missing == ["B", "D"]
+    with pytest.raises(ParseError, match="no list of candidate labels"):
+        parse_ranking("The best is Star Wars.", L5)
+    with pytest.raises(ParseError, match="no list"):  # a label that does not exist
+        parse_ranking("[A, B, C, D, Z]", L5)
+
+
+def test_ranking_prefix_keeps_what_was_written_once():
+    assert ranking_prefix("<recommend>[D, D, A, Z, B", L5) == [3, 0, 1]
+    assert ranking_prefix("<recommend>[D, D, A, B]</recommend>", L5) == [3, 0, 1]
+    assert ranking_prefix("nothing here", L5) == []
+    assert ranking_prefix("I like A and B best", L5) == []  # capitals in prose are no labels
+    assert ranking_prefix("<recommend>C, A", L5) == [2, 0]
 
 
 def test_repair_feeds_the_error_back_and_constraint_only_when_supported():
-    model = ScriptedModel(["[0, 0, 1]", "[2, 0, 1]"])
+    model = ScriptedModel(["[A, A, B]", "[C, A, B]"])
     messages = [{"role": "user", "content": "rank"}]
-    result = generate_structured(model, messages, lambda t: parse_ranking(t, 3),
+    L3 = candidate_labels(3)
+    result = generate_structured(model, messages, lambda t: parse_ranking(t, L3),
                                  constraint=PermutationConstraint(3), max_repairs=2)
     assert result.value == [2, 0, 1] and len(result.attempts) == 2
-    assert "duplicated: [0]" in result.attempts[0].error and result.attempts[1].error is None
+    assert "duplicated: A" in result.attempts[0].error and result.attempts[1].error is None
     retry = model.calls[1].messages
-    assert retry[1] == {"role": "assistant", "content": "[0, 0, 1]"}
-    assert "duplicated: [0]" in retry[2]["content"] and retry[2]["role"] == "user"
+    assert retry[1] == {"role": "assistant", "content": "[A, A, B]"}
+    assert "duplicated: A" in retry[2]["content"] and retry[2]["role"] == "user"
     assert messages == [{"role": "user", "content": "rank"}]  # the caller's list is untouched
     assert all(c.kwargs["constraint"] is None for c in model.calls)  # not supported
 
-    model = ScriptedModel(["[1, 0]"], supports=[PermutationConstraint])
-    result = generate_structured(model, messages, lambda t: parse_ranking(t, 2),
+    model = ScriptedModel(["[B, A]"], supports=[PermutationConstraint])
+    result = generate_structured(model, messages, lambda t: parse_ranking(t, candidate_labels(2)),
                                  constraint=PermutationConstraint(2))
     assert model.calls[0].kwargs["constraint"] == PermutationConstraint(2)
     assert result.attempts[0].constrained
@@ -128,15 +150,15 @@ def test_repair_feeds_the_error_back_and_constraint_only_when_supported():
 def test_repairs_are_bounded_and_backend_errors_recorded():
     model = ScriptedModel(["nope", "still no", "no"])
     result = generate_structured(model, [{"role": "user", "content": "x"}],
-                                 lambda t: parse_ranking(t, 3), max_repairs=2)
+                                 lambda t: parse_ranking(t, candidate_labels(3)), max_repairs=2)
     assert result.value is None and len(result.attempts) == 3 and "no list" in result.error
-    model = ScriptedModel(["nope", "nope", "[0, 1, 2]"])  # a repeated rejected answer ends it
+    model = ScriptedModel(["nope", "nope", "[A, B, C]"])  # a repeated rejected answer ends it
     result = generate_structured(model, [{"role": "user", "content": "x"}],
-                                 lambda t: parse_ranking(t, 3), max_repairs=2)
+                                 lambda t: parse_ranking(t, candidate_labels(3)), max_repairs=2)
     assert result.value is None and len(result.attempts) == 2
     model = ScriptedModel([LLMError("timeout after 120 s")])
     result = generate_structured(model, [{"role": "user", "content": "x"}],
-                                 lambda t: parse_ranking(t, 3))
+                                 lambda t: parse_ranking(t, candidate_labels(3)))
     assert result.value is None and result.backend_failed
     assert result.attempts[0].error == "backend error: timeout after 120 s"
 
@@ -196,10 +218,10 @@ def test_full_run_with_multi_turn_tool_loops(world):
                             "long_term": "Candidates [11] and [12] match the history."}
     assert run.reflection == "ACCEPT" and run.reflection_rounds == 0
     assert run.ranking_indices[:3] == [11, 12, 6]
-    # the model saw the candidates in the cst ranker's order, numbered in that order
+    # by default the model sees the task file's order (DESIGN.md 3.7), labelled A, B, ...
     shown = run.task["candidates"]
-    assert shown == CSTRanker.on_store(store).rank(task) and shown != task.candidates
-    assert "[0] " + store.title(shown[0]) in llm_system(model)
+    assert shown == task.candidates
+    assert "[A] " + store.title(shown[0]) in llm_system(model)
     assert run.ranking == [shown[i] for i in run.ranking_indices]
     assert sorted(run.ranking) == sorted(task.candidates)
     # totals agree with the steps, every prompt is recorded as sent
@@ -211,7 +233,7 @@ def test_full_run_with_multi_turn_tool_loops(world):
     assert llm[0].messages[1]["content"].startswith(role_prompt("planner").brief)
     # one system prompt, the task with its evidence, opens every call: a KV cache reuses it
     assert {s.messages[0]["content"] for s in llm} == {llm[0].messages[0]["content"]}
-    assert "Scenario:" in llm[0].messages[0]["content"] and "[19]" in llm[0].messages[0]["content"]
+    assert "Scenario:" in llm[0].messages[0]["content"] and "[T]" in llm[0].messages[0]["content"]
     messages = {s.agent: s for s in steps(run, "message")}
     assert messages["planner"].parsed == {"recent": "what follows the last items",
                                           "long_term": "lasting interests"}
@@ -276,25 +298,25 @@ def test_malformed_tool_call_repaired_on_second_attempt(world):
 def test_malformed_ranking_repaired(world):
     store, tasks = world
     model = ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
-                           "ranker": ["[0, 0, 1]", permutation(20, [5])]})
+                           "ranker": ["[A, A, B]", permutation(20, [5])]})
     run = teacher(model, world).run(tasks[3])
     ranker = steps(run, "llm", "ranker")
-    assert len(ranker) == 2 and "duplicated: [0]" in ranker[0].error
+    assert len(ranker) == 2 and "duplicated: A" in ranker[0].error
     assert run.fallback is None and run.ranking_indices[0] == 5
 
 
-def test_ranking_still_broken_gets_the_cst_fallback(world):
+def test_ranking_still_broken_falls_back_to_the_presented_order(world):
     store, tasks = world
     task = tasks[4]
     model = ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
                            "ranker": "I like them all."})
-    run = teacher(model, world, max_repairs=1).run(task)
+    run = teacher(model, world, max_repairs=1, candidate_order="cst").run(task)
     assert len(steps(run, "llm", "ranker")) == 2
-    assert run.ranking == CSTRanker.on_store(store).rank(task)
-    # indices number the candidates as shown, which is already the cst order
-    assert run.ranking_indices == fallback_order(store, Task(**run.task))[0] == list(range(20))
-    assert run.status == "ok" and run.fallback.startswith("ranking unusable (no list of candidate indices")
-    assert "cst ranker order" in run.fallback
+    # shown in the cst order, but the fallback is the task file's order, not the ranker's
+    assert run.ranking == task.candidates != CSTRanker.on_store(store).rank(task)
+    assert run.ranking == [Task(**run.task).candidates[i] for i in run.ranking_indices]
+    assert run.status == "ok" and run.fallback.startswith("ranking unusable (no list of candidate labels")
+    assert "presented order" in run.fallback
     assert steps(run, "message", "ranker")[-1].error == run.fallback
 
 
@@ -345,9 +367,9 @@ def test_backend_error_mid_run_completes_with_a_recorded_fallback(world):
     assert model.roles_called() == ["planner", "recent", "recent"]  # nothing after the failure
     assert run.status == "error" and "timeout after 120 s" in run.error
     assert run.fallback.startswith("backend error: timeout") and run.ranking
-    assert run.ranking == CSTRanker.on_store(store).rank(task)
-    assert run.ranking_indices == list(range(20))  # numbered as shown, in cst order
-    assert "ranked by cst ranker order" in run.fallback
+    # the fallback is the task file's presented order, never a ranker's (DESIGN.md 3.4)
+    assert run.ranking == task.candidates and run.ranking_indices == list(range(20))
+    assert "ranked by presented order" in run.fallback
     failed = steps(run, "llm", "recent")[-1]
     assert failed.error == "backend error: timeout after 120 s" and failed.output == ""
     assert run.llm_calls == 3 and run.tool_calls == 1
@@ -374,7 +396,7 @@ def test_unparsable_plan_and_verdict_fall_back_and_are_recorded(world):
 def test_ranker_decodes_under_the_permutation_constraint_when_supported(world):
     store, tasks = world
     script = {"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
-              "ranker": "[" + ", ".join(map(str, range(19, -1, -1))) + "]"}
+              "ranker": ranking(20, list(range(19, -1, -1)))}
     model = ScriptedModel(script, supports=[PermutationConstraint])
     run = teacher(model, world).run(tasks[8])
     constraints = {c.role: c.kwargs["constraint"] for c in model.calls}
@@ -437,7 +459,42 @@ def test_presented_order_keeps_the_task_as_given(world):
     run = MarsTeacher(model, store, config).run(tasks[3])
     assert run.task == json.loads(tasks[3].to_json())
     assert run.ranking[0] == tasks[3].candidates[5]
-    assert "[5] " + store.title(tasks[3].candidates[5]) in llm_system(model)
+    assert "[F] " + store.title(tasks[3].candidates[5]) in llm_system(model)
+
+
+def test_cst_order_is_the_secondary_presentation(world):
+    store, tasks = world
+    model = ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
+                           "ranker": permutation(20, [5])})
+    run = MarsTeacher(model, store, MarsConfig(candidate_order="cst")).run(tasks[3])
+    shown = run.task["candidates"]
+    assert shown == CSTRanker.on_store(store).rank(tasks[3]) != tasks[3].candidates
+    assert run.ranking[0] == shown[5] and "[A] " + store.title(shown[0]) in llm_system(model)
+
+
+def test_a_broken_ranking_keeps_what_was_written_then_the_presented_order(world):
+    store, tasks = world
+    task = tasks[3]
+    model = ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
+                           "ranker": "<recommend>[E, C, C, A"})
+    run = MarsTeacher(model, store, MarsConfig(candidate_order="cst", max_repairs=0)).run(task)
+    shown = run.task["candidates"]
+    kept = [shown[4], shown[2], shown[0]]
+    assert run.ranking[:3] == kept
+    assert run.ranking[3:] == [c for c in task.candidates if c not in kept]  # task file's order
+    assert run.fallback and "the 3 candidates it ranked" in run.fallback
+    assert run.ranking == [shown[i] for i in run.ranking_indices]
+
+
+def test_number_labels_count_from_one(world):
+    store, tasks = world
+    model = ScriptedModel({"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
+                           "ranker": "<recommend>[6, " + ", ".join(
+                               str(i) for i in range(1, 21) if i != 6) + "]</recommend>"})
+    run = MarsTeacher(model, store, MarsConfig(labels="numbers")).run(tasks[3])
+    assert run.fallback is None and run.ranking[0] == tasks[3].candidates[5]
+    assert "[1] " + store.title(tasks[3].candidates[0]) in llm_system(model)
+    assert "[0] " not in llm_system(model)
 
 
 def test_a_bug_is_recorded_not_raised(world, monkeypatch):
@@ -497,7 +554,7 @@ def test_teach_command_writes_and_resumes(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "0 run(s) written, 3 already done" in result.output
     assert len(out.read_text().splitlines()) == 3
     result = CliRunner().invoke(app, args[:-2] + ["--users", "eval-200"])
-    assert result.exit_code != 0 and "--split test" in result.output
+    assert result.exit_code == 2 and "eval-200 is a set of test tasks" in result.output
 
 
 # --- the real tiny model ----------------------------------------------------------------

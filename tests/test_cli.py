@@ -6,10 +6,14 @@ from starrec.cli.main import app
 from tests.conftest import write_dataset_folder
 
 runner = CliRunner()
-RESULT_KEYS = {"system", "dataset", "split", "n_tasks", "metrics", "ci95", "efficiency", "config"}
+RESULT_KEYS = {"system", "dataset", "split", "n_tasks", "metrics", "ci95", "efficiency", "config",
+               "warnings", "provenance"}
 METRIC_KEYS = {"HR@1", "HR@3", "HR@5", "AvgHR", "NDCG@5", "NDCG@10", "MRR", "valid_rate"}
-EFFICIENCY_KEYS = {"median_s", "p95_s", "llm_calls_per_task", "prompt_tokens_per_task",
-                   "completion_tokens_per_task"}
+# what an LLM adds (DESIGN.md 3.4): beside the metrics, without intervals
+LLM_METRIC_KEYS = {"shown_order_identity", "kendall_tau_shown", "well_formed_rate",
+                   "repaired_rate", "constrained_rate", "fallback_rate"}
+EFFICIENCY_KEYS = {"median_s", "p95_s", "llm_calls_per_task", "generation_requests_per_task",
+                   "prompt_tokens_per_task", "completion_tokens_per_task"}
 
 
 def write_tables(folder):
@@ -35,7 +39,8 @@ def test_prepare_eval_report_on_a_folder_of_tables(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     payload = json.loads(results.read_text())
     assert set(payload) == RESULT_KEYS
-    assert set(payload["metrics"]) == METRIC_KEYS == set(payload["ci95"])
+    assert set(payload["metrics"]) == METRIC_KEYS | LLM_METRIC_KEYS
+    assert set(payload["ci95"]) == METRIC_KEYS
     assert set(payload["efficiency"]) == EFFICIENCY_KEYS
     assert payload["n_tasks"] == 30 and payload["split"] == "test"
     assert payload["metrics"]["valid_rate"] == 100.0
@@ -53,7 +58,8 @@ def test_eval_limit_and_default_task_files(tmp_path, monkeypatch):
                                  "eval-200", "--limit", "7", "--out", str(results)])
     assert result.exit_code == 0, result.output
     assert json.loads(results.read_text())["n_tasks"] == 7
-    assert (tmp_path / "home" / "data" / "shop" / "manifest.json").exists()
+    # the default folder is named by the data's fingerprint and the protocol
+    assert len(list((tmp_path / "home" / "data" / "shop").glob("*-seed0-*/manifest.json"))) == 1
 
 
 def test_cst_show_numbers_candidates_as_the_teacher_sees_them(tmp_path, monkeypatch):
@@ -64,15 +70,20 @@ def test_cst_show_numbers_candidates_as_the_teacher_sees_them(tmp_path, monkeypa
     monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
     data = write_tables(tmp_path / "shop")
     result = runner.invoke(app, ["cst", "show", "--task", "test-u3", "--dataset", str(data),
-                                 "--set", "cst.content=false"])
+                                 "--set", "cst.content=false", "--set", "mars.candidate_order=cst"])
     assert result.exit_code == 0, result.output
     (store_path,) = (tmp_path / "home" / "cst").glob("*.sqlite")
     store = EvidenceStore(store_path)
-    (task,) = [t for t in load_tasks(tmp_path / "home" / "data" / "shop" / "test.jsonl")
-               if t.task_id == "test-u3"]
+    (folder,) = (tmp_path / "home" / "data" / "shop").glob("*-seed0-*")
+    (task,) = [t for t in load_tasks(folder / "test.jsonl") if t.task_id == "test-u3"]
     first = CSTRanker.on_store(store).rank(task)[0]
     assert first != task.candidates[0]  # else the check below could not tell the orders apart
-    assert f"[0] {store.title(first)} (id {first}):" in result.output
+    assert f"[A] {store.title(first)} (id {first}):" in result.output
+    # in the default presentation, the task file's order (DESIGN.md 3.7)
+    result = runner.invoke(app, ["cst", "show", "--task", "test-u3", "--dataset", str(data),
+                                 "--set", "cst.content=false"])
+    shown = task.candidates[0]
+    assert f"[A] {store.title(shown)} (id {shown}):" in result.output
 
 
 def test_bad_input_fails_with_the_file_and_line(tmp_path):
@@ -96,3 +107,52 @@ def test_every_command_has_help():
                     ["report", "--help"], ["pipeline", "--help"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_eval_writes_per_task_file_and_provenance_of_the_task_file(tmp_path, monkeypatch):
+    import hashlib
+
+    from starrec.data.registry import load_dataset
+
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    data = write_tables(tmp_path / "shop")
+    results = tmp_path / "pop.json"
+    result = runner.invoke(app, ["eval", "--system", "pop", "--dataset", str(data), "--users",
+                                 "eval-200", "--limit", "5", "--out", str(results),
+                                 "--set", "eval.bootstrap_resamples=20"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(results.read_text())
+    rows = [json.loads(line) for line in (tmp_path / "pop.tasks.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and {"task_id", "target", "rank", "ranking", "valid", "well_formed",
+                               "seconds"} <= set(rows[0])
+    (prepared,) = (tmp_path / "home" / "data").rglob("eval-200.jsonl")
+    provenance = payload["provenance"]
+    assert provenance["tasks_sha256"] == hashlib.sha256(prepared.read_bytes()).hexdigest()
+    assert provenance["dataset_fingerprint"] == load_dataset(str(data)).fingerprint()
+    assert provenance["model_hash"] is None and payload["warnings"] == []
+
+
+def test_eval_flags_a_run_that_mostly_fell_back_in_red(tmp_path, monkeypatch):
+    from starrec.llm import models
+    from tests.fakes import ScriptedModel
+
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    data = write_tables(tmp_path / "shop")
+    monkeypatch.setattr(models, "load_chat_model", lambda spec, cfg: ScriptedModel(
+        {"planner": "recent: x", "recent": "Fine.", "reflector": "ACCEPT",
+         "ranker": "I like them all."}))
+    results = tmp_path / "mars.json"
+    result = runner.invoke(app, ["eval", "--system", "mars", "--model", "fake", "--dataset",
+                                 str(data), "--limit", "2", "--out", str(results),
+                                 "--set", "cst.content=false", "--set", "eval.bootstrap_resamples=20"],
+                           color=True)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(results.read_text())
+    assert payload["metrics"]["fallback_rate"] == 100 and payload["metrics"]["valid_rate"] == 0
+    assert payload["metrics"]["well_formed_rate"] == 0
+    (warning,) = payload["warnings"]
+    assert "fell back" in warning
+    assert "\x1b[31m" in result.output and "warning: 2 of 2 tasks" in result.output
+
+    result = runner.invoke(app, ["report", str(results)])
+    assert result.exit_code == 0 and "shown-order identity" in result.output

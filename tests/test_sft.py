@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from starrec.agents.choices import plan_options
 from starrec.config import SFTSettings, StudentFormatConfig
 from starrec.trajectories.dataset import build_dataset
-from starrec.trajectories.serialize import serialize_run
+from starrec.trajectories.serialize import PROMPT_VERSION, serialize_run
 from starrec.training.card import read_model_card
 from starrec.training.pipeline import plan_choices
 from starrec.training.sft import train_sft
@@ -200,11 +200,13 @@ def test_learning_rate_defaults_by_kind_of_fine_tune():
     assert SFTSettings(lora=False, learning_rate=1e-3).lr == 1e-3
 
 
-def test_a_v1_card_keeps_the_order_its_student_was_trained_on(tmp_path):
+def test_a_card_of_a_student_that_ranks_with_indices_is_refused(tmp_path):
     card = {"stage": "sft", "base_model": "smollm2", "base_model_path": "x",
-            "prompt_version": "student-v1", "format": {"plan": True}}
+            "prompt_version": "student-v2", "format": {"plan": True}}
     (tmp_path / "star_model.json").write_text(json.dumps(card))
-    assert read_model_card(tmp_path).format.candidate_order == "presented"
-    card["prompt_version"] = "student-v2"
+    with pytest.raises(ValueError, match="0-based indices; retrain"):
+        read_model_card(tmp_path)
+    card["prompt_version"] = PROMPT_VERSION
     (tmp_path / "star_model.json").write_text(json.dumps(card))
-    assert read_model_card(tmp_path).format.candidate_order == "cst"
+    fmt = read_model_card(tmp_path).format
+    assert (fmt.candidate_order, fmt.labels) == ("presented", "letters")

@@ -15,7 +15,7 @@ from starrec.inference.system import StarSystem, load_star_system
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
 from starrec.training.card import ModelCard, write_model_card
 from starrec.trajectories.format import tool_call_json
-from tests.fakes import ScriptedModel
+from tests.fakes import ScriptedModel, ranking
 
 
 def tool_call(name: str, **arguments) -> str:
@@ -36,7 +36,8 @@ def paused(text: str) -> list[str]:
 
 
 def order(first: list[int], n: int = 20) -> str:
-    return "[" + ", ".join(map(str, first + [i for i in range(n) if i not in first])) + "]"
+    """A list of letter labels with the 0-based `first` at the top."""
+    return ranking(n, first)
 
 
 def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_completed(
@@ -48,16 +49,16 @@ def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_compl
 
     def after_tool(messages):
         seen["text"] = messages[-1]["content"]
-        return "\n<reflection>neighbours favour 3</reflection>\n<recommend>[3, 3, 1, 25]</recommend>"
+        return "\n<reflection>neighbours favour 3</reflection>\n<recommend>[D, D, B, Z]</recommend>"
 
     call = tool_call("item_neighbours", item_id=last, k=2)
     model = ScriptedModel([f"<plan>look at the last item</plan>\n{call}", after_tool])
     student = Student(model, store)
     answer = student.answer(task)
-    # indices number the candidates in the cst ranker's order (format.candidate_order)
+    # labels name the candidates in the task file's order (format.candidate_order)
     shown = student.shown(task)
-    assert shown.candidates == CSTRanker.on_store(store).rank(task) != task.candidates
-    assert f"0: {store.title(shown.candidates[0])}" in student.prompt(task)
+    assert shown.candidates == task.candidates
+    assert f"A: {store.title(shown.candidates[0])}" in student.prompt(task)
     expected = ToolExecutor(store, shown).call("item_neighbours", {"item_id": last, "k": 2}).text
 
     # the continuation saw prompt + the call + the REAL tool response, nothing else
@@ -68,30 +69,32 @@ def test_tool_call_is_answered_with_the_real_response_and_a_malformed_list_compl
     assert answer.text.endswith("</recommend>") and answer.stop == "recommend"
     assert answer.segments == 2 and [c.name for c in answer.tool_calls] == ["item_neighbours"]
     assert answer.parsed.tool_calls[0].response == expected
-    # duplicates and an out-of-range index: malformed, completed per DESIGN.md 3.4
+    # duplicates and a label that does not exist: malformed, completed per DESIGN.md 3.4
     assert not answer.parsed.well_formed
     c = shown.candidates
-    assert answer.ranking == [c[3], c[3], c[1], "#25"]
+    assert answer.ranking == [c[3], c[3], c[1], "#?"]
     # the rest follows in the task file's presented order (DESIGN.md 3.4)
     rest = [x for x in task.candidates if x not in (c[1], c[3])]
     assert answer.completed.ranking == [c[3], c[1], *rest] and not answer.completed.valid
 
     model = ScriptedModel([f"<plan>p</plan>\n{tool_call('popularity', item_ids=[c[0]])}",
-                           "\n<reflection>r</reflection>\n<recommend>[3, 3]</recommend>"])
+                           "\n<reflection>r</reflection>\n<recommend>[D, D]</recommend>"])
     system = StarSystem(Student(model, store))
     record, = run_tasks(system, [task], progress=False, checkpoint=tmp_path / "records.jsonl")
     first_unranked = next(x for x in task.candidates if x != c[3])
-    assert record.llm_calls == 1 and not record.valid and record.ranking[:2] == [c[3], first_unranked]
+    # a pass is as many generation requests as it has continuations (here 2)
+    assert record.llm_calls == record.generation_requests == 2
+    assert not record.valid and record.ranking[:2] == [c[3], first_unranked]
     # what the student wrote is kept with its record, for reading a number back to its text
     kept = read_records(tmp_path / "records.jsonl")[task.task_id]
-    assert kept == record and kept.details["text"].endswith("<recommend>[3, 3]</recommend>")
+    assert kept == record and kept.details["text"].endswith("<recommend>[D, D]</recommend>")
 
 
 def test_constrained_pass_opens_with_plan_and_repairs_a_broken_list(world):
     store, tasks = world
     task = tasks[2]
     fixed = order([4, 1])
-    model = ScriptedModel(["look at it</plan>\n<reflection>r</reflection>\n<recommend>[4, 4, 1",
+    model = ScriptedModel(["look at it</plan>\n<reflection>r</reflection>\n<recommend>[E, E, B",
                            fixed], supports=[PermutationConstraint])
     student = Student(model, store)
     answer = student.answer(task)
@@ -117,7 +120,7 @@ def test_constrained_pass_opens_with_plan_and_repairs_a_broken_list(world):
     answer = Student(model, store).answer(task)
     assert not answer.repaired and len(model.calls) == 1 and answer.completed.valid
     # without a mask the pass is left as written
-    model = ScriptedModel(["<plan>p</plan><recommend>[4, 4]</recommend>"])
+    model = ScriptedModel(["<plan>p</plan><recommend>[E, E]</recommend>"])
     answer = Student(model, store).answer(task)
     assert not answer.repaired and not answer.completed.valid
 
@@ -359,7 +362,7 @@ def test_tool_errors_reach_the_model(world):
     shown = Student(model, store).shown(task).candidates
     assert recommendation.ranking[:2] == [shown[5], shown[2]]
     assert [c["ok"] for c in recommendation.details["tool_calls"]] == [False, False]
-    assert recommendation.llm_calls == 1 and recommendation.details["segments"] == 3
+    assert recommendation.llm_calls == recommendation.details["segments"] == 3
     assert recommendation.prompt_tokens == sum(
         len(call.messages[0]["content"]) // 4 + 1 for call in model.calls)
 
@@ -419,7 +422,8 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
     records = run_tasks(system, tasks[:2], progress=False)
     for record, task in zip(records, tasks):
         # 12 tokens of its own, then the list decoded again under the permutation mask
-        assert record.llm_calls == 1 and 12 < record.completion_tokens <= 12 + 6 * 20 + 8
+        assert record.llm_calls == record.generation_requests >= 2
+        assert 12 < record.completion_tokens <= 12 + 6 * 20 + 8
         assert record.prompt_tokens > 300 and record.valid
         assert sorted(record.ranking) == sorted(task.candidates)
     answer = system.student.answer(tasks[0])
@@ -428,3 +432,20 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
     assert system.student.plan_choices == tuple(plans) and answer.chosen_plan
     assert system.student.reflection_cap == 5
     assert any(answer.text.startswith(f"<plan>{plan}</plan>") for plan in plans)
+
+
+def test_cst_presentation_and_number_labels_are_options(world):
+    store, tasks = world
+    task = tasks[3]
+    final = f"<plan>p</plan>\n<reflection>r</reflection>\n<recommend>{order([2])}</recommend>"
+    student = Student(ScriptedModel([final]), store, StudentFormatConfig(candidate_order="cst"))
+    shown = student.shown(task).candidates
+    assert shown == CSTRanker.on_store(store).rank(task) != task.candidates
+    assert f"A: {store.title(shown[0])}" in student.prompt(task)
+    assert student.answer(task).ranking[0] == shown[2]
+    numbered = "<plan>p</plan>\n<reflection>r</reflection>\n<recommend>[3, " + ", ".join(
+        str(i) for i in range(1, 21) if i != 3) + "]</recommend>"
+    student = Student(ScriptedModel([numbered]), store, StudentFormatConfig(labels="numbers"))
+    answer = student.answer(task)
+    assert f"1: {store.title(task.candidates[0])}" in student.prompt(task)
+    assert answer.parsed.well_formed and answer.ranking[0] == task.candidates[2]

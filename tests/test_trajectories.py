@@ -8,6 +8,7 @@ import pytest
 
 from starrec.config import StudentFormatConfig, TrajectoryFilterConfig
 from starrec.data.tasks import Task
+from starrec.labels import candidate_labels
 from starrec.trajectories.dataset import IGNORE_INDEX, build_dataset, encode_example
 from starrec.trajectories.filters import filter_runs, holdout_tasks, strata, tercile_labels
 from starrec.trajectories.format import (
@@ -45,7 +46,7 @@ def make_task(task_id: str = "train-u1", target_index: int = 3, history: int = 6
 
 
 def make_run(task: Task | None = None, *, top: int | None = None, sample: int = 0,
-             status: str = "ok", fallback: str | None = None, shown: str = "cst") -> TeacherRun:
+             status: str = "ok", fallback: str | None = None, shown: str = "presented") -> TeacherRun:
     """A run whose ranking puts candidate `top` (default: the target) first."""
     task = task or make_task()
     first = task.target_index if top is None else top
@@ -87,7 +88,7 @@ def test_serialize_then_parse_gives_back_every_part():
     assert parsed.reflection == ("long_term: Likes dramas.\n"
                                  "recent: Film 103 follows Film 5 often.\nverdict: accept")
     assert parsed.ranking == run.ranking_indices
-    assert render_sequence(parsed) == serialized.completion
+    assert render_sequence(parsed, N) == serialized.completion
     # tags in the documented order, a response glued to its call
     completion = serialized.completion
     assert completion.startswith("<plan>") and completion.endswith("</recommend>")
@@ -96,17 +97,30 @@ def test_serialize_then_parse_gives_back_every_part():
         "<reflection>") < completion.index("<recommend>")
 
 
-def test_prompt_shows_scenario_history_and_indexed_candidates():
+def test_prompt_shows_scenario_history_and_labelled_candidates():
     task = make_task(history=30)
     system, user = prompt_messages(task, title, FULL)
     assert system["role"] == "system" and user["role"] == "user"
-    assert "<recommend>[i1, i2, ..., i19]</recommend>" in system["content"]
+    assert "<recommend>[best, second best, ..., worst]</recommend>" in system["content"]
+    assert "label (A to T)" in system["content"]
     assert "- next_items(item_id, k=5):" in system["content"]
     lines = user["content"].splitlines()
     assert lines[0].startswith("Scenario: Predict the item this user consumes next")
     assert "has consumed 30 items; the last 20" in user["content"]
     assert "- Film 10 [i10]" in lines and "- Film 9 [i9]" not in lines
-    assert "0: Film 100 [i100]" in lines and "19: Film 119 [i119]" in lines
+    assert "A: Film 100 [i100]" in lines and "T: Film 119 [i119]" in lines
+    numbered = prompt_messages(task, title, StudentFormatConfig(labels="numbers"))[1]["content"]
+    assert "1: Film 100 [i100]" in numbered and "20: Film 119 [i119]" in numbered
+
+
+def test_completion_writes_the_ranking_in_the_format_labels():
+    run = make_run()
+    letters = serialize_run(run, title, FULL).completion
+    first = run.ranking_indices[0]
+    assert f"<recommend>[{'ABCDEFGHIJKLMNOPQRST'[first]}, A, B, " in letters
+    numbers = serialize_run(run, title, StudentFormatConfig(labels="numbers")).completion
+    assert f"<recommend>[{first + 1}, 1, 2, " in numbers
+    assert parse_student_output(numbers, candidate_labels(N, "numbers")).ranking == run.ranking_indices
 
 
 @pytest.mark.parametrize("switch, absent", [
@@ -151,13 +165,14 @@ def test_reflection_lists_analysts_in_fixed_order():
 def sequence(**parts) -> str:
     base = dict(plan="p", tool_calls=[ToolCall("popularity", {"item_ids": ["i1"]}, "r")],
                 reflection="ok", ranking=list(range(N)))
-    return render_sequence(StudentSequence(**{**base, **parts}))
+    return render_sequence(StudentSequence(**{**base, **parts}), N)
 
 
 @pytest.mark.parametrize("text, error", [
-    (sequence(ranking=[0, 0] + list(range(2, N))), "duplicate indices [0]"),
-    (sequence(ranking=list(range(N - 1)) + [20]), "out of range 0..19: [20]"),
-    (sequence(ranking=list(range(N - 1))), "missing indices [19]"),
+    (sequence(ranking=[0, 0] + list(range(2, N))), "duplicate labels ['A']"),
+    (sequence().replace(", T]", ", Z]"), "not candidate labels: ['Z']"),
+    (sequence().replace(", T]", ", 19]"), "not candidate labels: ['19']"),
+    (sequence(ranking=list(range(N - 1))), "missing labels ['T']"),
     (sequence().replace("<recommend>[", "<recommend>ranking: "), "not a list"),
     (sequence(plan=None) + "\n<plan>late</plan>", "comes after a later part"),
     ("hello " + sequence(), "text outside the tags"),
@@ -174,7 +189,7 @@ def test_malformed_outputs_are_named(text, error):
 
 def test_a_cut_off_ranking_still_yields_its_indices():
     text = sequence()
-    text = text[: text.index("<recommend>[") + 19]  # "<recommend>[0, 1, 2,"
+    text = text[: text.index("<recommend>[") + 19]  # "<recommend>[A, B, C,"
     parsed = parse_student_output(text, N)
     assert not parsed.well_formed and parsed.ranking == [0, 1, 2]
     assert "<recommend> is not closed" in parsed.errors
@@ -215,16 +230,17 @@ def test_filter_steps_count_what_they_drop():
     test_task.split = "test"
     runs.append(make_run(test_task))  # a perfect run, but on a test target
     # a perfect run whose indices number another order than the student's prompt shows
-    runs.append(make_run(make_task("train-u7"), shown="presented"))
-    kept, report = filter_runs(runs, TrajectoryFilterConfig(), candidate_order="cst")
+    runs.append(make_run(make_task("train-u7"), shown="cst"))
+    kept, report = filter_runs(runs, TrajectoryFilterConfig(), candidate_order="presented")
     assert [(r.task_id, r.sample) for r in kept] == [("train-u1", 0)]
     assert [(s.name, s.kept, s.dropped) for s in report.steps] == [
-        ("not a test task", 7, 1), ("status ok", 6, 1), ("candidates shown in cst order", 5, 1),
+        ("not a test task", 7, 1), ("status ok", 6, 1), ("candidates shown in presented order", 5, 1),
         ("no fallback ranking", 4, 1), ("valid permutation", 3, 1),
         ("target in top 1", 2, 1), ("per task: first", 1, 1)]
     assert report.total == 8 and report.kept == 1
     assert "target in top 1" in report.table()
-    kept, _ = filter_runs(runs, TrajectoryFilterConfig(top_k=5, per_task="all"), candidate_order="cst")
+    kept, _ = filter_runs(runs, TrajectoryFilterConfig(top_k=5, per_task="all"),
+                          candidate_order="presented")
     assert [(r.task_id, r.sample) for r in kept] == [("train-u1", 0), ("train-u1", 1), ("train-u2", 0)]
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from starrec.labels import LabelStyle
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -63,7 +65,7 @@ class BaselinesConfig(Strict):
 
 class CSTConfig(Strict):
     neighbours: int = 20  # precomputed neighbours per item (co-consumption, next, content)
-    recent_fraction: float = 0.1  # "recent" popularity: last 10% of the data's time span
+    recent_fraction: float = 0.1  # "recent" popularity: a window of this share of the data's time span, ending at each task's cutoff
     recent_items: int = 3  # a history's recent items, for sequential evidence
     similar_users: int = 50  # neighbourhood size of user-CF
     content: bool = True  # MiniLM title/genre embeddings (needed for cold items)
@@ -98,6 +100,11 @@ class LLMConfig(Strict):
     n_ctx: int = 8192  # llama.cpp context (prompt + answer), in tokens
     # llama.cpp weights of a model folder, exported once next to it (model-<dtype>.gguf)
     gguf_dtype: Literal["f32", "f16", "q8_0"] = "f16"
+    # a chat template for a model that has none (a base model, a GGUF written without
+    # one) or to replace its own: a Jinja file, or a model folder whose
+    # chat_template.jinja / tokenizer_config.json holds one. In-process backends only; a
+    # server applies its own.
+    chat_template: str | None = None
     max_tokens: int = 512
     temperature: float = 0.0
 
@@ -130,10 +137,11 @@ class MarsConfig(Strict):
     temperature: float = 0.0
     seed: int = 0  # a run's seed is seed + sample unless given
     history_items: int = 10  # most recent history items shown in every prompt
-    # the order (and so the numbering) in which the model sees the candidates: "cst" =
-    # the cst ranker's order, a prior a small model's ranker mostly keeps; "presented" =
-    # the task file's shuffled order, which a 135M ranker answers at chance
-    candidate_order: CandidateOrder = "cst"
+    # the order in which the model is shown (and labels) the candidates (DESIGN.md 3.7):
+    # "presented" = the task file's shuffled order, the protocol of headline numbers;
+    # "cst" = the cst ranker's order, a secondary setting judged by its lift over cst
+    candidate_order: CandidateOrder = "presented"
+    labels: LabelStyle = "letters"  # candidate labels in prompts and rankings (starrec.labels)
     evidence_budget: int | None = 400  # tokens per tool response; None: the store's cst.token_budget
     max_tokens: MarsTokens = MarsTokens()
 
@@ -148,7 +156,8 @@ class StudentFormatConfig(Strict):
     history_items: int = 20  # most recent history titles shown in the prompt
     max_tool_calls: int = 8  # teacher calls kept per sequence (the first ones)
     keep_failed_tools: bool = False  # also keep calls a tool answered with an error
-    candidate_order: CandidateOrder = "cst"  # as mars.candidate_order; must match the teacher's
+    candidate_order: CandidateOrder = "presented"  # as mars.candidate_order; must match the teacher's
+    labels: LabelStyle = "letters"  # as mars.labels; a teacher's rankings are relabelled
 
 
 class TrajectoryFilterConfig(Strict):

@@ -5,10 +5,12 @@ loop; the Reflector checks the findings against the evidence and may send analys
 (`mars.reflection_rounds` times at most); the Ranker orders the candidates, decoded
 under `PermutationConstraint` where the backend supports it (plans, verdicts and tool
 calls under `ChoiceConstraint` with `mars.constrain`, see `starrec.agents.choices`).
-The model sees the candidates in `mars.candidate_order` (by default the cst ranker's),
-numbered in that order. The run is recorded in full as a `TeacherRun`. Model misbehaviour never raises: unparsable answers are
-repaired, and a ranking that stays broken, or a backend that fails, gives the `cst`
-ranker's order as a recorded fallback.
+The model sees the candidates in `mars.candidate_order` (by default the task file's
+shuffled order, DESIGN.md 3.7), labelled in that order with `mars.labels`. The run is
+recorded in full as a `TeacherRun`. Model misbehaviour never raises: unparsable answers
+are repaired; a ranking that stays broken keeps what could be read of it, and what is
+missing (everything, when the backend failed) follows in the task file's presented
+order, a recorded fallback (DESIGN.md 3.4: never another ranker's order).
 """
 
 from __future__ import annotations
@@ -22,29 +24,19 @@ from starrec.agents.choices import plan_options, tool_call_options, verdict_opti
 from starrec.agents.core import Agent, AgentSpec, BackendFailure, record_message
 from starrec.agents.prompts import role_message, roles, snippet, team_prompt
 from starrec.config import MarsConfig
-from starrec.cst.ranker import CSTRanker, present
+from starrec.cst.ranker import present
 from starrec.cst.store import EvidenceStore
 from starrec.cst.tools import ToolExecutor
 from starrec.data.tasks import Task
 from starrec.llm.base import ChatModel, ChoiceConstraint, PermutationConstraint
-from starrec.llm.structured import parse_ranking
+from starrec.labels import candidate_labels
+from starrec.llm.structured import parse_ranking, ranking_prefix
 from starrec.trajectories.schema import TeacherRun
 
 log = logging.getLogger(__name__)
 
 NO_FINDINGS = "(no findings)"
 RANKING_OPENING = "<recommend>"  # the Ranker's answer starts as its prompt's example does
-
-
-def fallback_order(store: EvidenceStore, task: Task) -> tuple[list[int], str]:
-    """Candidate indices in the `cst` ranker's order (presented order if even that
-    fails), and which of the two it is."""
-    try:
-        order = CSTRanker.on_store(store).rank(task)
-        return [task.candidates.index(item) for item in order], "cst ranker order"
-    except Exception as error:  # the fallback of last resort must not fail
-        log.warning("cst fallback failed for %s: %s", task.task_id, error)
-        return list(range(len(task.candidates))), "presented order"
 
 
 class MarsTeacher:
@@ -62,47 +54,60 @@ class MarsTeacher:
             task_id=task.task_id, task=json.loads(task.to_json()), model=self.model.name,
             config={"mars": self.config.model_dump(), "cst_version": self.store.meta.get("version")},
             sample=sample, seed=seed)
+        presented = list(task.candidates)
+        shown = task
         try:
             # the record keeps the task as the model saw it: indices in the trajectory
             # number the candidates in that order (mars.candidate_order)
-            task = present(task, self.store, self.config.candidate_order)
-            record.task = json.loads(task.to_json())
-            _Run(self, task, record).execute()
+            shown = present(task, self.store, self.config.candidate_order)
+            record.task = json.loads(shown.to_json())
+            _Run(self, shown, record, presented).execute()
         except BackendFailure as error:
-            self._fail(task, record, str(error))  # "backend error: ..."
+            self._fail(shown, presented, record, str(error))  # "backend error: ..."
         except Exception as error:  # one task's bug must not end a batch of hundreds
             log.exception("teacher run %s failed", record.key)
-            self._fail(task, record, f"{type(error).__name__}: {error}")
+            self._fail(shown, presented, record, f"{type(error).__name__}: {error}")
         record.seconds = time.perf_counter() - started
         return record
 
-    def _fail(self, task: Task, record: TeacherRun, reason: str) -> None:
+    def _fail(self, shown: Task, presented: list[str], record: TeacherRun, reason: str) -> None:
         record.status, record.error = "error", reason
         if not record.ranking:
-            set_fallback(self.store, task, record, reason, round=record.reflection_rounds)
+            set_fallback(shown, presented, record, [], reason, round=record.reflection_rounds)
 
 
-def set_fallback(store: EvidenceStore, task: Task, record: TeacherRun, reason: str,
-                 round: int) -> None:
-    order, source = fallback_order(store, task)
+def set_fallback(shown: Task, presented: list[str], record: TeacherRun, kept: list[int],
+                 reason: str, round: int) -> None:
+    """Record a ranking the model did not write in full: the candidates it did rank
+    (`kept`, indices into `shown`), then the rest in the task file's `presented` order."""
+    ranked = [shown.candidates[i] for i in kept]
+    ranked += [item for item in presented if item not in set(ranked)]
+    position = {item: i for i, item in enumerate(shown.candidates)}
+    record.ranking = ranked
+    record.ranking_indices = [position[item] for item in ranked]
+    source = (f"the {len(kept)} candidates it ranked, then the rest in presented order"
+              if kept else "presented order")
     record.fallback = f"{reason}; ranked by {source}"
-    record.ranking_indices = order
-    record.ranking = [task.candidates[i] for i in order]
-    record_message(record, "ranker", round, "", parsed=order, error=record.fallback)
+    record_message(record, "ranker", round, "", parsed=record.ranking_indices,
+                   error=record.fallback)
 
 
 class _Run:
     """The state of one teacher run: the task's prompt blocks, the findings so far."""
 
-    def __init__(self, teacher: MarsTeacher, task: Task, record: TeacherRun) -> None:
+    def __init__(self, teacher: MarsTeacher, task: Task, record: TeacherRun,
+                 presented: list[str]) -> None:
         self.teacher = teacher
         self.config = teacher.config
-        self.task = task
+        self.task = task  # as shown to the model
+        self.presented = presented  # the task file's order, for a fallback
         self.record = record
+        self.labels = candidate_labels(len(task.candidates), self.config.labels)
         store = teacher.store
-        self.tools = ToolExecutor(store, task, budget=self.config.evidence_budget)
+        self.tools = ToolExecutor(store, task, budget=self.config.evidence_budget,
+                                  label_style=self.config.labels)
         self.system = team_prompt(task, store, self.config.history_items,
-                                  self.config.candidate_order)
+                                  self.config.candidate_order, self.labels)
 
     def agent(self, role: str, tools: bool = False) -> Agent:
         c = self.config
@@ -183,11 +188,15 @@ class _Run:
     def rank(self) -> None:
         n = len(self.task.candidates)
         round = self.record.reflection_rounds
-        user = role_message("ranker", findings=self.findings_block(), n=n, last=n - 1)
-        result = self.agent("ranker").run(user, lambda text: parse_ranking(text, n), round=round,
-                                          constraint=PermutationConstraint(n, prefix=RANKING_OPENING))
+        labels = self.labels
+        user = role_message("ranker", findings=self.findings_block(), n=n, first=labels[0],
+                            last=labels[-1])
+        constraint = PermutationConstraint(n, prefix=RANKING_OPENING, style=self.config.labels)
+        result = self.agent("ranker").run(user, lambda text: parse_ranking(text, labels),
+                                          round=round, constraint=constraint)
         if result.value is None:
-            set_fallback(self.teacher.store, self.task, self.record,
+            set_fallback(self.task, self.presented, self.record,
+                         ranking_prefix(result.text, labels),
                          f"ranking unusable ({result.error})", round)
             return
         self.record.ranking_indices = result.value

@@ -14,6 +14,7 @@ shared pieces. Placeholders use `string.Template`, so JSON braces need no escapi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -127,11 +128,11 @@ def context_block(task: Task, store: EvidenceStore, history_items: int) -> str:
                    history="\n".join(f"- {_item(store, i)}" for i in shown) or "- (none)")
 
 
-def evidence_block(task: Task, store: EvidenceStore) -> str:
-    """Every candidate with its CST evidence sentence, never truncated: every role sees
-    all candidates (the block is part of the shared system prompt)."""
-    return "\n".join(candidate_line(i, e, len(task.history), store.title)
-                     for i, e in enumerate(candidate_evidence(store, task)))
+def evidence_block(task: Task, store: EvidenceStore, labels: Sequence[str]) -> str:
+    """Every candidate with its label and CST evidence sentence, never truncated: every
+    role sees all candidates (the block is part of the shared system prompt)."""
+    return "\n".join(candidate_line(label, e, len(task.history), store.title)
+                     for label, e in zip(labels, candidate_evidence(store, task)))
 
 
 @lru_cache(maxsize=1)
@@ -139,9 +140,10 @@ def candidate_headings() -> dict[str, str]:
     return yaml.safe_load(prompt_text("candidate_order.yaml"))
 
 
-def team_prompt(task: Task, store: EvidenceStore, history_items: int, order: str) -> str:
+def team_prompt(task: Task, store: EvidenceStore, history_items: int, order: str,
+                labels: Sequence[str]) -> str:
     """The system prompt every call of a run shares: the task and its evidence, the
-    candidates introduced as listed in `order` (mars.candidate_order)."""
+    candidates introduced as listed in `order` (mars.candidate_order), each with its label."""
     return snippet("team", context=context_block(task, store, history_items),
                    candidates_heading=candidate_headings()[order],
-                   evidence=evidence_block(task, store))
+                   evidence=evidence_block(task, store, labels))

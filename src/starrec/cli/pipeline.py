@@ -95,9 +95,10 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
     from starrec.cli.main import _prepared
     from starrec.data.tasks import load_tasks
     from starrec.evaluation.report import load_results
-    from starrec.evaluation.runner import evaluate_baseline, subset_result, write_json
+    from starrec.evaluation.identity import file_sha256
+    from starrec.evaluation.runner import evaluate_baseline, subset_result, write_results
 
-    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
+    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None, loaded)
     test = load_tasks(folder / "test.jsonl")
     eval_ids = {t.task_id for t in load_tasks(folder / "eval-200.jsonl")}
     results = []
@@ -106,12 +107,15 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
         if all(p.exists() for p in paths):
             results += load_results(paths)
             continue
-        everyone, records = evaluate_baseline(name, loaded, test, cfg)
+        everyone, records = evaluate_baseline(name, loaded, test, cfg,
+                                              tasks_path=folder / "test.jsonl")
         everyone["config"].update(tasks="test.jsonl", users="all", scenario="classic")
-        subset = subset_result(everyone, records, eval_ids, cfg)
+        subset = subset_result(everyone, records, eval_ids, cfg,
+                               tasks_sha256=file_sha256(folder / "eval-200.jsonl"))
         subset["config"].update(tasks="eval-200.jsonl", users="eval-200")
-        for result, path in zip((everyone, subset), paths):
-            write_json(result, path)
+        kept = [r for r in records if r.task_id in eval_ids]
+        for result, rows, path in zip((everyone, subset), (records, kept), paths):
+            write_results(result, rows, path)  # with its per-task file beside it
             results.append(result)
     return results
 
@@ -125,7 +129,7 @@ def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model:
     from starrec.data.tasks import load_tasks
 
     settings = cfg.pipeline
-    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None)
+    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None, loaded)
     train = teacher_sample(load_tasks(folder / "train.jsonl"), settings.teacher_tasks,
                            cfg.data.seed)
     trajectories = out / "teacher" / "train.jsonl"
@@ -149,16 +153,16 @@ def evaluate_stage(system: str, spec: str | None, loaded: Dataset, dataset: str,
     what answers (model and settings), so a changed model starts afresh, not mixed in.
     The teacher's full runs are kept beside, under `teacher/`."""
     from starrec.cli.main import evaluate_llm
-    from starrec.evaluation.runner import write_json
+    from starrec.evaluation.runner import write_results
 
     path = out / f"{slug}-{system}-test-{users}.json"
     typer.echo(f"eval {system}: {len(tasks)} tasks -> {path}")
     key = answerer_key(system, spec, cfg)
     records = path.with_suffix(f".{key}.records.jsonl")
     runs = out / "teacher" / f"test-{users}.{key}.jsonl" if system == "mars" else None
-    result, _ = evaluate_llm(system, spec, loaded, dataset, tasks, cfg, records, runs)
+    result, task_records = evaluate_llm(system, spec, loaded, dataset, tasks, cfg, records, runs)
     result["config"].update(tasks="eval-200.jsonl", users=users, scenario="classic")
-    write_json(result, path)
+    write_results(result, task_records, path)
     return result
 
 

@@ -31,6 +31,7 @@ from starrec.cst.verbalize import (
     render,
 )
 from starrec.data.tasks import Task
+from starrec.labels import LabelStyle, candidate_labels
 
 ITEM_FIELDS = ("item_id", "user_id")
 ITEM_LIST_FIELDS = ("item_ids",)
@@ -103,9 +104,12 @@ class ToolError(Exception):
 
 class ToolExecutor:
     def __init__(self, store: EvidenceStore, task: Task | None = None,
-                 budget: int | None = None, count_tokens: TokenCounter = approx_tokens) -> None:
+                 budget: int | None = None, count_tokens: TokenCounter = approx_tokens,
+                 label_style: LabelStyle = "letters") -> None:
+        """`label_style` names the candidates in evidence lines as the prompt labels them."""
         self.store = store
         self.task = task
+        self.label_style = label_style
         self.budget = budget if budget is not None else store.config.token_budget
         self.count_tokens = count_tokens
         self.stats = ToolStats()
@@ -194,7 +198,8 @@ class ToolExecutor:
         return neighbour_lines(self.store, "content", item_id, rows)
 
     def _tool_popularity(self, item_ids: list[str]) -> list[str]:
-        return [popularity_line(self.store, self._item(i)) for i in item_ids]
+        cutoff_time = self.task.cutoff_time if self.task is not None else None
+        return [popularity_line(self.store, self._item(i), cutoff_time) for i in item_ids]
 
     def _tool_similar_users(self, user_id: str, k: int, candidates_only: bool) -> list[str]:
         task = self.task
@@ -247,8 +252,9 @@ class ToolExecutor:
             unknown = wanted - set(task.candidates)
             if unknown:
                 raise ToolError(f"not candidates of this task: {sorted(unknown)}")
+        labels = candidate_labels(len(task.candidates), self.label_style)
         return [
-            candidate_line(index, evidence, len(task.history), self.store.title)
-            for index, evidence in enumerate(candidate_evidence(self.store, task))
+            candidate_line(label, evidence, len(task.history), self.store.title)
+            for label, evidence in zip(labels, candidate_evidence(self.store, task))
             if wanted is None or evidence.item in wanted
         ]

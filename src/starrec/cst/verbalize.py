@@ -63,15 +63,18 @@ def neighbour_lines(store: EvidenceStore, kind: str, item: str, rows: list[Neigh
                    similarity=f"{n.strength:.2f}", rank=n.rank) for n in rows]
 
 
-def popularity_line(store: EvidenceStore, item: str) -> str:
+def popularity_line(store: EvidenceStore, item: str, cutoff_time: float | None = None) -> str:
+    """Overall and recent popularity; recent = just before `cutoff_time`, the task's
+    target time, so the line never reports what became popular after it."""
     row = store.items.loc[item]
+    recent_pct = store.recent_percentile(item, cutoff_time)
     return render("popularity", title=store.title(item), pop=int(row["pop"]),
-                  pop_pct=f"{row['pop_pct']:.0f}", recent_pct=f"{row['recent_pct']:.0f}")
+                  pop_pct=f"{row['pop_pct']:.0f}", recent_pct=f"{recent_pct:.0f}")
 
 
-def candidate_line(index: int, evidence: CandidateEvidence, n_history: int,
+def candidate_line(label: str, evidence: CandidateEvidence, n_history: int,
                    titles: Callable[[str], str]) -> str:
-    """One candidate's links to the history in one sentence."""
+    """One candidate's links to the history in one sentence, opened by its label."""
     parts = []
     if not evidence.known:
         parts.append(render("candidate_cold"))
@@ -94,4 +97,4 @@ def candidate_line(index: int, evidence: CandidateEvidence, n_history: int,
     if evidence.content_best_item is not None and (not evidence.known or evidence.cooc_best_item is None):
         parts.append(render("candidate_content", base=titles(evidence.content_best_item),
                             similarity=f"{evidence.content_similarity:.2f}"))
-    return f"{render('candidate', index=index, title=evidence.title, item=evidence.item)}: " + "; ".join(parts) + "."
+    return f"{render('candidate', label=label, title=evidence.title, item=evidence.item)}: " + "; ".join(parts) + "."

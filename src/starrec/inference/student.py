@@ -89,7 +89,7 @@ from starrec.trajectories.format import (
     unclosed_tag,
     wrap,
 )
-from starrec.trajectories.serialize import prompt_messages
+from starrec.trajectories.serialize import format_labels, prompt_messages
 
 
 @dataclass
@@ -103,8 +103,8 @@ class ExecutedCall:
 @dataclass
 class StudentAnswer:
     """One pass. `text` is the completion with the tool responses in it. `ranking` holds
-    item ids in the student's order as written (None without a `<recommend>`); an index
-    outside the candidate list becomes `#<index>`, which no candidate equals, so the
+    item ids in the student's order as written (None without a `<recommend>`); a token
+    that is no candidate label becomes `#?`, which no candidate equals, so the
     evaluation counts the output invalid. `completed` is the full ranking of DESIGN.md
     3.4 (the student's order, then the rest in presented order)."""
 
@@ -154,19 +154,21 @@ class Student:
         return self.model.render_chat(prompt_messages(shown, self.store.title, self.fmt))
 
     def answer(self, task: Task) -> StudentAnswer:
-        """One generation for `task`; indices in it number the candidates in the order
-        the format shows them (`format.candidate_order`), rankings are items."""
+        """One generation for `task`; labels in it name the candidates in the order the
+        format shows them (`format.candidate_order`, `format.labels`), rankings are items."""
         started = time.perf_counter()
         shown = self.shown(task)
         prompt = self._render(shown)
-        tools = ToolExecutor(self.store, shown)
+        tools = ToolExecutor(self.store, shown, label_style=self.fmt.labels)
+        labels = format_labels(self.fmt, len(shown.candidates))
         answer = StudentAnswer(text="", parsed=ParsedOutput(), ranking=None,
                                completed=complete_ranking(None, task.candidates))
         # an ablated student without tools gets no look-ups: its calls stay plain text
         stop = list(STOP_STRINGS) if self.fmt.tools else [close_tag(RECOMMEND)]
         refused = 0
         n = len(shown.candidates)
-        constrain = self.config.constrain and self.model.supports(PermutationConstraint(n))
+        constrain = self.config.constrain and self.model.supports(
+            PermutationConstraint(n, style=self.fmt.labels))
         # every runnable call on what the prompt shows: what a broken call is decoded again
         # among, and, by its longest option, a bound past which a call cannot be runnable
         # (the option's bytes, each at least one token)
@@ -231,15 +233,15 @@ class Student:
             text += wrap(TOOL_RESPONSE, response)
             if constrain:
                 text += self._next_part(prompt, text, answer)
-        answer.parsed = parse_student_output(text, n, plan=self.fmt.plan, tools=self.fmt.tools,
-                                             reflection=self.fmt.reflection)
+        answer.parsed = parse_student_output(text, labels, plan=self.fmt.plan,
+                                             tools=self.fmt.tools, reflection=self.fmt.reflection)
         if answer.repaired_calls:
             answer.parsed.well_formed = False
             answer.parsed.errors += [f"a tool call was decoded again; the student wrote {c!r}"
                                      for c in answer.repaired_calls]
         if constrain and answer.stop != "error" and sorted(answer.parsed.ranking or []) != list(range(n)):
             text = self._repair_ranking(prompt, text, n, answer)
-            answer.ranking = self.item_ranking(parse_student_output(text, n), shown)
+            answer.ranking = self.item_ranking(parse_student_output(text, labels), shown)
         else:
             answer.ranking = self.item_ranking(answer.parsed, shown)
         answer.text = text
@@ -269,7 +271,8 @@ class Student:
         if unclosed:
             body = closed(body.rstrip(), unclosed)
         head = body.rstrip() + "\n" + open_tag(RECOMMEND)
-        completion = self._decode(prompt + head, PermutationConstraint(n), 6 * n + 8, answer)
+        completion = self._decode(prompt + head, PermutationConstraint(n, style=self.fmt.labels),
+                                  6 * n + 8, answer)
         if completion is None:
             return text
         answer.repaired = True
@@ -376,10 +379,12 @@ class Student:
 
     @staticmethod
     def item_ranking(parsed: ParsedOutput, task: Task) -> list[str] | None:
+        """Items of the labels written; a token that is no label becomes `#?`, which no
+        candidate equals, so the evaluation counts the output invalid."""
         if parsed.ranking is None:
             return None
         n = len(task.candidates)
-        return [task.candidates[i] if 0 <= i < n else f"#{i}" for i in parsed.ranking]
+        return [task.candidates[i] if 0 <= i < n else "#?" for i in parsed.ranking]
 
 
 def call_start(text: str) -> int:

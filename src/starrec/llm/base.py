@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypedDict, runtime_checkable
 
+from starrec.labels import LabelStyle, candidate_labels
+
 
 class Message(TypedDict):
     role: Literal["system", "user", "assistant"]
@@ -34,13 +36,19 @@ class ChoiceConstraint:
 
 @dataclass(frozen=True)
 class PermutationConstraint:
-    """The output must be `prefix[i1, i2, ..., in]`: a permutation of 0..n-1,
-    comma-separated, after `prefix` written as is. A prefix such as `<recommend>` lets a
+    """The output must be `prefix[l1, l2, ..., ln]`: every candidate label exactly once,
+    comma-separated, after `prefix` written as is. Labels are `style`'s
+    (`starrec.labels`: A, B, ... or 1, 2, ...). A prefix such as `<recommend>` lets a
     small model continue the answer format its prompt showed, rather than start a bare
-    list, where it counts from 1 whatever the evidence says."""
+    list."""
 
     n: int
     prefix: str = ""
+    style: LabelStyle = "letters"
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return candidate_labels(self.n, self.style)
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,19 @@ class Completion:
 
 class LLMError(RuntimeError):
     """The backend could not answer (timeout, server error after retries, OOM).
-    Callers record it in the trajectory and fall back; it never ends a whole run."""
+    Callers record it in the trajectory and fall back; it never ends a whole run. Raised
+    while a model is loaded or preflighted (`starrec.llm.models.check_chat_model`), it
+    stops the run before its first task instead: a model that cannot answer at all would
+    otherwise be scored as the fallback on every task."""
+
+
+class NoChatTemplateError(LLMError):
+    """The model has no chat template, so no conversation can be rendered for it (base
+    models, and GGUF files written without one). Says how to give it one."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model {name!r} has no chat template; pass --chat-template FILE "
+                         f"(a Jinja file) or a model folder with one (llm.chat_template)")
 
 
 @runtime_checkable

@@ -19,9 +19,11 @@ from typing import Protocol
 
 import numpy as np
 
+from starrec.labels import LETTERS, LIST_PUNCTUATION
 from starrec.llm.base import ChoiceConstraint, Constraint, PermutationConstraint
 
-LIST_CHARS = frozenset("0123456789, []")
+# every character a label list can be written with (starrec.labels: digits or capitals)
+LIST_CHARS = frozenset("0123456789" + LETTERS) | LIST_PUNCTUATION
 # Raw vocabulary pieces can only spell LIST_CHARS if they use these characters: the
 # byte-level BPE space "Ġ" and the sentencepiece space "▁" stand for " ".
 _RAW_LIST_CHARS = LIST_CHARS | {"Ġ", "▁"}
@@ -96,55 +98,54 @@ class ChoiceState:
 
 
 # Permutation grammar, one character at a time:
-#   "[" NUM ("," " "? NUM)* "]"  with n numbers, each < n, no repeats, no leading zeros.
-_OPEN, _NUM_START, _IN_NUM, _AFTER_COMMA, _CLOSED = range(5)
+#   "[" LABEL ("," " "? LABEL)* "]"  with every label exactly once.
+_OPEN, _LABEL_START, _IN_LABEL, _AFTER_COMMA, _CLOSED = range(5)
 
 
 @dataclass(frozen=True)
 class _PermState:
     phase: int = _OPEN
-    digits: str = ""
-    used: frozenset[int] = frozenset()
+    partial: str = ""  # the label being written
+    used: frozenset[str] = frozenset()
 
 
 class PermutationState:
-    """`[i1, i2, ..., in]`, a permutation of 0..n-1, then end of sequence."""
+    """`[l1, l2, ..., ln]`, every label of the constraint exactly once, then end of
+    sequence."""
 
-    def __init__(self, n: int, vocab: TokenVocab, prefix: str = "") -> None:
-        if n < 1:
-            raise ValueError(f"PermutationConstraint needs n >= 1, got {n}")
+    def __init__(self, constraint: PermutationConstraint, vocab: TokenVocab) -> None:
+        if constraint.n < 1:
+            raise ValueError(f"PermutationConstraint needs n >= 1, got {constraint.n}")
         if not vocab.list_tokens:
-            raise ValueError("the tokenizer has no tokens for digits/brackets/commas")
-        self.n = n
+            raise ValueError("the tokenizer has no tokens for labels/brackets/commas")
+        self.labels = frozenset(constraint.labels)
+        self.n = constraint.n
         # the prefix is written in its own tokenization, one forced token at a time
-        self.forced = list(vocab.encode(prefix)) if prefix else []
-        self.texts = vocab.list_tokens
+        self.forced = list(vocab.encode(constraint.prefix)) if constraint.prefix else []
+        self.texts = _usable_tokens(vocab.list_tokens, constraint.labels)
         self.eos = np.asarray(vocab.eos_ids, dtype=np.int64)
         self.state: _PermState | None = _PermState()
 
-    def _open_prefix(self, digits: str, used: frozenset[int]) -> bool:
-        """Some unused number < n is spelled starting with `digits`."""
-        if len(digits) > 1 and digits[0] == "0":
-            return False
-        return any(str(v).startswith(digits) for v in range(self.n) if v not in used)
+    def _open_prefix(self, partial: str, used: frozenset[str]) -> bool:
+        """Some unused label starts with `partial`."""
+        return any(label.startswith(partial) for label in self.labels - used)
 
     def _step(self, s: _PermState, ch: str) -> _PermState | None:
         if s.phase == _OPEN:
-            return _PermState(_NUM_START, "", s.used) if ch == "[" else None
-        if s.phase in (_NUM_START, _AFTER_COMMA):
+            return _PermState(_LABEL_START, "", s.used) if ch == "[" else None
+        if s.phase in (_LABEL_START, _AFTER_COMMA):
             if ch == " " and s.phase == _AFTER_COMMA:
-                return _PermState(_NUM_START, "", s.used)
-            if ch.isdigit() and self._open_prefix(ch, s.used):
-                return _PermState(_IN_NUM, ch, s.used)
+                return _PermState(_LABEL_START, "", s.used)
+            if ch not in LIST_PUNCTUATION and self._open_prefix(ch, s.used):
+                return _PermState(_IN_LABEL, ch, s.used)
             return None
-        if s.phase == _IN_NUM:
-            if ch.isdigit():
-                digits = s.digits + ch
-                return _PermState(_IN_NUM, digits, s.used) if self._open_prefix(digits, s.used) else None
-            value = int(s.digits)
-            if value >= self.n or value in s.used or (len(s.digits) > 1 and s.digits[0] == "0"):
+        if s.phase == _IN_LABEL:
+            if ch not in LIST_PUNCTUATION:
+                partial = s.partial + ch
+                return _PermState(_IN_LABEL, partial, s.used) if self._open_prefix(partial, s.used) else None
+            if s.partial not in self.labels or s.partial in s.used:
                 return None
-            used = s.used | {value}
+            used = s.used | {s.partial}
             if ch == "," and len(used) < self.n:
                 return _PermState(_AFTER_COMMA, "", used)
             if ch == "]" and len(used) == self.n:
@@ -178,11 +179,31 @@ class PermutationState:
             self.state = None if text is None else self._feed(self.state, text)
 
 
+def _usable_tokens(list_tokens: dict[int, str], labels: Sequence[str]) -> dict[int, str]:
+    """The list tokens that could appear in some list of these labels: between separators
+    only whole labels, at the edges a label's end or start. Checked once per constraint,
+    so each step only looks at these few."""
+    label_set = set(labels)
+    out: dict[int, str] = {}
+    for token_id, text in list_tokens.items():
+        chunks = re.split(r"[, \[\]]", text)
+        if len(chunks) == 1:
+            ok = any(chunks[0] in label for label in labels)
+        else:
+            first, *middle, last = chunks
+            ok = (all(not c or c in label_set for c in middle)
+                  and (not first or any(label.endswith(first) for label in labels))
+                  and (not last or any(label.startswith(last) for label in labels)))
+        if ok:
+            out[token_id] = text
+    return out
+
+
 def make_state(constraint: Constraint, vocab: TokenVocab) -> ConstraintState:
     if isinstance(constraint, ChoiceConstraint):
         return ChoiceState(constraint.options, vocab)
     if isinstance(constraint, PermutationConstraint):
-        return PermutationState(constraint.n, vocab, constraint.prefix)
+        return PermutationState(constraint, vocab)
     raise TypeError(f"{type(constraint).__name__} cannot be enforced by token masking")
 
 
@@ -241,11 +262,12 @@ def llamacpp_logits_processor(constraint: Constraint, vocab: TokenVocab, prompt_
     return process
 
 
-def permutation_regex(n: int, prefix: str = "") -> str:
+def permutation_regex(constraint: PermutationConstraint) -> str:
     """The shape of a permutation's text for servers that take a regex. It pins the
-    count and the range of the numbers, not their distinctness: callers still validate."""
-    number = "(" + "|".join(str(i) for i in range(n)) + ")"
-    return re.escape(prefix) + r"\[" + number + ("(, " + number + "){" + str(n - 1) + "}" if n > 1 else "") + r"\]"
+    count and the labels, not their distinctness: callers still validate."""
+    n, prefix = constraint.n, constraint.prefix
+    label = "(" + "|".join(re.escape(x) for x in constraint.labels) + ")"
+    return re.escape(prefix) + r"\[" + label + ("(, " + label + "){" + str(n - 1) + "}" if n > 1 else "") + r"\]"
 
 
 def _gbnf_literal(text: str) -> str:
@@ -258,7 +280,7 @@ def gbnf_grammar(constraint: ChoiceConstraint | PermutationConstraint) -> str:
     if isinstance(constraint, ChoiceConstraint):
         return "root ::= " + " | ".join(_gbnf_literal(o) for o in constraint.options)
     n = constraint.n
-    number = " | ".join(_gbnf_literal(str(i)) for i in range(n))
+    number = " | ".join(_gbnf_literal(label) for label in constraint.labels)
     repeat = f' ("," " " num){{{n - 1}}}' if n > 1 else ""
     opening = f"{_gbnf_literal(constraint.prefix)} " if constraint.prefix else ""
     return f'root ::= {opening}"[" num{repeat} "]"\nnum ::= {number}'

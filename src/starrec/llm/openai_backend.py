@@ -37,7 +37,7 @@ def guided_fields(constraint: Constraint, mode: str) -> dict[str, Any]:
         if isinstance(constraint, ChoiceConstraint):
             key, value = "choice", list(constraint.options)
         elif isinstance(constraint, PermutationConstraint):
-            key, value = "regex", permutation_regex(constraint.n, constraint.prefix)
+            key, value = "regex", permutation_regex(constraint)
         else:
             key, value = "json", constraint.schema
         return {"structured_outputs": {key: value}} if mode == "vllm" else {f"guided_{key}": value}

@@ -20,6 +20,7 @@ from importlib import resources
 from string import Template
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from starrec.labels import example_list, read_labels
 from starrec.llm.base import ChatModel, Constraint, LLMError, Message
 from starrec.trajectories.format import render_tool_call
 
@@ -37,13 +38,12 @@ class ParseError(ValueError):
 
 
 class RankingError(ParseError):
-    """A list of indices that is not a permutation, with exactly what is wrong."""
+    """A list of labels that is not a permutation, with exactly what is wrong (a label
+    the list does not know makes the list unreadable: `ParseError`)."""
 
-    def __init__(self, message: str, duplicates: list[int], out_of_range: list[int],
-                 missing: list[int]) -> None:
+    def __init__(self, message: str, duplicates: list[str], missing: list[str]) -> None:
         super().__init__(message)
         self.duplicates = duplicates
-        self.out_of_range = out_of_range
         self.missing = missing
 
 
@@ -143,20 +143,23 @@ def parse_tool_call(text: str, tool_specs: Sequence[dict[str, Any]]) -> ToolCall
     return ToolCall(name, arguments)
 
 
-def _int_list(body: str) -> list[int] | None:
+def _label_list(body: str, labels: Sequence[str]) -> list[str] | None:
+    """The items of a comma list when every one is a label; None otherwise."""
     parts = [p.strip() for p in body.split(",")]
     if parts and parts[-1] == "":
-        parts.pop()  # "[3, 1, ]"
-    if not parts or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
+        parts.pop()  # "[C, A, ]"
+    known = set(labels)
+    if not parts or not all(p in known for p in parts):
         return None
-    return [int(p) for p in parts]
+    return parts
 
 
-def _index_list(region: str) -> list[int] | None:
-    """The most plausible list of indices in `region`: the longest `[i, j, ...]`; else
-    the order of `[i] title` lines (candidates echoed back); else a cut-off `[i, j, ...`;
-    else a bare `i, j, ...` (inside <recommend> tags)."""
-    lists = [v for v in (_int_list(m.group(1)) for m in _BRACKETS.finditer(region)) if v is not None]
+def _written_list(region: str, labels: Sequence[str]) -> list[str] | None:
+    """The most plausible list of labels in `region`: the longest `[x, y, ...]`; else
+    the order of `[x] title` lines (candidates echoed back); else a cut-off `[x, y, ...`;
+    else a bare `x, y, ...` (inside <recommend> tags)."""
+    lists = [v for v in (_label_list(m.group(1), labels) for m in _BRACKETS.finditer(region))
+             if v is not None]
     longest = max(lists, key=len, default=None)
     if longest is not None and len(longest) > 1:
         return longest
@@ -165,33 +168,53 @@ def _index_list(region: str) -> list[int] | None:
         return singles
     opened = region.rfind("[")
     if opened >= 0 and "]" not in region[opened:]:
-        cut = _int_list(re.sub(r",?\s*$", "", region[opened + 1:]))
+        cut = _label_list(re.sub(r",?\s*$", "", region[opened + 1:]), labels)
         if cut is not None:
             return cut
-    return longest or _int_list(region.strip())
+    return longest or _label_list(region.strip(), labels)
 
 
-def parse_ranking(text: str, n: int) -> list[int]:
-    """A permutation of 0..n-1 from `[..]` or <recommend>[..]</recommend>; a
-    `RankingError` names the duplicated, out-of-range and missing indices."""
-    example = f"<recommend>[{', '.join(str(i) for i in range(min(n, 3)))}, ...]</recommend>"
+def ranking_prefix(text: str, labels: Sequence[str]) -> list[int]:
+    """What can be kept of an answer that is not a permutation: the distinct labels of
+    its most plausible list, first mention wins, as 0-based indices (DESIGN.md 3.4: a
+    partial ranking is kept and completed, not replaced)."""
     tag = _RECOMMEND_TAG.search(text)
-    indices = _index_list(tag.group(1) if tag else text)
-    if indices is None:
-        raise ParseError(f"no list of candidate indices found. Answer {example} listing every "
-                         f"index from 0 to {n - 1} exactly once, best first.")
-    counts = Counter(indices)
-    duplicates = sorted(i for i, c in counts.items() if c > 1)
-    out_of_range = sorted({i for i in indices if not 0 <= i < n})
-    missing = sorted(set(range(n)) - set(indices))
-    if duplicates or out_of_range or missing:
-        problems = [f"{label} {values}" for label, values in
-                    (("duplicated:", duplicates), ("out of range:", out_of_range),
-                     ("missing:", missing)) if values]
+    region = tag.group(1) if tag else text
+    bodies = [m.group(1) for m in _BRACKETS.finditer(region)]
+    opened = region.rfind("[")
+    if opened >= 0 and "]" not in region[opened:]:
+        bodies.append(region[opened + 1:])  # cut off by the token budget
+    best: list[int] = []
+    if not bodies and tag:
+        bodies = [region]  # a bare list inside the tags; free text elsewhere is not read,
+        # where a capital such as "I" or "A" would be taken for a label
+    for body in bodies:
+        kept = list(dict.fromkeys(i for i in read_labels(body, labels)[0] if i >= 0))
+        best = kept if len(kept) > len(best) else best
+    return best
+
+
+def parse_ranking(text: str, labels: Sequence[str]) -> list[int]:
+    """A permutation of the candidates, as 0-based indices, from `[x, y, ...]` or
+    `<recommend>[x, y, ...]</recommend>` written in `labels`; a `RankingError` names the
+    duplicated and missing labels."""
+    example = f"<recommend>{example_list(labels)}</recommend>"
+    tag = _RECOMMEND_TAG.search(text)
+    written = _written_list(tag.group(1) if tag else text, labels)
+    if written is None:
+        raise ParseError(f"no list of candidate labels found. Answer {example} listing every "
+                         f"label from {labels[0]} to {labels[-1]} exactly once, best first.")
+    counts = Counter(written)
+    duplicates = [x for x in labels if counts[x] > 1]
+    missing = [x for x in labels if counts[x] == 0]
+    if duplicates or missing:
+        problems = [f"{what} {', '.join(values)}" for what, values in
+                    (("duplicated:", duplicates), ("missing:", missing)) if values]
         raise RankingError(
-            f"the ranking must list each index from 0 to {n - 1} exactly once; "
-            f"{'; '.join(problems)}. Answer {example}.", duplicates, out_of_range, missing)
-    return indices
+            f"the ranking must list each label from {labels[0]} to {labels[-1]} exactly once; "
+            f"{'; '.join(problems)}. Answer {example}.", duplicates, missing)
+    position = {label: i for i, label in enumerate(labels)}
+    return [position[label] for label in written]
 
 
 @dataclass

@@ -60,9 +60,11 @@ def read_model_card(folder: str | Path) -> ModelCard | None:
         return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("prompt_version") == "student-v1":
-            # v1 students were shown the task file's order; the setting came with v2
-            raw.setdefault("format", {}).setdefault("candidate_order", "presented")
+        if raw.get("prompt_version") in ("student-v1", "student-v2"):
+            # their rankings are 0-based indices, which no label style reads back
+            raise ValueError(f"{path}: this student ({raw['prompt_version']}) was trained to "
+                             "rank with 0-based indices; retrain it with this version "
+                             "(`star distill sft`)")
         card = ModelCard.model_validate(raw)
     except (json.JSONDecodeError, ValidationError, AttributeError) as error:
         raise ValueError(f"{path}: not a STAR model card ({error})") from None

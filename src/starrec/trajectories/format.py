@@ -6,7 +6,7 @@ One sequence, parts in this order::
     <tool_call>{"name": ..., "arguments": {...}}</tool_call><tool_response>...</tool_response>
     ...                                      (zero or more calls, each answered at once)
     <reflection>...</reflection>
-    <recommend>[i1, i2, ..., in]</recommend>
+    <recommend>[l1, l2, ..., ln]</recommend>   (candidate labels, starrec.labels)
 
 Parts are separated by one newline; a tool response follows its call with no separator,
 because at inference the student stops at `</tool_call>` and the runtime appends the
@@ -22,10 +22,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from starrec.labels import candidate_labels, example_list, label_list, read_labels
+
+Labels = int | Sequence[str]
+
+
+def as_labels(labels: Labels) -> tuple[str, ...]:
+    """Labels as given, or the default letters of that many candidates."""
+    return candidate_labels(labels) if isinstance(labels, int) else tuple(labels)
 
 PLAN, TOOL_CALL, TOOL_RESPONSE, REFLECTION, RECOMMEND = (
     "plan", "tool_call", "tool_response", "reflection", "recommend")
@@ -35,8 +43,7 @@ SEPARATOR = "\n"
 STOP_STRINGS = (f"</{TOOL_CALL}>", f"</{RECOMMEND}>")
 
 _OPEN = re.compile(r"<(%s)>" % "|".join(TAGS))
-_LIST = re.compile(r"\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*)?\]")
-_INT = re.compile(r"-?\d+")
+_LIST = re.compile(r"\[\s*(?:[^,\[\]\s]+\s*(?:,\s*[^,\[\]\s]+\s*)*)?\]")
 
 
 def open_tag(name: str) -> str:
@@ -83,7 +90,7 @@ class ParsedOutput(StudentSequence):
     duplicates or out-of-range values, or a prefix when the list was cut off);
     `well_formed` is True only when every required part is there once, in order, with
     nothing but whitespace between parts, every call is valid JSON answered by one
-    response, and the ranking is a permutation of 0..n-1. `errors` says what was wrong."""
+    response, and the ranking is a permutation of the labels. `errors` says what was wrong."""
 
     well_formed: bool = False
     errors: list[str] = field(default_factory=list)
@@ -98,11 +105,12 @@ def render_tool_call(name: str, arguments: dict[str, Any]) -> str:
     return wrap(TOOL_CALL, tool_call_json(name, arguments))
 
 
-def render_ranking(indices: Iterable[int]) -> str:
-    return wrap(RECOMMEND, "[" + ", ".join(str(int(i)) for i in indices) + "]")
+def render_ranking(indices: Iterable[int], labels: Labels) -> str:
+    """`<recommend>[C, A, ...]</recommend>` for 0-based `indices`."""
+    return wrap(RECOMMEND, label_list(indices, as_labels(labels)))
 
 
-def render_sequence(sequence: StudentSequence) -> str:
+def render_sequence(sequence: StudentSequence, labels: Labels) -> str:
     """The text of a sequence; parts that are None are left out."""
     parts: list[str] = []
     if sequence.plan is not None:
@@ -115,7 +123,7 @@ def render_sequence(sequence: StudentSequence) -> str:
     if sequence.reflection is not None:
         parts.append(wrap(REFLECTION, sequence.reflection))
     if sequence.ranking is not None:
-        parts.append(render_ranking(sequence.ranking))
+        parts.append(render_ranking(sequence.ranking, labels))
     return SEPARATOR.join(parts)
 
 
@@ -172,29 +180,23 @@ def parse_tool_call(content: str) -> tuple[str, dict[str, Any]]:
     return value["name"], arguments
 
 
-def parse_ranking_list(content: str, n: int) -> tuple[list[int], list[str]]:
-    """Indices as written in `[i1, ..., ik]` plus what makes them not a permutation of
-    0..n-1. Without a proper list, any integers found are returned (and it is an error)."""
+def parse_ranking_list(content: str, labels: Labels) -> tuple[list[int], list[str]]:
+    """0-based indices of the labels written in `[x, ..., z]` (-1 for a token that is no
+    label), plus what makes them not a permutation of the labels. Without a proper list,
+    any label-like tokens found are returned (and it is an error)."""
+    labels = as_labels(labels)
     stripped = content.strip()
     errors: list[str] = []
     if not _LIST.fullmatch(stripped):
-        errors.append("the ranking is not a list like [3, 0, 1, ...]")
-    indices = [int(v) for v in _INT.findall(stripped)]
-    duplicates = sorted(i for i, count in Counter(indices).items() if count > 1)
-    if duplicates:
-        errors.append(f"duplicate indices {duplicates}")
-    outside = sorted({i for i in indices if not 0 <= i < n})
-    if outside:
-        errors.append(f"indices out of range 0..{n - 1}: {outside}")
-    missing = sorted(set(range(n)) - set(indices))
-    if missing:
-        errors.append(f"missing indices {missing}")
-    return indices, errors
+        errors.append(f"the ranking is not a list like {example_list(labels)}")
+    indices, problems = read_labels(stripped, labels)
+    return indices, errors + problems
 
 
-def parse_student_output(text: str, n: int, *, plan: bool = True, tools: bool = True,
+def parse_student_output(text: str, labels: Labels, *, plan: bool = True, tools: bool = True,
                          reflection: bool = True) -> ParsedOutput:
-    """Parse a full generation (tool responses included) of a task with `n` candidates.
+    """Parse a full generation (tool responses included) of a task whose candidates carry
+    `labels` (or letters for an int: the number of candidates).
 
     The flags say which parts the student's format has (False = ablated): a required part
     that is missing, or an ablated part that is present, makes the output malformed. Tool
@@ -245,7 +247,7 @@ def parse_student_output(text: str, n: int, *, plan: bool = True, tools: bool = 
             expect_response = segment.closed
         elif tag == RECOMMEND:
             if out.ranking is None:
-                out.ranking, ranking_errors = parse_ranking_list(segment.content, n)
+                out.ranking, ranking_errors = parse_ranking_list(segment.content, labels)
                 errors += ranking_errors
             if index != len(segments) - 1:
                 errors.append(f"parts after {close_tag(RECOMMEND)}")

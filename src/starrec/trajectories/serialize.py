@@ -2,8 +2,8 @@
 
 The prompt is what the student sees at inference: a system prompt describing its format
 (`resources/prompts/student_system.md`, only the parts its format has) and the task
-(`student_task.md`: scenario sentence, recent history titles, candidates with 0-based
-indices, titles and ids). The same two functions render it for training and for
+(`student_task.md`: scenario sentence, recent history titles, candidates with their
+labels, titles and ids). The same two functions render it for training and for
 `starrec.inference`, so the two cannot drift apart.
 
 How a `TeacherRun` maps onto the tags of DESIGN.md 3.5:
@@ -16,7 +16,8 @@ How a `TeacherRun` maps onto the tags of DESIGN.md 3.5:
 - the analysts' final findings (`run.findings`, in the
   order of `schema.ANALYSTS`) and the Reflector's last
   verdict (`run.reflection`), one line each              -> `<reflection>`
-- the Ranker's final order (`run.ranking_indices`)      -> `<recommend>[i1, ..., in]</recommend>`
+- the Ranker's final order (`run.ranking_indices`)      -> `<recommend>[C, A, ...]</recommend>`
+  (in the labels of `format.labels`, whatever labels the teacher was shown)
 
 Ablations (`StudentFormatConfig.plan / tools / reflection = False`) leave their part
 out of both the completion and the system prompt. Free text taken from the teacher has
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from string import Template
@@ -35,6 +36,7 @@ from string import Template
 from starrec.agents.prompts import prompt_text, scenarios, tool_line
 from starrec.config import StudentFormatConfig
 from starrec.cst.tools import tool_specs
+from starrec.labels import candidate_labels
 from starrec.data.tasks import Task
 from starrec.llm.base import Message
 from starrec.trajectories.format import TAGS, StudentSequence, ToolCall, render_sequence
@@ -42,7 +44,7 @@ from starrec.trajectories.schema import ANALYSTS, TeacherRun
 
 # Bump when the prompt files or their rendering change: a model folder records the
 # version it was trained with, and inference warns on a mismatch.
-PROMPT_VERSION = "student-v2"  # v2: candidates in format.candidate_order, ids in evidence
+PROMPT_VERSION = "student-v3"  # v3: candidate labels (format.labels), not 0-based indices
 
 TitleLookup = Callable[[str], str]
 _TAG = re.compile(r"</?(?:%s)>" % "|".join(TAGS))
@@ -66,18 +68,25 @@ def _system_sections() -> dict[str, str]:
     return sections
 
 
+def format_labels(fmt: StudentFormatConfig, n_candidates: int) -> tuple[str, ...]:
+    """The labels a student of this format gives `n_candidates` candidates."""
+    return candidate_labels(n_candidates, fmt.labels)
+
+
 def system_prompt(fmt: StudentFormatConfig, n_candidates: int) -> str:
     sections = _system_sections()
+    labels = format_labels(fmt, n_candidates)
     parts = [sections["intro"]]
     parts += [sections[name] for name, on in (("plan", fmt.plan), ("tools", fmt.tools),
                                               ("reflection", fmt.reflection)) if on]
-    parts.append(Template(sections["recommend"]).substitute(n=n_candidates - 1))
+    parts.append(Template(sections["recommend"]).substitute(first=labels[0], last=labels[-1]))
     if fmt.tools:
         parts += [sections["tool_list"], *map(tool_line, tool_specs())]
     return "\n".join(parts)
 
 
-def task_message(task: Task, titles: TitleLookup, history_items: int) -> str:
+def task_message(task: Task, titles: TitleLookup, history_items: int,
+                 labels: Sequence[str]) -> str:
     shown = task.history[-history_items:] if history_items > 0 else []
     sentences = scenarios()  # the teacher's scenario sentences: both see the same task
     if task.scenario not in sentences:
@@ -89,8 +98,8 @@ def task_message(task: Task, titles: TitleLookup, history_items: int) -> str:
         n_history=len(task.history),
         n_shown=len(shown),
         history="\n".join(f"- {titles(item)} [{item}]" for item in shown) or "- (none)",
-        candidates="\n".join(f"{i}: {titles(item)} [{item}]"
-                             for i, item in enumerate(task.candidates)),
+        candidates="\n".join(f"{label}: {titles(item)} [{item}]"
+                              for label, item in zip(labels, task.candidates)),
     ).strip()
 
 
@@ -98,7 +107,8 @@ def prompt_messages(task: Task, titles: TitleLookup, fmt: StudentFormatConfig) -
     """The student's prompt for a task (training and inference alike)."""
     return [
         {"role": "system", "content": system_prompt(fmt, len(task.candidates))},
-        {"role": "user", "content": task_message(task, titles, fmt.history_items)},
+        {"role": "user", "content": task_message(task, titles, fmt.history_items,
+                                                 format_labels(fmt, len(task.candidates)))},
     ]
 
 
@@ -166,6 +176,7 @@ def serialize_run(run: TeacherRun, titles: TitleLookup, fmt: StudentFormatConfig
         task_id=run.task_id,
         sample=run.sample,
         messages=prompt_messages(run_task(run), titles, fmt),
-        completion=render_sequence(to_sequence(run, fmt)),
+        completion=render_sequence(to_sequence(run, fmt),
+                                   format_labels(fmt, len(run.task["candidates"]))),
     )
 
