@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from starrec.cli.main import app
@@ -156,3 +157,16 @@ def test_eval_flags_a_run_that_mostly_fell_back_in_red(tmp_path, monkeypatch):
 
     result = runner.invoke(app, ["report", str(results)])
     assert result.exit_code == 0 and "shown-order identity" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "nope.x=1"], "bad setting in --config/--set: nope: Extra inputs are not permitted"),
+    (["--set", "mars.labels=roman"], "mars.labels: Input should be 'letters' or 'numbers'"),
+    (["--set", "mars.labels"], "must look like section.key=value"),
+    (["--config", "missing.yaml"], "No such file or directory"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, args, message):
+    result = runner.invoke(app, ["eval", "--system", "random", "--out", str(tmp_path / "r.json"),
+                                 *args])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -72,10 +72,16 @@ ModelOption = Annotated[Optional[str], typer.Option(
 
 
 def config_from(config: Path | None, overrides: list[str] | None) -> StarConfig:
+    """The configuration, or one `error:` line and exit 2 naming the settings at fault."""
+    from pydantic import ValidationError
+
     try:
         return load_config(config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        raise typer.BadParameter(str(error), param_hint="--config/--set") from None
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise fail(ValueError(f"bad setting in --config/--set: {problems}")) from None
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise fail(ValueError(f"--config/--set: {error}")) from None
 
 
 def fail(error: Exception) -> typer.Exit:
