@@ -13,11 +13,33 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch is pinned in pyproject.toml to the CPU build 2.13.0: a bare "torch" would pull a
 # CUDA build of several GB onto machines that have no GPU.
 #
-# llama-cpp-python has no binary wheel on PyPI: it compiles once (about 9 minutes on 2
-# cores; pip caches the wheel, so later venvs on the same machine reuse it). It decodes
-# SmolLM2 ~10x faster than transformers on a CPU, which makes teacher runs practical.
+# llama-cpp-python has no binary wheel on PyPI: it compiles once (10-15 minutes on 2
+# cores). It decodes SmolLM2 several times faster than transformers on a CPU, which makes
+# teacher runs practical. Its default build targets the build machine's own CPU
+# (GGML_NATIVE): on a VM whose CPU reports AMX but does not let it run, quantised models
+# then die with SIGILL, and pip's wheel cache would hand that build to other machines.
+# So it is built for a portable x86-64 baseline (AVX2/FMA/F16C), once per machine, into
+# $STAR_HOME/wheels (default ~/.cache/star), and installed from there.
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-pip install -q -e ".[dev,llamacpp]"
+LLAMA_CPP=${LLAMA_CPP:-llama-cpp-python==0.3.36}
+wheels=${STAR_HOME:-$HOME/.cache/star}/wheels/llama-cpp-portable
+if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  flags="-DGGML_NATIVE=OFF"
+  if [ "$(uname -m)" = x86_64 ]; then
+    flags="$flags -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+  fi
+  echo "building $LLAMA_CPP for a portable CPU baseline (10-15 minutes, once)"
+  CMAKE_ARGS="$flags" pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+    -w "$wheels" "$LLAMA_CPP"
+fi
+# --force-reinstall replaces a native build that an older setup left in the venv
+marker=.venv/.llama-cpp-portable
+wheel=$(ls "$wheels"/llama_cpp_python-*.whl | head -1)
+if [ "$(cat "$marker" 2>/dev/null)" != "$wheel" ]; then
+  pip install -q --force-reinstall --no-deps "$wheel"
+  echo "$wheel" > "$marker"
+fi
+pip install -q -e ".[dev,llamacpp,scale]"
 
 # Wheels used only for the files they carry. Their own dependency pins are broken or
 # heavy (recbole pins old numpy/torch), so they go in without dependencies:
