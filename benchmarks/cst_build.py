@@ -1,10 +1,17 @@
-"""CST evidence-store build: time and peak memory on ML-100K and on a synthetic log.
+"""CST evidence-store build: time and peak memory on ML-100K and on a synthetic log,
+with the memory engine, the DuckDB engine (`cst.engine=duckdb`) or both.
 
-Each case runs in a fresh subprocess so that its peak resident memory is its own.
-Prints a table and writes benchmarks/results/cst_build.json.
+Each case runs in a fresh subprocess so that its peak resident memory is its own (DuckDB
+runs in that process, so its memory is counted too). The memory engine builds the
+synthetic log in its own process as a DataFrame, as before; the DuckDB engine reads the
+same rows from a Parquet file written beforehand by another process, so a log larger
+than memory never enters its process. Prints a table and writes
+benchmarks/results/cst_build.json (or --out).
 
-    python benchmarks/cst_build.py                 # ML-100K + 10M synthetic rows
+    python benchmarks/cst_build.py                 # ML-100K + 10M synthetic rows, both engines
     python benchmarks/cst_build.py --rows 1000000  # a smaller synthetic log
+    python benchmarks/cst_build.py --rows 100000000 --engine duckdb --no-ml100k \
+        --duckdb-memory-limit 6GB --out benchmarks/results/cst_build-100m.json
 """
 
 from __future__ import annotations
@@ -47,7 +54,33 @@ def synthetic_log(rows: int, users: int, items: int, seed: int = 0):
     return frame.reset_index(drop=True), catalogue
 
 
-def case_ml100k(queue) -> None:
+def write_synthetic_parquet(queue, rows: int, users: int, items: int, path: str,
+                            seed: int = 0) -> None:
+    """The rows `synthetic_log` makes (same draws, same first-kept duplicates, same order)
+    written to Parquet without ever holding them as Python strings."""
+    import duckdb
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, items + 1) ** 0.8
+    item_codes = rng.choice(items, size=rows, p=weights / weights.sum())
+    user_codes = np.sort(rng.integers(0, users, size=rows)) % users
+    _, first = np.unique(user_codes.astype(np.int64) * items + item_codes, return_index=True)
+    keep = np.sort(first)
+    codes = pd.DataFrame({"u": user_codes[keep].astype(np.int32),
+                          "i": item_codes[keep].astype(np.int32), "t": keep.astype(np.int64)})
+    del item_codes, user_codes, first, keep
+    db = duckdb.connect()
+    db.register("codes", codes)
+    # insertion order is kept (DuckDB's default), so the file's row order is the log's
+    db.execute(f"COPY (SELECT 'u' || u AS \"user\", 'i' || i AS item, t AS \"timestamp\" "
+               f"FROM codes) TO '{path}' (FORMAT parquet)")
+    queue.put(len(codes))
+
+
+def case_ml100k(queue, engine: str = "memory", memory_limit: str = "4GB",
+                threads: int | None = None) -> None:
     from starrec.config import CSTConfig
     from starrec.cst.evidence import candidate_evidence
     from starrec.cst.store import EvidenceStore, build_store
@@ -61,7 +94,8 @@ def case_ml100k(queue) -> None:
     before = rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        path = build_store(allowed, dataset.items, Path(tmp) / "s.sqlite", CSTConfig(), progress=False)
+        config = CSTConfig(engine=engine, duckdb_memory_limit=memory_limit, duckdb_threads=threads)
+        path = build_store(allowed, dataset.items, Path(tmp) / "s.sqlite", config, progress=False)
         build = time.perf_counter() - start
         store = EvidenceStore(path)
         meta = store.meta
@@ -72,29 +106,48 @@ def case_ml100k(queue) -> None:
             t0 = time.perf_counter()
             candidate_evidence(store, task)
             timings.append(time.perf_counter() - t0)
-    queue.put({"case": "ml-100k (test store, content on)", "rows": meta["n_interactions"],
+    queue.put({"case": "ml-100k (test store, content on)", "engine": engine,
+               "rows": meta["n_interactions"],
                "users": meta["n_users"], "items": meta["n_items"], "build_s": round(build, 2),
                "stages_s": meta["timings_s"], "store_mb": round(size / 2**20, 1),
                "peak_rss_mb": round(rss_mb(), 0), "rss_before_build_mb": round(before, 0),
                "evidence_ms_median": round(1000 * sorted(timings)[len(timings) // 2], 2)})
 
 
-def case_synthetic(queue, rows: int, users: int, items: int) -> None:
+def case_synthetic(queue, engine: str, rows: int, users: int, items: int, parquet: str | None,
+                   memory_limit: str, threads: int | None, workdir: str | None) -> None:
+    import sqlite3
+
+    import pandas as pd
+
     from starrec.config import CSTConfig
     from starrec.cst.store import build_store
 
-    frame, catalogue = synthetic_log(rows, users, items)
+    config = CSTConfig(content=False, engine=engine, duckdb_memory_limit=memory_limit,
+                       duckdb_threads=threads)
+    if engine == "duckdb":
+        from starrec.cst.sql import build_store_duckdb
+
+        log = parquet  # read by DuckDB, never loaded here
+        catalogue = pd.DataFrame({"title": [f"Item {i}" for i in range(items)]},
+                                 index=pd.Index([f"i{i}" for i in range(items)], name="item"))
+    else:
+        log, catalogue = synthetic_log(rows, users, items)
     before = rss_mb()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         start = time.perf_counter()
-        path = build_store(frame, catalogue, Path(tmp) / "s.sqlite", CSTConfig(content=False),
-                           progress=False)
+        if engine == "duckdb":
+            path = build_store_duckdb(log, catalogue, Path(tmp) / "s.sqlite", config,
+                                      progress=False)
+        else:
+            path = build_store(log, catalogue, Path(tmp) / "s.sqlite", config, progress=False)
         build = time.perf_counter() - start
         size = path.stat().st_size
-        import sqlite3
-
-        meta = {k: json.loads(v) for k, v in sqlite3.connect(path).execute("SELECT key, value FROM meta")}
-    queue.put({"case": f"synthetic {rows:,} rows (content off)", "rows": len(frame), "users": users,
+        meta = {k: json.loads(v)
+                for k, v in sqlite3.connect(path).execute("SELECT key, value FROM meta")}
+    queue.put({"case": f"synthetic {rows:,} rows (content off)", "engine": engine,
+               "duckdb_memory_limit": memory_limit if engine == "duckdb" else None,
+               "rows": meta["n_interactions"], "users": users,
                "items": items, "build_s": round(build, 1), "stages_s": meta["timings_s"],
                "store_mb": round(size / 2**20, 1), "peak_rss_mb": round(rss_mb(), 0),
                "rss_before_build_mb": round(before, 0)})
@@ -114,17 +167,41 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--engine", nargs="+", choices=("memory", "duckdb"),
+                        default=["memory", "duckdb"], help="engines to run, in this order")
+    parser.add_argument("--no-ml100k", action="store_true", help="only the synthetic log")
+    parser.add_argument("--duckdb-memory-limit", default="4GB")
+    parser.add_argument("--duckdb-threads", type=int, default=None)
+    parser.add_argument("--workdir", default=None,
+                        help="folder for the stores, the Parquet log and DuckDB's spill files "
+                             "(default: the system's temporary folder)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    results = [run(case_ml100k), run(case_synthetic, args.rows, args.users, args.items)]
+    duckdb_args = (args.duckdb_memory_limit, args.duckdb_threads)
+    results = []
+    if not args.no_ml100k:
+        results += [run(case_ml100k, engine, *duckdb_args) for engine in args.engine]
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        parquet = None
+        if "duckdb" in args.engine:
+            parquet = str(Path(tmp) / "log.parquet")
+            start = time.perf_counter()
+            kept = run(write_synthetic_parquet, args.rows, args.users, args.items, parquet)
+            print(f"synthetic log: {kept:,} rows written to Parquet in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+        for engine in args.engine:
+            results.append(run(case_synthetic, engine, args.rows, args.users, args.items, parquet,
+                               *duckdb_args, args.workdir))
+            print(json.dumps(results[-1]), flush=True)
     payload = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
                "cases": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    print("| case | rows | build s | peak RSS MiB | store MiB |")
-    print("|---|---|---|---|---|")
+    print("| case | engine | rows | build s | peak RSS MiB | store MiB |")
+    print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['case']} | {r['rows']:,} | {r['build_s']} | {r['peak_rss_mb']:.0f} | {r['store_mb']} |")
+        print(f"| {r['case']} | {r['engine']} | {r['rows']:,} | {r['build_s']} | "
+              f"{r['peak_rss_mb']:.0f} | {r['store_mb']} |")
     print(json.dumps(results, indent=2))
 
 

@@ -119,7 +119,11 @@ def _top_k_rows(
     matrix: sp.csr_matrix, k: int, row_offset: int, payload: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, ...]]:
     """Per row, the k largest entries (ties by column) as (item, rank, column, payload,
-    value) arrays; `payload` is aligned with `matrix.data` (defaults to the values)."""
+    value) arrays; `payload` is aligned with `matrix.data` (defaults to the values).
+
+    The kept set is the first k in the order (value descending, column ascending), also
+    when ties straddle the k-th place, so that any engine ranking by that order
+    (`starrec.cst.sql`) keeps the same neighbours."""
     payload = matrix.data if payload is None else payload
     out = []
     for r in range(matrix.shape[0]):
@@ -128,13 +132,24 @@ def _top_k_rows(
             continue
         values, cols, extra = matrix.data[start:end], matrix.indices[start:end], payload[start:end]
         if len(values) > k:
-            keep = np.argpartition(-values, k - 1)[:k]
+            keep = _first_k(values, cols, k)
             values, cols, extra = values[keep], cols[keep], extra[keep]
         order = np.lexsort((cols, -values))
         n = len(order)
         out.append((np.full(n, row_offset + r), np.arange(1, n + 1), cols[order], extra[order],
                     values[order]))
     return out
+
+
+def _first_k(values: np.ndarray, cols: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the first `k` entries by (value descending, column ascending), in no
+    particular order: a partition finds the k-th value, and of the entries tied with it
+    only the lowest columns are kept (a bare partition keeps an arbitrary subset)."""
+    kth = np.partition(values, len(values) - k)[len(values) - k]
+    above = np.flatnonzero(values > kth)
+    tied = np.flatnonzero(values == kth)
+    tied = tied[np.argsort(cols[tied], kind="stable")[: k - len(above)]]
+    return np.concatenate([above, tied])
 
 
 def cooccurrence_neighbours(graph: Graph, k: int = 20, block: int = 512) -> Neighbours:

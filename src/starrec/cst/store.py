@@ -12,6 +12,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +36,7 @@ from starrec.paths import star_home
 log = logging.getLogger(__name__)
 
 # 2: recent popularity is computed per task from the interactions (no global columns)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: ties at the k-th neighbour keep the lowest index (both engines)
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE items (idx INTEGER PRIMARY KEY, item TEXT NOT NULL UNIQUE, title TEXT NOT NULL,
@@ -53,18 +54,127 @@ INDEXES = "CREATE INDEX interactions_user ON interactions (user);"
 KINDS = ("cooccurrence", "transition", "content")
 
 
+# settings that choose how a store is computed, not what it holds: left out of its version,
+# so a store built by one engine is reused by the other
+EXECUTION_SETTINGS = frozenset({"engine", "duckdb_memory_limit", "duckdb_threads"})
+
+
 def inputs_hash(interactions: pd.DataFrame, items: pd.DataFrame, config: CSTConfig) -> str:
-    """Changes when any input interaction, item text or CST setting does."""
+    """Changes when any input interaction, item text or CST setting does (but not with the
+    engine that computes the store, which gives the same store)."""
     digest = hashlib.sha256(f"cst-v{FORMAT_VERSION}".encode())
     frame = interactions[["user", "item", "timestamp"]]
     digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
     digest.update(pd.util.hash_pandas_object(items.reset_index(), index=False).values.tobytes())
-    digest.update(config.model_dump_json().encode())
+    digest.update(config.model_dump_json(exclude=set(EXECUTION_SETTINGS)).encode())
     return digest.hexdigest()[:16]
 
 
 def default_store_path(dataset: str, split: str, version: str) -> Path:
     return star_home() / "cst" / f"{dataset}-{split}-{version}.sqlite"
+
+
+class Laps:
+    """Wall time of a build's stages, logged as they end and kept for the store's meta."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.tick = self.started
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.tick, 3)
+        log.info("cst: %s in %.2fs", name, now - self.tick)
+        self.tick = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 3)
+
+
+def catalogue_texts(items: pd.DataFrame, item_ids: pd.Index) -> tuple[list[str], list[str]]:
+    """(titles, texts) of the store's items in store order; an item the catalogue lacks is
+    titled by its id. Shared by the engines so that both write the same item rows."""
+    from starrec.cst.content import item_texts
+
+    catalogue = items.reindex(item_ids)
+    titles = catalogue["title"].fillna(pd.Series(item_ids, index=item_ids)).astype(str)
+    return titles.tolist(), item_texts(catalogue.assign(title=titles))
+
+
+def content_neighbours(texts: list[str], config: CSTConfig,
+                       progress: bool) -> tuple[np.ndarray | None, Neighbours | None]:
+    """(vectors, neighbours) of the item texts, or (None, None) with content signals off."""
+    if not config.content:
+        return None, None
+    from starrec.cst.content import embed_texts
+
+    vectors = embed_texts(texts, progress=progress)
+    return vectors, embedding_neighbours(vectors, config.neighbours)
+
+
+def neighbour_rows(table: Neighbours) -> Iterable[tuple]:
+    """(item, rank, neighbour, count, strength) rows of a neighbour table."""
+    return zip(table.item.tolist(), table.rank.tolist(), table.neighbour.tolist(),
+               table.count.tolist(), table.strength.tolist())
+
+
+class StoreWriter:
+    """Writes one store into a temporary file next to `path` and moves it into place only
+    when `finish` succeeds, so a crash leaves no half store. Rows may come from lists or
+    from generators that compute them while the store is written (an out-of-core engine
+    never holds a whole table)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.tmp.unlink(missing_ok=True)
+        self.db = sqlite3.connect(self.tmp)
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self.db.close()
+        if kind is not None:
+            self.tmp.unlink(missing_ok=True)
+
+    def items(self, ids: pd.Index, titles: list[str], texts: list[str], pop: np.ndarray) -> None:
+        """One row per item in store order; `pop` counts distinct users per item."""
+        self.db.executemany(
+            "INSERT INTO items VALUES (?,?,?,?,?,?)",
+            zip(range(len(ids)), ids.astype(str), titles, texts,
+                pop.astype(int).tolist(), percentile_ranks(pop).tolist()),
+        )
+
+    def interactions(self, rows: Iterable[tuple]) -> None:
+        """(seq, user, item index, timestamp) rows."""
+        self.db.executemany("INSERT INTO interactions VALUES (?,?,?,?)", rows)
+
+    def neighbours(self, kind: str, rows: Iterable[tuple]) -> None:
+        """(item, rank, neighbour, count, strength) rows of one kind."""
+        self.db.executemany("INSERT INTO neighbours VALUES (?,?,?,?,?,?)",
+                            ((kind, *row) for row in rows))
+
+    def transitions(self, rows: Iterable[tuple]) -> None:
+        """(item, next item, count) rows."""
+        self.db.executemany("INSERT INTO transitions VALUES (?,?,?)", rows)
+
+    def embeddings(self, vectors: np.ndarray) -> None:
+        self.db.executemany("INSERT INTO embeddings VALUES (?,?)",
+                            ((i, v.tobytes()) for i, v in enumerate(vectors)))
+
+    def finish(self, meta: dict) -> Path:
+        """Index, write `meta`, and move the store into place."""
+        self.db.executescript(INDEXES)
+        self.db.executemany("INSERT INTO meta VALUES (?,?)",
+                            ((k, json.dumps(v)) for k, v in meta.items()))
+        self.db.commit()
+        self.db.close()
+        self.tmp.replace(self.path)
+        return self.path
 
 
 def build_store(
@@ -78,94 +188,60 @@ def build_store(
     split: str = "",
     progress: bool = True,
 ) -> Path:
-    """Compute every signal and write the store to `path` (atomically)."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    """Compute every signal and write the store to `path` (atomically), with the engine
+    `config.engine` names: `memory` (sparse matrices, this process) or `duckdb` (SQL out
+    of core, `starrec.cst.sql`); both write the same store."""
+    if config.engine == "duckdb":
+        from starrec.cst.sql import build_store_duckdb
 
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 3)
-        log.info("cst: %s in %.2fs", name, now - since)
-        return now
-
-    tick = time.perf_counter()
+        return build_store_duckdb(interactions, items, path, config, version=version,
+                                  dataset=dataset, split=split, progress=progress)
+    laps = Laps()
     graph = build_graph(interactions, items.index)
-    tick = lap("graph", tick)
+    laps("graph")
     cooc = cooccurrence_neighbours(graph, config.neighbours)
-    tick = lap("co-consumption neighbours", tick)
+    laps("co-consumption neighbours")
     trans = transition_neighbours(graph, config.neighbours)
-    tick = lap("transition neighbours", tick)
-    pop = graph.popularity
-    catalogue = items.reindex(graph.items)
-    titles = catalogue["title"].fillna(pd.Series(graph.items, index=graph.items)).astype(str)
-    from starrec.cst.content import embed_texts, item_texts
+    laps("transition neighbours")
+    titles, texts = catalogue_texts(items, graph.items)
+    vectors, content = content_neighbours(texts, config, progress)
+    if vectors is not None:
+        laps("content embeddings")
 
-    texts = item_texts(catalogue.assign(title=titles))
-    vectors = None
-    content = None
-    if config.content:
-        vectors = embed_texts(texts, progress=progress)
-        content = embedding_neighbours(vectors, config.neighbours)
-        tick = lap("content embeddings", tick)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    db = sqlite3.connect(tmp)
-    try:
-        db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
-        db.executemany(
-            "INSERT INTO items VALUES (?,?,?,?,?,?)",
-            zip(range(len(graph.items)), graph.items.astype(str), titles, texts,
-                pop.astype(int).tolist(), percentile_ranks(pop).tolist()),
-        )
-        db.executemany(
-            "INSERT INTO interactions VALUES (?,?,?,?)",
-            zip(range(len(interactions)), interactions["user"].astype(str),
-                graph.items.get_indexer(interactions["item"]).tolist(),
-                interactions["timestamp"].astype(float).tolist()),
-        )
+    with StoreWriter(path) as writer:
+        writer.items(graph.items, titles, texts, graph.popularity)
+        writer.interactions(zip(range(len(interactions)), interactions["user"].astype(str),
+                                graph.items.get_indexer(interactions["item"]).tolist(),
+                                interactions["timestamp"].astype(float).tolist()))
         for kind, table in (("cooccurrence", cooc), ("transition", trans), ("content", content)):
             if table is not None:
-                _insert_neighbours(db, kind, table)
+                writer.neighbours(kind, neighbour_rows(table))
         transitions = graph.transitions.tocoo()
-        db.executemany(
-            "INSERT INTO transitions VALUES (?,?,?)",
-            zip(transitions.row.tolist(), transitions.col.tolist(),
-                transitions.data.astype(int).tolist()),
-        )
+        writer.transitions(zip(transitions.row.tolist(), transitions.col.tolist(),
+                               transitions.data.astype(int).tolist()))
         if vectors is not None:
-            db.executemany("INSERT INTO embeddings VALUES (?,?)",
-                           ((i, v.tobytes()) for i, v in enumerate(vectors)))
-        db.executescript(INDEXES)
-        tick = lap("write", tick)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "version": version or inputs_hash(interactions, items, config),
-            "dataset": dataset,
-            "split": split,
-            "config": config.model_dump(),
-            "n_users": len(graph.users),
-            "n_items": len(graph.items),
-            "n_interactions": len(interactions),
-            "timings_s": timings,
-            "build_s": round(time.perf_counter() - started, 3),
-        }
-        db.executemany("INSERT INTO meta VALUES (?,?)",
-                       ((k, json.dumps(v)) for k, v in meta.items()))
-        db.commit()
-    finally:
-        db.close()
-    tmp.replace(path)
-    return path
+            writer.embeddings(vectors)
+        laps("write")
+        return writer.finish(store_meta(
+            version or inputs_hash(interactions, items, config), dataset, split, config,
+            n_users=len(graph.users), n_items=len(graph.items),
+            n_interactions=len(interactions), laps=laps))
 
 
-def _insert_neighbours(db: sqlite3.Connection, kind: str, table: Neighbours) -> None:
-    db.executemany(
-        "INSERT INTO neighbours VALUES (?,?,?,?,?,?)",
-        zip([kind] * len(table.item), table.item.tolist(), table.rank.tolist(),
-            table.neighbour.tolist(), table.count.tolist(), table.strength.tolist()),
-    )
+def store_meta(version: str, dataset: str, split: str, config: CSTConfig, *, n_users: int,
+               n_items: int, n_interactions: int, laps: Laps) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "dataset": dataset,
+        "split": split,
+        "config": config.model_dump(),
+        "n_users": n_users,
+        "n_items": n_items,
+        "n_interactions": n_interactions,
+        "timings_s": laps.timings,
+        "build_s": laps.total(),
+    }
 
 
 def ensure_store(

@@ -23,7 +23,9 @@ from starrec.data.tasks import Task
 # settings that change where or how fast answers come, not what they are: a resume may
 # change them (more threads, a longer timeout); the model itself is identified by its hash
 OPERATIONAL_KEYS = ("model", "fit_s", "llm.model", "llm.api_key_env", "llm.timeout_s",
-                    "llm.max_retries", "llm.concurrency", "llm.threads")
+                    "llm.max_retries", "llm.concurrency", "llm.threads",
+                    # how a store is computed, not what it holds (both engines write the same)
+                    "params.engine", "params.duckdb_memory_limit", "params.duckdb_threads")
 # files up to this size are hashed whole; larger ones (weights) by size, head and tail, so
 # that identifying a model of several GB takes milliseconds, not a minute
 WHOLE_FILE_BYTES = 8 << 20
