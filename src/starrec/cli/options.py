@@ -20,8 +20,19 @@ SetOption = Annotated[
 DatasetOption = Annotated[
     Optional[str],
     typer.Option(
-        help="ml-100k, agentrecbench:DATA_DIR[,TASK_DIR], or a folder with interactions.* and "
-        "items.* tables. Default: data.dataset of the config."
+        help="ml-100k, agentrecbench:DATA_DIR[,TASK_DIR], recbole:PATH (RecBole atomic files), "
+        "a folder with interactions.* and items.* tables or atomic files, or a name on the "
+        "dataset search path (amazon-games; $STAR_DATASETS, ../shared/datasets beside the "
+        "repository, $STAR_HOME/datasets). Default: data.dataset of the config."
+    ),
+]
+ColumnsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="The data's column names for ours, e.g. user=userId,item=movieId,"
+        "timestamp=timestamp,title=title (keys: user, item, timestamp, rating, title), for "
+        "folders of tables and RecBole atomic files. Adds to data.columns of the config "
+        "(--set data.columns=... on the other commands)."
     ),
 ]
 TasksOption = Annotated[Optional[Path], typer.Option(help="A task file (JSON lines).")]
@@ -71,17 +82,33 @@ ModelOption = Annotated[Optional[str], typer.Option(
     "Default: llm.model of the config.")]
 
 
-def config_from(config: Path | None, overrides: list[str] | None) -> StarConfig:
-    """The configuration, or one `error:` line and exit 2 naming the settings at fault."""
+def config_from(config: Path | None, overrides: list[str] | None,
+                columns: str | None = None) -> StarConfig:
+    """The configuration, with a command's `--columns` merged into `data.columns`, or one
+    `error:` line and exit 2 naming the settings at fault."""
     from pydantic import ValidationError
 
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
+        if columns:
+            cfg.data.columns = columns_from(columns, cfg)
+        return cfg
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise fail(ValueError(f"bad setting in --config/--set: {problems}")) from None
     except (ValueError, FileNotFoundError, OSError) as error:
         raise fail(ValueError(f"--config/--set: {error}")) from None
+
+
+def columns_from(columns: str | None, cfg: StarConfig) -> dict[str, str]:
+    """The column mapping of a command: `data.columns` of the config, with the `--columns`
+    pairs given on the command line taking precedence key by key. A malformed pair or an
+    unknown key is a DataError, which the commands print as one `error:` line."""
+    if not columns:
+        return dict(cfg.data.columns)
+    from starrec.data.generic import parse_columns
+
+    return {**cfg.data.columns, **parse_columns(columns)}
 
 
 def fail(error: Exception) -> typer.Exit:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from starrec.cli.options import ConfigOption, DatasetOption, ModelOption, SetOption
+from starrec.cli.options import ColumnsOption, ConfigOption, DatasetOption, ModelOption, SetOption
 from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
 
@@ -47,6 +47,7 @@ def pipeline(
     out: Annotated[Path, typer.Option(
         help="Folder for results, trajectories, the student model and the report.")] = Path(
         "runs/pipeline"),
+    columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -65,7 +66,7 @@ def pipeline(
                        ("teacher_tasks", teacher_tasks), ("llm_eval_tasks", llm_eval_tasks)):
         if value is not None:
             overrides.append(f"pipeline.{key}={str(value).lower() if isinstance(value, bool) else value}")
-    cfg = _config(config, overrides)
+    cfg = _config(config, overrides, columns)
     if cfg.pipeline.llm and cfg.mars.candidate_order != cfg.sft.format.candidate_order:
         # else hours of teacher runs would all be dropped by the SFT filters
         raise _fail(ValueError(
@@ -75,7 +76,7 @@ def pipeline(
     slug = dataset_slug(dataset)
     results: list[dict[str, Any]] = []
     try:
-        loaded = load_dataset(dataset, cfg.data.source)
+        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
         results += baselines(loaded, dataset, slug, cfg, out)
         if cfg.pipeline.llm:
             llm_stages(loaded, dataset, slug, cfg, model, out, results)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from starrec.cli.options import (
+    ColumnsOption,
     ConfigOption,
     DatasetOption,
     LimitOption,
@@ -73,6 +74,7 @@ def teach(
     retry_errors: Annotated[bool, typer.Option(
         help="Run again the tasks whose recorded run ended in an error.")] = False,
     chat_template: ChatTemplateOption = None,
+    columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
 ) -> None:
@@ -90,13 +92,13 @@ def teach(
     overrides = list(set_ or [])
     if temperature is not None:
         overrides.append(f"mars.temperature={temperature}")
-    cfg = with_chat_template(_config(config, overrides), chat_template)
+    cfg = with_chat_template(_config(config, overrides, columns), chat_template)
     if samples > 1 and cfg.mars.temperature == 0:
         typer.secho("warning: several samples at temperature 0 are identical; pass --temperature",
                     fg=typer.colors.YELLOW, err=True)
     dataset = dataset or cfg.data.dataset
     try:
-        loaded = load_dataset(dataset, cfg.data.source)
+        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
         task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg, loaded=loaded,
                                default_split="train")
         summary = teach_tasks(task_list, loaded, dataset, cfg, model, out, samples=samples,

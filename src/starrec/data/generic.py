@@ -88,6 +88,72 @@ def load_table(path: str | Path) -> tuple[pd.DataFrame, TableSource]:
     return frame, source
 
 
+def parse_columns(text: str) -> dict[str, str]:
+    """`user=userId,item=movieId` -> {"user": "userId", "item": "movieId"}.
+
+    The form of `--columns` and of a string `data.columns`: one flag maps a foreign table
+    onto ours, so nobody has to rewrite a file (and its line numbers) by hand.
+    """
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        ours, sep, theirs = part.partition("=")
+        ours, theirs = ours.strip(), theirs.strip()
+        if not sep or not ours or not theirs:
+            raise DataError(f"column mapping {part.strip()!r}: expected OURS=THEIRS, e.g. "
+                            "user=userId,item=movieId")
+        if ours in mapping:
+            raise DataError(f"column mapping names {ours!r} twice")
+        mapping[ours] = theirs
+    check_columns(mapping)
+    return mapping
+
+
+def check_columns(mapping: dict[str, str]) -> dict[str, str]:
+    """`mapping` itself, after refusing keys that are not our column names: a misspelt key
+    would otherwise be ignored and the load fail later on a column it did not mention."""
+    unknown = sorted(set(mapping) - set(OUR_COLUMNS))
+    if unknown:
+        raise DataError(f"unknown column name(s) {unknown} in the column mapping; expected "
+                        f"some of {list(OUR_COLUMNS)} (ours=theirs)")
+    return mapping
+
+
+def apply_columns(
+    frame: pd.DataFrame,
+    source: TableSource,
+    mapping: dict[str, str],
+    used: tuple[str, ...],
+    required: tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """`frame` with the data's column names replaced by ours, for the names this table
+    uses (`used`).
+
+    A mapped column missing from the file is an error naming it (a mapping the user wrote
+    is never silently ignored); an unmapped `required` column missing is an error that
+    says how to map it. Where the file has both `user` and the mapped column, the mapped
+    one is meant and the other is dropped.
+    """
+    chosen = {ours: theirs for ours, theirs in mapping.items() if ours in used}
+    missing = [f"{theirs} (for {ours})" for ours, theirs in chosen.items()
+               if theirs not in frame.columns]
+    if missing:
+        raise source.error(f"mapped column(s) {missing} not in the file; found "
+                           f"{list(frame.columns)}")
+    shadowed = [ours for ours, theirs in chosen.items() if ours != theirs and ours in frame.columns]
+    frame = frame.drop(columns=shadowed).rename(
+        columns={theirs: ours for ours, theirs in chosen.items()})
+    absent = [name for name in required if name not in frame.columns]
+    if absent:
+        hint = ",".join(f"{name}=NAME" for name in absent)
+        raise source.error(
+            f"missing column(s) {absent}; found {list(frame.columns)}; map the file's own "
+            f"names with --columns {hint} (or data.columns in the config)"
+        )
+    return frame
+
+
 def load_generic(
     interactions_path: str | Path,
     items_path: str | Path,
@@ -98,21 +164,23 @@ def load_generic(
     """A Dataset from an interactions table and an items table.
 
     `columns` maps our names (user, item, timestamp, rating, title) to the files' column
-    names, applied to both files (`item` names the id column in each). `options` go to
+    names (`--columns` / `data.columns`), applied to both files (`item` names the id
+    column in each), so a table with its own names loads as it is. `options` go to
     `build_dataset` (require_time_order, drop_unknown_items).
     """
-    columns = columns or {}
-    unknown = sorted(set(columns) - set(OUR_COLUMNS))
-    if unknown:
-        raise ValueError(f"unknown column name(s) {unknown}; expected some of {list(OUR_COLUMNS)}")
-    renames = {theirs: ours for ours, theirs in columns.items()}
+    mapping = check_columns(dict(columns or {}))
     interactions, interactions_source = load_table(interactions_path)
     items, items_source = load_table(items_path)
+    interactions = apply_columns(interactions, interactions_source, mapping,
+                                 used=("user", "item", "timestamp", "rating"),
+                                 required=("user", "item", "timestamp"))
+    items = apply_columns(items, items_source, mapping, used=("item", "title"),
+                          required=("item", "title"))
     return build_dataset(
         name or Path(interactions_path).stem,
-        interactions.rename(columns=renames),
+        interactions,
         interactions_source,
-        items.rename(columns=renames),
+        items,
         items_source,
         **options,
     )
