@@ -12,12 +12,13 @@ from typer.testing import CliRunner
 
 from starrec.agents.answers import parse_findings, parse_plan, parse_verdict
 from starrec.agents.mars import MarsTeacher
-from starrec.agents.choices import plan_options, tool_call_options
-from starrec.agents.prompts import role_prompt, roles
+from starrec.agents.choices import plan_options
+from starrec.agents.prompts import role_prompt, role_tool_specs, roles
 from starrec.agents.system import MarsSystem
 from starrec.config import MarsConfig
 from starrec.cst.ranker import CSTRanker
-from starrec.cst.tools import ToolExecutor, tool_specs
+from starrec.core import ToolCall, parse_tool_call
+from starrec.cst.tools import ToolExecutor, task_tool_calls, tool_names
 from starrec.data.tasks import Task
 from starrec.labels import candidate_labels
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
@@ -26,7 +27,6 @@ from starrec.llm.structured import (
     RankingError,
     generate_structured,
     parse_ranking,
-    parse_tool_call,
     ranking_prefix,
 )
 from starrec.trajectories.recorder import TrajectoryWriter, read_runs
@@ -34,7 +34,18 @@ from starrec.trajectories.schema import TeacherRun
 from tests.conftest import write_dataset_folder
 from tests.fakes import ScriptedModel, permutation, ranking
 
-SPECS = list(tool_specs())
+NAMES = tool_names()
+
+
+def tool_call_options(role: str, task: Task, store, history_items: int) -> tuple[str, ...]:
+    """The calls a role's turn is offered, as the teacher renders them."""
+    calls = task_tool_calls(role_tool_specs(role), task, store, history_items)
+    return tuple(call.render() for call in calls)
+
+
+def read_call(text: str) -> ToolCall:
+    """A tool call read as a teacher's agent reads it: leniently, among the CST tools."""
+    return parse_tool_call(text, NAMES, lenient=True)
 
 
 def teacher(model, world, **config):
@@ -68,18 +79,35 @@ def steps(run, kind, agent=None):
     '{"type": "function", "function": {"name": "next_items", "arguments": "{\\"item_id\\": \\"i3\\"}"}}',
 ])
 def test_tool_call_forms(text):
-    assert parse_tool_call(text, SPECS) == ("next_items", {"item_id": "i3"})
+    assert read_call(text) == ToolCall("next_items", {"item_id": "i3"})
 
 
 def test_tool_call_errors_tell_the_model_what_to_do():
     with pytest.raises(ParseError, match="unknown tool 'rank_all'.*popularity"):
-        parse_tool_call('<tool_call>{"name": "rank_all", "arguments": {}}</tool_call>', SPECS)
+        read_call('<tool_call>{"name": "rank_all", "arguments": {}}</tool_call>')
     with pytest.raises(ParseError, match="not valid JSON.*<tool_call>"):
-        parse_tool_call('<tool_call>{"name" "next_items"}</tool_call>', SPECS)
+        read_call('<tool_call>{"name" "next_items"}</tool_call>')
     with pytest.raises(ParseError, match='no "name"'):
-        parse_tool_call('<tool_call>{"arguments": {}}</tool_call>', SPECS)
+        read_call('<tool_call>{"arguments": {}}</tool_call>')
     with pytest.raises(ParseError, match="must be a JSON object"):
-        parse_tool_call('{"name": "popularity", "arguments": [1, 2]}', SPECS)
+        read_call('{"name": "popularity", "arguments": [1, 2]}')
+
+
+def test_one_tool_call_parser_strict_for_the_student():
+    """The student's sequence is read strictly: what a teacher's answer may get away with
+    is an error the student reads back; an exact call reads the same either way."""
+    exact = '{"name": "next_items", "arguments": {"item_id": "i3"}}'
+    assert parse_tool_call(exact) == read_call(exact) == ToolCall("next_items", {"item_id": "i3"})
+    assert read_call(f"<tool_call>{exact}</tool_call>") == parse_tool_call(exact)
+    sloppy = {'{"name": "next_items", "arguments": {"item_id": "i3",},}': "not valid JSON",
+              f"<tool_call>{exact}</tool_call>": "not valid JSON",
+              '{"name": "next_items", "parameters": {}}': "unexpected keys"}
+    for text, error in sloppy.items():
+        assert read_call(text).name == "next_items"
+        with pytest.raises(ParseError, match=error):
+            parse_tool_call(text)
+    with pytest.raises(ParseError, match="unknown tool 'rank_all'"):
+        parse_tool_call('{"name": "rank_all", "arguments": {}}', NAMES)
 
 
 L4, L5 = candidate_labels(4), candidate_labels(5)
@@ -443,12 +471,12 @@ def test_tool_options_cover_every_tool_a_role_has(world):
     task = tasks[0]
     for role in ("user_profile", "long_term", "recent", "divergence"):
         options = tool_call_options(role, task, store, 3)
-        names = {parse_tool_call(o, SPECS).name for o in options}
+        names = {read_call(o).name for o in options}
         # this store has no content embeddings, so content_neighbours is never offered
         assert names == set(roles()[role].tools) - {"content_neighbours"}, role
         for option in options:  # every option is a call the executor answers
-            name, arguments = parse_tool_call(option, SPECS)
-            assert ToolExecutor(store, task).call(name, arguments).ok, option
+            parsed = read_call(option)
+            assert ToolExecutor(store, task).call(parsed.name, parsed.arguments).ok, option
 
 
 def test_presented_order_keeps_the_task_as_given(world):

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from starrec.baselines.base import FitData, Recommender
 from starrec.baselines.registry import BASELINES, make_recommender
 from starrec.config import load_config
+from starrec.core import FitData, Recommender
 from starrec.data.schema import TableSource, build_dataset
 from starrec.data.splits import target_mask
 from starrec.data.tasks import Task, build_split_tasks

@@ -21,9 +21,9 @@ import pytest
 from starrec.config import LLMConfig
 from starrec.llm import gguf_export, models
 from starrec.llm.base import LLMError
+from starrec.llm.card import ModelCard, write_model_card
 from starrec.llm.gguf_export import GGUFExportError, export_gguf
 from starrec.llm.hf_backend import passive_openmp
-from starrec.training.card import ModelCard, write_model_card
 from tiny_lm import engine_agreement
 
 # Before any test imports torch: spinning OpenMP threads make both engines many times

@@ -110,7 +110,7 @@ def test_pipeline_refuses_orders_that_would_drop_every_teacher_run(tmp_path):
 def test_answerer_key_follows_what_decides_the_answers(tmp_path):
     from starrec.cli.pipeline import answerer_key
     from starrec.config import StarConfig
-    from starrec.training.card import ModelCard, write_model_card
+    from starrec.llm.card import ModelCard, write_model_card
 
     card = ModelCard(stage="sft", base_model="smollm2", base_model_path="x", created="t0",
                      plan_choices=["recent: x"], max_reflection_tokens=10)

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from starrec.agents.choices import plan_options
 from starrec.config import SFTSettings, StudentFormatConfig
-from starrec.trajectories.dataset import build_dataset
+from starrec.llm.card import read_model_card
+from starrec.trajectories.dataset import build_sft_dataset
 from starrec.trajectories.serialize import PROMPT_VERSION, serialize_run
-from starrec.training.card import read_model_card
 from starrec.training.pipeline import plan_choices
 from starrec.training.sft import train_sft
 from tests.conftest import write_dataset_folder
@@ -41,8 +41,8 @@ def data(tiny_lm_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     runs = [serialize_run(make_run(make_task(f"train-u{k}", history=k)), title, FORMAT)
             for k in range(1, 6)]
-    train, _ = build_dataset(runs[:4], tokenizer, 1024, show_progress=False)
-    valid, _ = build_dataset(runs[4:], tokenizer, 1024, show_progress=False)
+    train, _ = build_sft_dataset(runs[:4], tokenizer, 1024, show_progress=False)
+    valid, _ = build_sft_dataset(runs[4:], tokenizer, 1024, show_progress=False)
     return train, valid
 
 

@@ -7,14 +7,14 @@ import shutil
 from dataclasses import replace
 
 from starrec.config import LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
+from starrec.core.tool_calls import tool_call_json
 from starrec.cst.ranker import CSTRanker
-from starrec.cst.tools import ToolExecutor
+from starrec.cst.tools import ToolExecutor, task_tool_calls, tool_specs
 from starrec.evaluation.runner import read_records, run_tasks
 from starrec.inference.student import Student
 from starrec.inference.system import StarSystem, load_star_system
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
-from starrec.training.card import ModelCard, write_model_card
-from starrec.trajectories.format import tool_call_json
+from starrec.llm.card import ModelCard, write_model_card
 from tests.fakes import ScriptedModel, ranking
 
 
@@ -336,8 +336,10 @@ def test_call_options_leave_out_what_a_schema_rejects(world):
     task = tasks[1]
     # 21 candidates: popularity over all of them is over the tool's 20-item limit
     wide = replace(task, candidates=[*task.candidates, task.history[0]])
-    student = Student(ScriptedModel([]), store)
-    options = student._call_options(student.shown(wide), ToolExecutor(store, student.shown(wide)))
+    shown = Student(ScriptedModel([]), store).shown(wide)
+    calls = task_tool_calls(tool_specs(), shown, store, StudentFormatConfig().history_items,
+                            executor=ToolExecutor(store, shown))
+    options = [call.json() for call in calls]
     names = [json.loads(option)["name"] for option in options]
     assert "popularity" in names and "item_neighbours" in names
     assert all(len(json.loads(o)["arguments"].get("item_ids", [])) <= 20 for o in options)

@@ -9,7 +9,7 @@ import pytest
 from starrec.config import StudentFormatConfig, TrajectoryFilterConfig
 from starrec.data.tasks import Task
 from starrec.labels import candidate_labels
-from starrec.trajectories.dataset import IGNORE_INDEX, build_dataset, encode_example
+from starrec.trajectories.dataset import IGNORE_INDEX, build_sft_dataset, encode_example
 from starrec.trajectories.filters import filter_runs, holdout_tasks, strata, tercile_labels
 from starrec.trajectories.format import (
     StudentSequence,
@@ -326,12 +326,12 @@ def test_dataset_rows_and_length_drop(tiny_lm_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     runs = [serialize_run(make_run(make_task(f"train-u{k}", history=k)), title, FULL) for k in (1, 20)]
     lengths = [len(encode_example(tokenizer, r.messages, r.completion).input_ids) for r in runs]
-    data, stats = build_dataset(runs, tokenizer, max_length=max(lengths) - 1, show_progress=False)
+    data, stats = build_sft_dataset(runs, tokenizer, max_length=max(lengths) - 1, show_progress=False)
     assert stats.examples == 1 and stats.dropped_too_long == 1 and len(data) == 1
     assert data[0]["task_id"] == "train-u1" and data[0]["messages"][-1]["role"] == "assistant"
     assert data[0]["messages"][-1]["content"] == runs[0].completion
     assert 0 < stats.trained_tokens < stats.tokens == len(data[0]["input_ids"])
-    both, stats = build_dataset(runs, tokenizer, max_length=max(lengths), show_progress=False)
+    both, stats = build_sft_dataset(runs, tokenizer, max_length=max(lengths), show_progress=False)
     trained = [sum(label != -100 for label in row) for row in both["labels"]]
     assert stats.max_trained_tokens == max(trained) < stats.trained_tokens == sum(trained)
     reflections = [part_content(r.completion, "reflection") for r in runs]
@@ -339,7 +339,7 @@ def test_dataset_rows_and_length_drop(tiny_lm_dir):
         len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in reflections) > 0
     ablated = [serialize_run(make_run(make_task("train-u1", history=1)), title,
                              FULL.model_copy(update={"reflection": False}))]
-    assert build_dataset(ablated, tokenizer, 4096, show_progress=False)[1].max_reflection_tokens == 0
+    assert build_sft_dataset(ablated, tokenizer, 4096, show_progress=False)[1].max_reflection_tokens == 0
 
 
 def test_run_line_writes_a_shared_system_prompt_once_and_nothing_else():

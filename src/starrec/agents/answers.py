@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from starrec.agents.prompts import roles
-from starrec.llm.structured import ParseError
+from starrec.core import ParseError
 
 _LINE = re.compile(r"^[\W\d_]*([A-Za-z][A-Za-z _\-]{0,40}?)[\s*`\"']*:\s*(.*)$")
 

@@ -3,9 +3,11 @@
 A 135M model cannot follow the planner, reflector or tool-call formats, so its
 trajectories would hold no plan, no verdict and no tool call. With `mars.constrain`
 (and a backend that can enforce a choice) those answers are picked among the options
-below: the model still decides which analysts, which verdict, which call on which item;
-the options only guarantee that the decision is well-formed. Findings and the ranking
-stay free text and a permutation.
+below, and a tool call among the calls on what the prompt shows
+(`starrec.cst.tools.task_tool_calls`, which the student's repairs share): the model
+still decides which analysts, which verdict, which call on which item; the options only
+guarantee that the decision is well-formed. Findings and the ranking stay free text and
+a permutation.
 """
 
 from __future__ import annotations
@@ -13,11 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
-from starrec.agents.prompts import role_tool_specs, roles
-from starrec.cst.store import EvidenceStore
-from starrec.cst.tools import task_tool_calls
-from starrec.data.tasks import Task
-from starrec.llm.structured import ToolCall
+from starrec.agents.prompts import roles
 
 
 def plan_options(analysts: Sequence[str]) -> tuple[str, ...]:
@@ -30,10 +28,3 @@ def plan_options(analysts: Sequence[str]) -> tuple[str, ...]:
 def verdict_options(analysts: Sequence[str]) -> tuple[str, ...]:
     """ACCEPT, or one analyst sent back with its role's fixed request."""
     return ("ACCEPT", *(f"{a}: {roles()[a].revise}" for a in analysts))
-
-
-def tool_call_options(role: str, task: Task, store: EvidenceStore,
-                      history_items: int) -> tuple[str, ...]:
-    """The role's tool calls on what the prompt shows, in canonical form."""
-    calls = task_tool_calls(role_tool_specs(role), task, store, history_items)
-    return tuple(dict.fromkeys(ToolCall(name, arguments).render() for name, arguments in calls))

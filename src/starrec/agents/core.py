@@ -15,16 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from starrec.agents.prompts import role_tool_specs, snippet
+from starrec.core.tool_calls import ParseError, ToolCall, looks_like_tool_call, parse_tool_call
 from starrec.cst.tools import ToolExecutor, ToolResult
 from starrec.llm.base import ChatModel, ChoiceConstraint, Constraint, Message
-from starrec.llm.structured import (
-    Attempt,
-    ParseError,
-    ToolCall,
-    generate_structured,
-    looks_like_tool_call,
-    parse_tool_call,
-)
+from starrec.llm.structured import Attempt, generate_structured
 from starrec.trajectories.schema import Step, TeacherRun
 
 T = TypeVar("T")
@@ -95,6 +89,7 @@ class Agent:
         self.model = model
         self.run_record = run
         self.specs = role_tool_specs(spec.role) if tools is not None else []
+        self.tool_names = [s["function"]["name"] for s in self.specs]
         self.tools = tools
         self.temperature = temperature
         self.seed = seed
@@ -154,7 +149,7 @@ class Agent:
 
     def _turn(self, text: str, parse_final: Callable[[str], T]) -> ToolCall | T:
         if looks_like_tool_call(text):
-            return parse_tool_call(text, self.specs)
+            return parse_tool_call(text, self.tool_names, lenient=True)
         return parse_final(text)
 
     def _final(self, text: str, parse_final: Callable[[str], T]) -> T:

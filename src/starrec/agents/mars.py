@@ -20,16 +20,16 @@ import logging
 import time
 
 from starrec.agents.answers import Verdict, parse_findings, parse_plan, parse_verdict
-from starrec.agents.choices import plan_options, tool_call_options, verdict_options
+from starrec.agents.choices import plan_options, verdict_options
 from starrec.agents.core import Agent, AgentSpec, BackendFailure, record_message
-from starrec.agents.prompts import role_message, roles, snippet, team_prompt
+from starrec.agents.prompts import role_message, role_tool_specs, roles, snippet, team_prompt
 from starrec.config import MarsConfig
+from starrec.core import Task
 from starrec.cst.ranker import present
 from starrec.cst.store import EvidenceStore
-from starrec.cst.tools import ToolExecutor
-from starrec.data.tasks import Task
-from starrec.llm.base import ChatModel, ChoiceConstraint, PermutationConstraint
+from starrec.cst.tools import ToolExecutor, task_tool_calls
 from starrec.labels import candidate_labels
+from starrec.llm.base import ChatModel, ChoiceConstraint, PermutationConstraint
 from starrec.llm.structured import parse_ranking, ranking_prefix
 from starrec.trajectories.schema import TeacherRun
 
@@ -114,8 +114,11 @@ class _Run:
         tokens = c.max_tokens.analyst if tools else getattr(c.max_tokens, role)
         spec = AgentSpec(role, tokens, max_turns=c.max_turns if tools else 1,
                          max_tool_calls=c.max_tool_calls if tools else 0, max_repairs=c.max_repairs)
-        choices = (tool_call_options(role, self.task, self.teacher.store, c.history_items)
-                   if tools and c.constrain else ())
+        choices: list[str] = []
+        if tools and c.constrain:  # the role's calls on what the prompt shows, as it writes them
+            calls = task_tool_calls(role_tool_specs(role), self.task, self.teacher.store,
+                                    c.history_items)
+            choices = [call.render() for call in calls]
         return Agent(spec, self.teacher.model, self.record, self.system,
                      self.tools if tools else None,
                      c.temperature, self.record.seed, tool_choices=choices)

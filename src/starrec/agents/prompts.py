@@ -9,34 +9,28 @@ or SGLang prefix caching) reads the task once per run, not once per call.
 `--- request ---`, `$name` placeholders; text before the first section is a note for
 prompt authors), `roles.yaml` the roles' tools and descriptions, the other files small
 shared pieces. Placeholders use `string.Template`, so JSON braces need no escaping.
+The files, and the scenario sentences the student's prompt shares, are read through
+`starrec.core.resources`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from string import Template
 from typing import Any
 
 import yaml
 
+from starrec.core import Task
+from starrec.core.resources import prompt_text, scenarios
 from starrec.cst.evidence import candidate_evidence
 from starrec.cst.store import EvidenceStore
-from starrec.cst.tools import tool_specs
+from starrec.cst.tools import tool_line, tool_specs
 from starrec.cst.verbalize import candidate_line
-from starrec.data.tasks import Task
 
 _SECTION = "--- {} ---"
-
-
-@lru_cache(maxsize=None)
-def prompt_text(name: str) -> str:
-    """A file of `resources/prompts/`, e.g. "repair.md"."""
-    path = resources.files("starrec.resources").joinpath(f"prompts/{name}")
-    return path.read_text("utf-8")
 
 
 def snippet(name: str, **fields: Any) -> str:
@@ -72,17 +66,6 @@ def role_tool_specs(role: str) -> list[dict[str, Any]]:
     return [spec for spec in tool_specs() if spec["function"]["name"] in allowed]
 
 
-def tool_line(spec: dict[str, Any]) -> str:
-    """`name(required, optional=default): description`, the shortest faithful signature."""
-    function = spec["function"]
-    parameters = function["parameters"]
-    required = parameters.get("required", [])
-    args = [name if name in required else
-            f"{name}={json.dumps(prop['default'])}" if "default" in prop else f"[{name}]"
-            for name, prop in parameters["properties"].items()]
-    return f"- {function['name']}({', '.join(args)}): {' '.join(function['description'].split())}"
-
-
 @dataclass(frozen=True)
 class RolePrompt:
     brief: str  # who the role is and how it answers; opens its first user message
@@ -107,11 +90,6 @@ def role_message(role: str, **fields: Any) -> str:
     which agent spoke), then its request with `fields` filled in."""
     prompt = role_prompt(role)
     return f"{prompt.brief}\n\n{prompt.request.substitute(fields)}"
-
-
-@lru_cache(maxsize=1)
-def scenarios() -> dict[str, str]:
-    return yaml.safe_load(prompt_text("scenarios.yaml"))
 
 
 def _item(store: EvidenceStore, item: str) -> str:

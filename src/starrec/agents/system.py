@@ -4,8 +4,7 @@ run the same `MarsTeacher.run`, and eval can keep its runs as trajectories too."
 from __future__ import annotations
 
 from starrec.agents.mars import MarsTeacher
-from starrec.data.tasks import Task
-from starrec.evaluation.runner import Recommendation
+from starrec.core import Recommendation, Task
 from starrec.trajectories.recorder import TrajectoryWriter
 from starrec.trajectories.schema import TeacherRun
 

@@ -8,9 +8,8 @@ import numpy as np
 from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from starrec.baselines.base import FitData, Recommender
 from starrec.baselines.matrix import InteractionMatrix
-from starrec.data.tasks import Task
+from starrec.core import FitData, Recommender, Task
 
 
 class ALS(Recommender):

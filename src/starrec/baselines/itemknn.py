@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from starrec.baselines.base import FitData, Recommender
 from starrec.baselines.matrix import InteractionMatrix
-from starrec.data.tasks import Task
+from starrec.core import FitData, Recommender, Task
 
 
 class ItemKNN(Recommender):

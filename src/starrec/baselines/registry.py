@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from starrec.baselines.base import Recommender
 from starrec.config import StarConfig
+from starrec.core import Recommender
 
 BASELINES = ("random", "pop", "itemknn", "als", "sasrec")
 RANKERS = (*BASELINES, "cst")

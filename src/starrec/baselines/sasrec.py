@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from starrec.baselines.base import FitData, Recommender
+from starrec.core import FitData, Recommender, Task
 from starrec.data.splits import sorted_ids
-from starrec.data.tasks import Task
 from starrec.paths import available_cores
 from starrec.progress import progress as progress_bar
 

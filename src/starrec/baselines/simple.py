@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from starrec.baselines.base import FitData, Recommender
-from starrec.data.tasks import Task, task_rng
+from starrec.core import FitData, Recommender, Task
+from starrec.data.tasks import task_rng
 
 
 class RandomRecommender(Recommender):

@@ -175,7 +175,7 @@ def answerer_key(system: str, spec: str | None, cfg: StarConfig) -> str:
     import hashlib
     import json
 
-    from starrec.training.card import read_model_card
+    from starrec.llm.card import read_model_card
 
     if system == "star":
         card = read_model_card(spec) if spec else None
@@ -205,7 +205,7 @@ def train_student(trajectories: Path, student: Path, loaded: Dataset, cfg: StarC
                   task_ids: set[str]) -> None:
     """SFT on the runs of `task_ids` into `student`, resumed from its last checkpoint;
     done once it is a model folder (delete it to train again)."""
-    from starrec.training.card import CARD_FILE
+    from starrec.llm.card import CARD_FILE
     from starrec.training.pipeline import sft_from_trajectories
 
     if (student / CARD_FILE).exists():

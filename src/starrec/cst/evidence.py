@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from starrec.core import Task
 from starrec.cst.store import EvidenceStore
-from starrec.data.tasks import Task
 
 
 @dataclass

@@ -11,11 +11,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from starrec.baselines.base import FitData, Recommender
 from starrec.config import CandidateOrder, CSTConfig
+from starrec.core import FitData, Recommender, Task
 from starrec.cst.evidence import candidate_evidence
 from starrec.cst.store import EvidenceStore, ensure_store
-from starrec.data.tasks import Task
 
 
 def _scaled(values: np.ndarray) -> np.ndarray:

@@ -3,6 +3,8 @@
 The executor is bound to a task (its user, history and candidates), validates arguments
 against each tool's JSON schema, and answers every call with text: evidence, or an error
 message the model can act on. It counts calls, errors and time per tool.
+`task_tool_calls` lists the calls a prompt offers, the one list the teacher's and the
+student's constrained decoding both choose among.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 import jsonschema
 import yaml
 
+from starrec.core import Task, ToolCall
+from starrec.core.resources import resource_text
 from starrec.cst.evidence import candidate_evidence, similar_users
 from starrec.cst.store import EvidenceStore
 from starrec.cst.verbalize import (
@@ -30,7 +33,6 @@ from starrec.cst.verbalize import (
     popularity_line,
     render,
 )
-from starrec.data.tasks import Task
 from starrec.labels import LabelStyle, candidate_labels
 
 ITEM_FIELDS = ("item_id", "user_id")
@@ -40,12 +42,24 @@ ITEM_LIST_FIELDS = ("item_ids",)
 @lru_cache(maxsize=1)
 def tool_specs() -> tuple[dict[str, Any], ...]:
     """The tools in OpenAI function-calling format (`tools=` of a chat request)."""
-    text = resources.files("starrec.resources").joinpath("cst/tools.yaml").read_text("utf-8")
+    text = resource_text("cst/tools.yaml")
     return tuple({"type": "function", "function": spec} for spec in yaml.safe_load(text))
 
 
 def tool_names() -> list[str]:
     return [spec["function"]["name"] for spec in tool_specs()]
+
+
+def tool_line(spec: dict[str, Any]) -> str:
+    """`name(required, optional=default): description`, the shortest faithful signature:
+    how the teacher's role prompts and the student's system prompt list the tools."""
+    function = spec["function"]
+    parameters = function["parameters"]
+    required = parameters.get("required", [])
+    args = [name if name in required else
+            f"{name}={json.dumps(prop['default'])}" if "default" in prop else f"[{name}]"
+            for name, prop in parameters["properties"].items()]
+    return f"- {function['name']}({', '.join(args)}): {' '.join(function['description'].split())}"
 
 
 # tools that take one item id, and the items worth offering each: the ones the prompt shows
@@ -54,10 +68,15 @@ _ANY_ITEM_TOOLS = ("content_neighbours",)
 
 
 def task_tool_calls(specs: Sequence[dict[str, Any]], task: Task, store: EvidenceStore,
-                    history_items: int) -> list[tuple[str, dict[str, Any]]]:
-    """Every call of the tools `specs` on what a prompt of `task` shows (the recent
-    `history_items`, the candidates, the user), default arguments left out: the options
-    when a model's choice of call is decoded under a mask."""
+                    history_items: int, executor: ToolExecutor | None = None) -> list[ToolCall]:
+    """Every distinct call of the tools `specs` on what a prompt of `task` shows (the
+    recent `history_items`, the candidates, the user): the options when a model's choice
+    of call is decoded under a mask, the teacher's and the student's alike.
+
+    Default arguments are left out, as the teacher's prompts show its tools; with
+    `executor`, the arguments are those it runs the call with (defaults filled in, as the
+    student was trained on the teacher's recorded calls) and a call its schema rejects (a
+    list over its length limit) is left out."""
     shown = task.history[-history_items:] if history_items > 0 else []
     calls: list[tuple[str, dict[str, Any]]] = []
     for spec in specs:
@@ -75,7 +94,16 @@ def task_tool_calls(specs: Sequence[dict[str, Any]], task: Task, store: Evidence
             calls.append((name, {"user_id": task.user_id}))
         elif not spec["function"]["parameters"].get("required"):
             calls.append((name, {}))  # task-bound: sequence_candidates, candidate_evidence
-    return calls
+    distinct: dict[str, ToolCall] = {}
+    for name, arguments in calls:
+        if executor is not None:
+            try:
+                arguments = executor.arguments_for(name, arguments)
+            except ToolError:
+                continue
+        call = ToolCall(name, arguments)
+        distinct.setdefault(call.json(), call)
+    return list(distinct.values())
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
-from importlib import resources
 
 import yaml
 
+from starrec.core.resources import resource_text
 from starrec.cst.evidence import CandidateEvidence
 from starrec.cst.store import EvidenceStore, Neighbour
 
@@ -16,7 +16,7 @@ TokenCounter = Callable[[str], int]
 
 @lru_cache(maxsize=1)
 def templates() -> dict[str, str]:
-    text = resources.files("starrec.resources").joinpath("cst/templates.yaml").read_text("utf-8")
+    text = resource_text("cst/templates.yaml")
     return {key: " ".join(value.split()) for key, value in yaml.safe_load(text).items()}
 
 

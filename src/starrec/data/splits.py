@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from starrec.core import Task
 from starrec.data.errors import LeakError
 from starrec.data.schema import Dataset
-
-if TYPE_CHECKING:
-    from starrec.data.tasks import Task
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")

@@ -1,5 +1,8 @@
 """Ranking tasks: a user's history, 20 shuffled candidates, one hidden target.
 
+The `Task` record itself is `starrec.core.Task` (every layer reads it); this module
+builds, writes, reads and checks task files.
+
 Tasks are built once, written to disk with content hashes, and read back by every
 system, so that all numbers of the project are measured on identical candidate lists in
 identical order (DESIGN.md 3.2).
@@ -11,13 +14,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from starrec.core.task import SHORT_SCENARIOS, Task
 from starrec.data.errors import DataError
 from starrec.data.schema import Dataset
 from starrec.data.splits import (
@@ -38,54 +41,9 @@ EVAL_SEED = 2026
 SCENARIOS = ("classic", "user_cold", "item_cold", "long_term", "short_term")
 SHORT_HISTORY = 5
 COLD_ITEM_MAX_INTERACTIONS = 5
-# scenarios whose history is the last SHORT_HISTORY items only, so its length is not the cutoff
-SHORT_SCENARIOS = ("user_cold", "short_term")
 # version of the task files' content; a folder written by another version is re-prepared
 TASK_FORMAT = 2
 MIN_CANDIDATES = 2
-
-
-@dataclass
-class Task:
-    """One ranking request. `candidates` are in presented order (the task file's; an LLM
-    may be shown them reordered, `starrec.cst.ranker.present`); `target` is among them.
-
-    `cutoff` is the 0-based position of the target in the user's full time-ordered
-    sequence, and `cutoff_time` its timestamp: every cut of the data for this task uses
-    them, because the history may be shortened (scenarios) and an item may repeat, so
-    neither the history's length nor its last item says where the target was. Files
-    written before cutoffs existed are read with `cutoff = len(history)` where the history
-    is the full prefix, and None (found from the data, `starrec.data.splits.task_cutoff`)
-    where it was shortened.
-    """
-
-    task_id: str
-    user_id: str
-    scenario: str
-    history: list[str]
-    candidates: list[str]
-    target: str
-    split: str = "test"
-    cutoff: int | None = None
-    cutoff_time: float | None = None
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.cutoff is None and self.scenario not in SHORT_SCENARIOS:
-            self.cutoff = len(self.history)
-
-    def to_json(self) -> str:
-        record = asdict(self)
-        if not record["extra"]:
-            del record["extra"]
-        time = record["cutoff_time"]
-        if isinstance(time, float) and time.is_integer():
-            record["cutoff_time"] = int(time)  # epoch seconds read as written
-        return json.dumps(record, ensure_ascii=False)
-
-    @property
-    def target_index(self) -> int:
-        return self.candidates.index(self.target)
 
 
 def _stable_int(text: str) -> int:

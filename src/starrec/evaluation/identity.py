@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from starrec.data.tasks import Task
+from starrec.core import Task
 
 # settings that change where or how fast answers come, not what they are: a resume may
 # change them (more threads, a longer timeout); the model itself is identified by its hash

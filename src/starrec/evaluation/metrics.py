@@ -2,40 +2,20 @@
 
 Every task counts: a system's output (possibly partial, with duplicates or foreign
 items, or nothing at all) is turned into a full ranking of the candidates first, and
-whether the output was a clean permutation is reported separately as the valid rate.
+whether the output was a clean permutation is reported separately as the valid rate
+(`complete_ranking`, which lives in `starrec.core` because the student and the
+trajectory filters apply the same rule).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from starrec.core import CompletedRanking, complete_ranking  # noqa: F401 (here too, as before)
+
 METRICS = ("HR@1", "HR@3", "HR@5", "AvgHR", "NDCG@5", "NDCG@10", "MRR", "valid_rate")
-
-
-@dataclass(frozen=True)
-class CompletedRanking:
-    ranking: list[str]
-    valid: bool
-
-
-def complete_ranking(output: Sequence[str] | None, candidates: Sequence[str]) -> CompletedRanking:
-    """Candidates the system ranked, in its order (first mention wins), then the rest in
-    presented order. Valid only if the output was exactly a permutation of the candidates."""
-    if output is None:
-        return CompletedRanking(list(candidates), valid=False)
-    allowed = set(candidates)
-    ranked: list[str] = []
-    seen: set[str] = set()
-    for item in output:
-        if item in allowed and item not in seen:
-            seen.add(item)
-            ranked.append(item)
-    valid = len(output) == len(candidates) and len(ranked) == len(candidates)
-    ranked.extend(c for c in candidates if c not in seen)
-    return CompletedRanking(ranked, valid)
 
 
 def kendall_tau(ranking: Sequence[str], reference: Sequence[str]) -> float:

@@ -1,6 +1,7 @@
 """One evaluation loop for every system: baselines, the teacher, the student.
 
-A system turns a task into a `Recommendation`; the runner times it, completes the
+A system turns a task into a `Recommendation` (both in `starrec.core`, which the systems
+implement without depending on this package); the runner times it, completes the
 ranking, and writes the results JSON of DESIGN.md 7 plus, on request, one record per
 task so that any number can be traced back to the outputs behind it. A records file
 opens with the identity of the run that wrote it (`starrec.evaluation.identity`), so a
@@ -20,14 +21,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import numpy as np
 
-from starrec.baselines.base import FitData, Recommender
+from starrec.core import FitData, Recommendation, Recommender, System, Task
 from starrec.data.schema import Dataset
 from starrec.data.splits import check_no_leak, fit_interactions
-from starrec.data.tasks import Task
 from starrec.evaluation.identity import RunIdentity, run_identity
 from starrec.evaluation.metrics import complete_ranking, kendall_tau, summarize
 from starrec.evaluation.provenance import provenance as provenance_block
@@ -38,39 +38,6 @@ log = logging.getLogger(__name__)
 # a run where more tasks than this fell back measures its fallback more than itself
 FALLBACK_WARNING_RATE = 0.10
 IDENTITY_KEY = "records_identity"  # the key of a records file's identity lines
-
-
-@dataclass
-class Recommendation:
-    """A system's answer to one task. `ranking` holds item ids in the system's order as it
-    produced them (possibly partial or malformed); None when nothing could be parsed.
-
-    The other fields say how the answer came about, so that what an LLM adds to the order
-    it was shown can be told from what a mask, a repair or a fallback did (DESIGN.md 3.4):
-    `shown` the candidates in the order the system was shown them (None: the task file's);
-    `well_formed` whether the output was complete and correct as the model wrote it, with
-    no repair, re-ask or fallback (None for a non-generative system, which counts as well
-    formed when valid); `repaired` whether a repair, re-ask, re-decode under a mask or a
-    fallback completed it; `constrained` whether the ranking was decoded under a
-    permutation mask; `generation_requests` the LLM generation requests it took."""
-
-    ranking: list[str] | None
-    fallback: bool = False  # the ranking is a fallback, not the system's own answer: invalid
-    llm_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
-    shown: list[str] | None = None
-    well_formed: bool | None = None
-    repaired: bool = False
-    constrained: bool = False
-    generation_requests: int = 0
-
-
-class System(Protocol):
-    name: str
-
-    def recommend(self, task: Task) -> Recommendation: ...
 
 
 class RecommenderSystem:

@@ -54,13 +54,13 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any
 
-from starrec.agents.prompts import prompt_text
 from starrec.config import StudentConfig, StudentFormatConfig
+from starrec.core import CompletedRanking, Task, complete_ranking
+from starrec.core.resources import prompt_text
+from starrec.core.tool_calls import parse_tool_call
 from starrec.cst.ranker import present
 from starrec.cst.store import EvidenceStore
 from starrec.cst.tools import ToolError, ToolExecutor, task_tool_calls, tool_specs
-from starrec.data.tasks import Task
-from starrec.evaluation.metrics import CompletedRanking, complete_ranking
 from starrec.llm.base import (
     ChatModel,
     ChoiceConstraint,
@@ -82,10 +82,8 @@ from starrec.trajectories.format import (
     closed,
     open_tag,
     parse_student_output,
-    parse_tool_call,
     pending_tag,
     tags_written,
-    tool_call_json,
     unclosed_tag,
     wrap,
 )
@@ -169,11 +167,14 @@ class Student:
         n = len(shown.candidates)
         constrain = self.config.constrain and self.model.supports(
             PermutationConstraint(n, style=self.fmt.labels))
-        # every runnable call on what the prompt shows: what a broken call is decoded again
-        # among, and, by its longest option, a bound past which a call cannot be runnable
-        # (the option's bytes, each at least one token)
+        # every runnable call on what the prompt shows, written as training wrote them
+        # (default arguments filled in, those a schema rejects left out): what a broken call
+        # is decoded again among, and, by its longest option, a bound past which a call
+        # cannot be runnable (the option's bytes, each at least one token)
         choosing = constrain and self.model.supports(ChoiceConstraint(()))
-        calls = self._call_options(shown, tools) if choosing and self.fmt.tools else ()
+        offered = task_tool_calls(tool_specs(), shown, self.store, self.fmt.history_items,
+                                  executor=tools) if choosing and self.fmt.tools else []
+        calls = tuple(call.json() for call in offered)
         call_cap = ChoiceConstraint(calls).max_tokens + len(close_tag(TOOL_CALL))
         text = self._open_plan(prompt, answer) if constrain and self.fmt.plan else ""
         if answer.chosen_plan:
@@ -318,19 +319,6 @@ class Student:
         completion = self._decode(text, constraint, constraint.max_tokens, answer)
         return completion.text if completion is not None and completion.text in options else None
 
-    def _call_options(self, shown: Task, tools: ToolExecutor) -> tuple[str, ...]:
-        """Calls on the items the prompt shows, written as training wrote them (default
-        arguments filled in); those a schema rejects (a list over its length limit) left
-        out."""
-        options: dict[str, None] = {}
-        for name, arguments in task_tool_calls(tool_specs(), shown, self.store,
-                                               self.fmt.history_items):
-            try:
-                options[tool_call_json(name, tools.arguments_for(name, arguments))] = None
-            except ToolError:
-                continue
-        return tuple(options)
-
     def _left(self, answer: StudentAnswer) -> int:
         """Tokens left of the pass's budget: choices and repairs are the student's tokens
         too (one under way may finish past the budget)."""
@@ -358,7 +346,8 @@ class Student:
         names exist (a 135M student writes ids such as 12345, and reads the error back
         without learning from it)."""
         try:
-            arguments = tools.arguments_for(*parse_tool_call(content))
+            call = parse_tool_call(content)
+            arguments = tools.arguments_for(call.name, call.arguments)
         except (ValueError, ToolError):
             return False
         return not tools.unknown_items(arguments)
@@ -369,12 +358,13 @@ class Student:
         parse error, as a tool error would be."""
         began = time.perf_counter()
         try:
-            name, arguments = parse_tool_call(call_content(text))
+            call = parse_tool_call(call_content(text))
         except ValueError as error:
             calls.append(ExecutedCall("", {}, False, time.perf_counter() - began))
             return f"Error: {error}"
-        result = tools.call(name, arguments)
-        calls.append(ExecutedCall(name, result.arguments or arguments, result.ok, result.seconds))
+        result = tools.call(call.name, call.arguments)
+        calls.append(ExecutedCall(call.name, result.arguments or call.arguments, result.ok,
+                                  result.seconds))
         return result.text
 
     @staticmethod

@@ -7,11 +7,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from starrec.config import StarConfig, StudentFormatConfig
+from starrec.core import Recommendation, Task
 from starrec.cst.store import EvidenceStore
-from starrec.data.tasks import Task
-from starrec.evaluation.runner import Recommendation
 from starrec.inference.student import Student
-from starrec.training.card import read_model_card
+from starrec.llm.card import read_model_card
 
 log = logging.getLogger(__name__)
 

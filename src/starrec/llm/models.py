@@ -33,6 +33,7 @@ from pathlib import Path
 
 from starrec.config import LLMConfig
 from starrec.llm.base import ChatModel, LLMError, Message, NoChatTemplateError
+from starrec.llm.card import read_model_card
 from starrec.llm.gguf_export import (GGUFDtype, GGUFExportError, chat_template,
                                      chat_template_files, export_gguf, template_of,
                                      weight_files)
@@ -149,8 +150,6 @@ def is_llama_folder(path: str | Path) -> bool:
 def base_gguf_of(folder: str | Path) -> Path:
     """The GGUF whose metadata an export of `folder` copies: the one its training started
     from, followed through star_model.json cards (GRPO -> SFT -> smollm2), else SmolLM2's."""
-    from starrec.training.card import read_model_card
-
     spec, seen = str(folder), set()
     while spec not in seen and Path(spec).is_dir() and (card := read_model_card(spec)) is not None:
         seen.add(spec)

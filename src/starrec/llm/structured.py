@@ -4,37 +4,31 @@ A 135M model gets the format wrong often; none of that may crash a teacher run. 
 parser here either returns a value or raises `ParseError` with a message written for
 the model (what was wrong, what the answer must look like), which `generate_structured`
 feeds back as a user message for a bounded number of repair rounds. Every attempt is
-returned, so the trajectory shows what the model said and what it was told.
+returned, so the trajectory shows what the model said and what it was told. (A tool
+call in an answer is parsed by `starrec.core.parse_tool_call`, the one parser the
+teacher and the student share.)
 """
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from string import Template
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
+from starrec.core.resources import prompt_text
+from starrec.core.tool_calls import ParseError
 from starrec.labels import example_list, read_labels
 from starrec.llm.base import ChatModel, Constraint, LLMError, Message
-from starrec.trajectories.format import render_tool_call
 
 T = TypeVar("T")
 
-_TOOL_TAG = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
-_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)(?:```|$)", re.S)
 _RECOMMEND_TAG = re.compile(r"<recommend>(.*?)(?:</recommend>|$)", re.S)
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
-_TOOL_CALL_START = re.compile(r"<tool_call>|\{\s*\"(?:name|function)\"\s*:")
-
-
-class ParseError(ValueError):
-    """An answer that does not have the required shape; the message is for the model."""
 
 
 class RankingError(ParseError):
@@ -45,102 +39,6 @@ class RankingError(ParseError):
         super().__init__(message)
         self.duplicates = duplicates
         self.missing = missing
-
-
-class ToolCall(NamedTuple):
-    name: str
-    arguments: dict[str, Any]
-
-    def render(self) -> str:
-        """The canonical form (DESIGN.md 3.5), as it goes back into the conversation."""
-        return render_tool_call(self.name, self.arguments)
-
-
-def looks_like_tool_call(text: str) -> bool:
-    """Whether the model tried to call a tool (then a broken call is an error to repair,
-    not a final answer)."""
-    return _TOOL_CALL_START.search(text) is not None
-
-
-def _close_brackets(text: str) -> str:
-    """Append the closers a truncated JSON value is missing (strings respected)."""
-    stack: list[str] = []
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "{[":
-            stack.append("}" if char == "{" else "]")
-        elif char in "}]" and stack:
-            stack.pop()
-    return text + ('"' if in_string else "") + "".join(reversed(stack))
-
-
-def _lenient_object(text: str) -> dict[str, Any]:
-    """The first JSON object in `text`, trailing text ignored, with the repairs small
-    models need most: trailing commas, single quotes, a cut-off end."""
-    start = text.find("{")
-    if start < 0:
-        raise ParseError("no JSON object found")
-    fragment = text[start:]
-    decoder = json.JSONDecoder()
-    variants = [fragment, re.sub(r",\s*([}\]])", r"\1", fragment)]
-    if '"' not in fragment:
-        variants.append(variants[-1].replace("'", '"'))
-    variants.append(_close_brackets(variants[-1]))
-    errors = []
-    for variant in variants:
-        try:
-            return decoder.raw_decode(variant)[0]  # starts with "{": an object
-        except json.JSONDecodeError as error:
-            errors.append(error)
-    raise ParseError(f"the tool call is not valid JSON ({errors[0].msg} at character "
-                     f"{errors[0].pos})")
-
-
-def _example_call(names: Sequence[str]) -> str:
-    name = names[0] if names else "TOOL"
-    return f'<tool_call>{{"name": "{name}", "arguments": {{...}}}}</tool_call>'
-
-
-def parse_tool_call(text: str, tool_specs: Sequence[dict[str, Any]]) -> ToolCall:
-    """`(name, arguments)` of the call in `text`: JSON inside <tool_call> tags, a fenced
-    block, or bare; text after it is ignored. The name must be one of `tool_specs`
-    (OpenAI function format); argument values are checked by the tool executor, whose
-    error message the model reads as the tool's response."""
-    names = [spec["function"]["name"] for spec in tool_specs]
-    how = f"Call a tool as {_example_call(names)} with one of: {', '.join(names)}."
-    match = _TOOL_TAG.search(text) or _FENCE.search(text)
-    region = match.group(1) if match else text
-    try:
-        call = _lenient_object(region)
-    except ParseError as error:
-        raise ParseError(f"{error}. {how}") from None
-    if isinstance(call.get("function"), dict):  # OpenAI's {"type": "function", "function": {...}}
-        call = call["function"]
-    name = call.get("name")
-    if not isinstance(name, str) or not name:
-        raise ParseError(f'the tool call has no "name". {how}')
-    if name not in names:
-        raise ParseError(f"unknown tool {name!r}. {how}")
-    arguments = next((call[k] for k in ("arguments", "parameters", "args") if k in call), {})
-    if arguments is None:
-        arguments = {}
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as error:
-            raise ParseError(f"the arguments of {name} are not valid JSON ({error.msg}). {how}") from None
-    if not isinstance(arguments, dict):
-        raise ParseError(f'"arguments" of {name} must be a JSON object. {how}')
-    return ToolCall(name, arguments)
 
 
 def _label_list(body: str, labels: Sequence[str]) -> list[str] | None:
@@ -254,8 +152,7 @@ class Structured(Generic[T]):
 
 @lru_cache(maxsize=1)
 def _repair_template() -> Template:
-    path = resources.files("starrec.resources").joinpath("prompts/repair.md")
-    return Template(path.read_text("utf-8").strip())
+    return Template(prompt_text("repair.md").strip())
 
 
 def repair_message(error: str) -> str:

@@ -16,7 +16,7 @@ from starrec.agents.choices import plan_options
 from starrec.config import StarConfig
 from starrec.data.schema import Dataset
 from starrec.data.splits import fit_interactions
-from starrec.trajectories.dataset import ExportStats, build_dataset
+from starrec.trajectories.dataset import ExportStats, build_sft_dataset
 from starrec.trajectories.filters import FilterReport, filter_runs, holdout_tasks
 from starrec.trajectories.recorder import read_runs
 from starrec.trajectories.schema import TeacherRun
@@ -58,7 +58,7 @@ def plan_choices(runs: list[TeacherRun]) -> list[str]:
 def _encode(runs: list[TeacherRun], dataset: Dataset, tokenizer, cfg: StarConfig,
             show_progress: bool) -> tuple[HFDataset, ExportStats]:
     serialized = [serialize_run(run, dataset.title, cfg.sft.format) for run in runs]
-    return build_dataset(serialized, tokenizer, cfg.sft.max_length, show_progress)
+    return build_sft_dataset(serialized, tokenizer, cfg.sft.max_length, show_progress)
 
 
 def sft_from_trajectories(

@@ -25,7 +25,7 @@ from typing import Any
 from datasets import Dataset
 
 from starrec.config import SFTSettings
-from starrec.training.card import ModelCard, write_model_card
+from starrec.llm.card import ModelCard, write_model_card
 
 log = logging.getLogger(__name__)
 

@@ -80,9 +80,10 @@ def encode_example(tokenizer, messages: list[Message], completion: str) -> Encod
     return Encoded(input_ids, labels)
 
 
-def build_dataset(runs: list[SerializedRun], tokenizer, max_length: int,
-                  show_progress: bool = True) -> tuple[Dataset, ExportStats]:
-    """Rows: task_id, sample, messages, completion, input_ids, labels."""
+def build_sft_dataset(runs: list[SerializedRun], tokenizer, max_length: int,
+                      show_progress: bool = True) -> tuple[Dataset, ExportStats]:
+    """Rows: task_id, sample, messages, completion, input_ids, labels. (Not to be taken
+    for `starrec.data.schema.build_dataset`, which builds the interaction data.)"""
     rows: dict[str, list] = {k: [] for k in ("task_id", "sample", "messages", "completion",
                                              "input_ids", "labels")}
     stats = ExportStats()

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from starrec.config import TrajectoryFilterConfig
-from starrec.evaluation.metrics import complete_ranking
+from starrec.core import complete_ranking
 from starrec.trajectories.schema import TeacherRun
 
 LEVELS = ("low", "mid", "high")

@@ -15,17 +15,23 @@ language with parts left out, so the parser takes the set of required parts.
 
 `parse_student_output` is strict on form (the GRPO format reward uses `well_formed`) and
 lenient on content (it still returns whatever ranking indices it could read, so a
-malformed answer is completed and scored, DESIGN.md 3.4).
+malformed answer is completed and scored, DESIGN.md 3.4). A tool call is the teacher's
+record, rendered and parsed (strictly) by `starrec.core.tool_calls`, so the student writes
+a call exactly as its teacher's trajectory shows it.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from starrec.core.tool_calls import (
+    TOOL_CALL,
+    TOOL_RESPONSE,
+    ToolCall,
+    parse_tool_call,
+)
 from starrec.labels import candidate_labels, example_list, label_list, read_labels
 
 Labels = int | Sequence[str]
@@ -35,8 +41,7 @@ def as_labels(labels: Labels) -> tuple[str, ...]:
     """Labels as given, or the default letters of that many candidates."""
     return candidate_labels(labels) if isinstance(labels, int) else tuple(labels)
 
-PLAN, TOOL_CALL, TOOL_RESPONSE, REFLECTION, RECOMMEND = (
-    "plan", "tool_call", "tool_response", "reflection", "recommend")
+PLAN, REFLECTION, RECOMMEND = "plan", "reflection", "recommend"
 TAGS = (PLAN, TOOL_CALL, TOOL_RESPONSE, REFLECTION, RECOMMEND)
 SEPARATOR = "\n"
 # Where a generation must pause: a tool call is answered by the runtime, a ranking ends it.
@@ -65,16 +70,6 @@ def closed(text: str, name: str) -> str:
 
 
 @dataclass
-class ToolCall:
-    """A call as the student wrote it and the response the runtime gave it (None when the
-    sequence ended before a response)."""
-
-    name: str
-    arguments: dict[str, Any]
-    response: str | None = None
-
-
-@dataclass
 class StudentSequence:
     """The parts of one sequence; None (or no calls) for a part that is absent."""
 
@@ -96,15 +91,6 @@ class ParsedOutput(StudentSequence):
     errors: list[str] = field(default_factory=list)
 
 
-def tool_call_json(name: str, arguments: dict[str, Any]) -> str:
-    """What the student writes inside `<tool_call>`."""
-    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-
-
-def render_tool_call(name: str, arguments: dict[str, Any]) -> str:
-    return wrap(TOOL_CALL, tool_call_json(name, arguments))
-
-
 def render_ranking(indices: Iterable[int], labels: Labels) -> str:
     """`<recommend>[C, A, ...]</recommend>` for 0-based `indices`."""
     return wrap(RECOMMEND, label_list(indices, as_labels(labels)))
@@ -116,7 +102,7 @@ def render_sequence(sequence: StudentSequence, labels: Labels) -> str:
     if sequence.plan is not None:
         parts.append(wrap(PLAN, sequence.plan))
     for call in sequence.tool_calls:
-        text = render_tool_call(call.name, call.arguments)
+        text = call.render()
         if call.response is not None:
             text += wrap(TOOL_RESPONSE, call.response)
         parts.append(text)
@@ -159,25 +145,6 @@ def _segments(text: str) -> tuple[list[_Segment], list[str]]:
         segments.append(_Segment(tag, text[match.end():closing], True, match.start(), end))
         position = end
     return segments, stray
-
-
-def parse_tool_call(content: str) -> tuple[str, dict[str, Any]]:
-    """`{"name": str, "arguments": {...}}` -> (name, arguments); ValueError naming what is
-    wrong otherwise (that message is what the student reads back as the tool response)."""
-    try:
-        value = json.loads(content)
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"the tool call is not valid JSON ({error.msg} at char {error.pos})") from None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise ValueError('a tool call must be {"name": "<tool>", "arguments": {...}}')
-    arguments = value.get("arguments", {})
-    if not isinstance(arguments, dict):
-        raise ValueError("the tool call's arguments must be a JSON object")
-    extra = set(value) - {"name", "arguments"}
-    if extra:
-        raise ValueError(f"unexpected keys in the tool call: {sorted(extra)}")
-    return value["name"], arguments
 
 
 def parse_ranking_list(content: str, labels: Labels) -> tuple[list[int], list[str]]:
@@ -239,11 +206,11 @@ def parse_student_output(text: str, labels: Labels, *, plan: bool = True, tools:
             if not tools:
                 errors.append("tool calls are not part of this format")
             try:
-                name, arguments = parse_tool_call(segment.content)
+                call = parse_tool_call(segment.content)
             except ValueError as error:
                 errors.append(str(error))
-                name, arguments = "", {}
-            out.tool_calls.append(ToolCall(name, arguments))
+                call = ToolCall("", {})
+            out.tool_calls.append(call)
             expect_response = segment.closed
         elif tag == RECOMMEND:
             if out.ranking is None:

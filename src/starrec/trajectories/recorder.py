@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from starrec.data.tasks import Task
+from starrec.core import Task
 from starrec.progress import progress as progress_bar
 from starrec.trajectories.schema import TeacherRun
 

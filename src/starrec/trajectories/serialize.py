@@ -33,18 +33,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 from string import Template
 
-from starrec.agents.prompts import prompt_text, scenarios, tool_line
 from starrec.config import StudentFormatConfig
-from starrec.cst.tools import tool_specs
+from starrec.core import Task, ToolCall
+from starrec.core.resources import PROMPT_VERSION, prompt_text, scenarios  # noqa: F401
+from starrec.cst.tools import tool_line, tool_specs
 from starrec.labels import candidate_labels
-from starrec.data.tasks import Task
 from starrec.llm.base import Message
-from starrec.trajectories.format import TAGS, StudentSequence, ToolCall, render_sequence
+from starrec.trajectories.format import TAGS, StudentSequence, render_sequence
 from starrec.trajectories.schema import ANALYSTS, TeacherRun
 
-# Bump when the prompt files or their rendering change: a model folder records the
-# version it was trained with, and inference warns on a mismatch.
-PROMPT_VERSION = "student-v3"  # v3: candidate labels (format.labels), not 0-based indices
+# PROMPT_VERSION (`starrec.core.resources`, where the model card reads it) versions what
+# this module renders: bump it there when the student's prompt files or this rendering
+# change.
 
 TitleLookup = Callable[[str], str]
 _TAG = re.compile(r"</?(?:%s)>" % "|".join(TAGS))
