@@ -453,10 +453,13 @@ def report(
 def _register_subcommands() -> None:
     """Commands whose modules import this one for the shared helpers above."""
     from starrec.cli import distill, pipeline, teach
+    from starrec.cli import serve as serving
 
     app.command("teach")(teach.teach)
     app.command("pipeline")(pipeline.pipeline)
     app.add_typer(distill.app, name="distill")
+    app.command("serve")(serving.serve)
+    app.command("recommend")(serving.recommend)
 
 
 _register_subcommands()

@@ -1,0 +1,125 @@
+"""Prometheus metrics of the service, written in the text exposition format by hand.
+
+The format is a few lines of text, so the service needs no client library: counters of
+requests by status and of errors by code, a latency histogram per endpoint, and gauges
+read when scraped (queue depth, requests in flight, readiness). Label sets are bounded:
+paths are the app's route templates (anything else is `unmatched`), statuses and error
+codes are the few the service produces.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+# seconds: ranker answers take milliseconds, an LLM system's seconds to minutes on a CPU
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0, 300.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    text = ",".join(f'{key}="{_escape(str(value))}"' for key, value in pairs)
+    return "{" + text + "}" if text else ""
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += 1
+        self.sum += value
+
+
+class Metrics:
+    """Thread-safe counters and histograms, and gauges computed at scrape time."""
+
+    def __init__(self, prefix: str = "star", buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.prefix = prefix
+        self.buckets = buckets
+        self._lock = threading.Lock()
+        self._requests: Counter[tuple[str, str, str]] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._latency: dict[tuple[str, str], _Histogram] = {}
+        self._gauges: list[tuple[str, str, Callable[[], float]]] = []
+        self._info: dict[str, str] = {}
+
+    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
+        self._gauges.append((name, help, read))
+
+    def info(self, **labels: str) -> None:
+        self._info = dict(labels)
+
+    def observe_request(self, method: str, path: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self._requests[(method, path, str(status))] += 1
+            histogram = self._latency.get((method, path))
+            if histogram is None:
+                histogram = self._latency[(method, path)] = _Histogram(self.buckets)
+            histogram.observe(seconds)
+
+    def count_error(self, code: str) -> None:
+        with self._lock:
+            self._errors[code] += 1
+
+    def requests(self, path: str | None = None, status: int | None = None) -> int:
+        """Requests counted so far (tests and logs)."""
+        with self._lock:
+            return sum(n for (_, p, s), n in self._requests.items()
+                       if (path is None or p == path) and (status is None or s == str(status)))
+
+    def render(self) -> str:
+        p = self.prefix
+        lines: list[str] = []
+
+        def head(name: str, kind: str, help: str) -> None:
+            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
+
+        with self._lock:
+            requests = sorted(self._requests.items())
+            errors = sorted(self._errors.items())
+            latency = sorted((key, (list(h.counts), h.total, h.sum))
+                             for key, h in self._latency.items())
+        if self._info:
+            head(f"{p}_info", "gauge", "The system this service answers with.")
+            lines.append(f"{p}_info{_labels(sorted(self._info.items()))} 1")
+        head(f"{p}_http_requests_total", "counter", "HTTP requests answered, by status.")
+        for (method, path, status), n in requests:
+            lines.append(f"{p}_http_requests_total"
+                         f"{_labels([('method', method), ('path', path), ('status', status)])} {n}")
+        head(f"{p}_http_request_duration_seconds", "histogram",
+             "Time from a request's arrival to its answer.")
+        name = f"{p}_http_request_duration_seconds"
+        for (method, path), (counts, total, seconds) in latency:
+            base = [("method", method), ("path", path)]
+            for bound, count in zip(self.buckets, counts):
+                lines.append(f"{name}_bucket{_labels([*base, ('le', _number(bound))])} {count}")
+            lines.append(f"{name}_bucket{_labels([*base, ('le', '+Inf')])} {total}")
+            lines.append(f"{name}_sum{_labels(base)} {_number(seconds)}")
+            lines.append(f"{name}_count{_labels(base)} {total}")
+        head(f"{p}_errors_total", "counter", "Error responses, by error code.")
+        for code, n in errors:
+            lines.append(f"{p}_errors_total{_labels([('code', code)])} {n}")
+        for gauge, help, read in self._gauges:
+            head(f"{p}_{gauge}", "gauge", help)
+            lines.append(f"{p}_{gauge} {_number(read())}")
+        return "\n".join(lines) + "\n"
