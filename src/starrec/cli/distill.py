@@ -95,3 +95,86 @@ def sft(
         losses += f", eval loss {result.eval_loss:.4f}"
     typer.echo(f"sft: {result.global_step} steps{resumed}, {losses}, "
                f"{result.seconds:.0f} s -> {out}")
+
+
+def _rank_settings(overrides: list[str]) -> tuple[list[str], object]:
+    """(the other overrides, RankSettings of the `rank.` ones): the ranking head's settings
+    live with its trainer (`starrec.training.rank.RankSettings`), not in the config file's
+    sections, so they are split off before the config is read."""
+    from starrec.config import parse_override
+    from starrec.training.rank import RankSettings
+
+    data: dict = {}
+    rest: list[str] = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] != "rank":
+            rest.append(text)
+            continue
+        node = data
+        for key in keys[1:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return rest, RankSettings.model_validate(data)
+
+
+@app.command("rank")
+def rank(
+    out: Annotated[Path, typer.Option(help="Model folder to write.")],
+    model: Annotated[Optional[str], typer.Option(
+        help="Base model: smollm2, an SFT student folder, a model folder, a hub id or a .gguf "
+        "file. Default: rank.base_model.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Dataset whose train positions are the training tasks. Default: data.dataset.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. Default: rank.steps.")] = None,
+    full: Annotated[bool, typer.Option(help="Full fine-tune instead of LoRA.")] = False,
+    no_valid: Annotated[bool, typer.Option(
+        help="No valid-200 AvgHR curve (faster; nothing to choose a checkpoint by).")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from the latest checkpoint in OUT/checkpoints.")] = False,
+    columns: ColumnsOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train a ranking head: the ranking is read from the candidates' label logits after
+    one forward pass, trained on the outcomes of the train tasks (every earlier position
+    of each user's train sequence, with leave-the-users-out evidence). Writes OUT, which
+    `star eval --system star --model OUT [--set student.mode=fast|reason]` loads.
+
+    Example:
+      star distill rank --out runs/rank-head --model smollm2 --steps 300 \\
+        --set rank.batch_tasks=8 --set rank.objective=listwise+pl \\
+        --set rank.head.evidence_tokens=24
+    """
+    from starrec.data.errors import DataError
+    from starrec.data.prepared import load_task_set, prepared_tasks
+    from starrec.data.registry import load_dataset
+    from starrec.llm.base import LLMError
+    from starrec.training.rank import train_rank_on_dataset
+
+    try:
+        rest, settings = _rank_settings(list(set_ or []))
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--set") from None
+    update = {k: v for k, v in {"base_model": model, "steps": steps,
+                                "lora": False if full else None}.items() if v is not None}
+    settings = settings.model_copy(update=update)
+    cfg = _config(config, rest, columns)
+    try:
+        spec = dataset or cfg.data.dataset
+        loaded = load_dataset(spec, cfg.data.source, cfg.data.columns)
+        valid = None
+        if not no_valid:
+            folder = prepared_tasks(spec, cfg.data.source, cfg.data.seed, dataset=loaded)
+            valid = load_task_set(folder / "valid-200.jsonl", loaded)
+        result = train_rank_on_dataset(loaded, out, cfg, settings, valid_tasks=valid,
+                                       resume=resume)
+    except (DataError, FileExistsError, FileNotFoundError, LLMError, ValueError) as error:
+        raise _fail(error) from None
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    loss = "no loss logged" if result.train_loss is None else f"train loss {result.train_loss:.4f}"
+    valid_hr = ""
+    if result.eval_metrics:
+        valid_hr = f", valid AvgHR {result.eval_metrics['AvgHR']:.1f}"
+    typer.echo(f"rank: {result.global_step} steps{resumed}, {loss}{valid_hr}, "
+               f"{result.seconds:.0f} s -> {out}")

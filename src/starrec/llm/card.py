@@ -13,21 +13,36 @@ import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
 from starrec.config import StudentFormatConfig
 from starrec.core.resources import PROMPT_VERSION
+from starrec.labels import LabelStyle
 
 log = logging.getLogger(__name__)
 
 CARD_FILE = "star_model.json"
 
 
+class HeadSpec(BaseModel):
+    """How a ranking head reads a ranking (`starrec.inference.rank_head`): the compact
+    prompt it was trained on and the labels whose logits are its scores. Kept in the card
+    so that inference renders exactly the prompt training saw."""
+
+    mode: Literal["fast", "reason"] = "fast"  # the mode it was trained for (and defaults to)
+    label_style: LabelStyle = "letters"
+    labels: list[str] = []  # the label of each candidate position, as trained
+    history_items: int = 5  # most recent history titles shown
+    evidence_tokens: int = 40  # evidence per candidate, in tokenizer tokens; 0: titles only
+    cst_rank: bool = False  # add the candidate's rank under the non-LLM cst ranker
+    answer_prefix: str = "<recommend>["  # after the prompt; the label logits are read here
+
+
 class ModelCard(BaseModel):
     kind: str = "star-student"
-    stage: str  # sft | grpo
+    stage: str  # sft | grpo | rank
     base_model: str  # the spec given (smollm2, a folder, a hub id)
     base_model_path: str  # what transformers loaded
     prompt_version: str = PROMPT_VERSION
@@ -44,6 +59,9 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = {}  # the settings used
     metrics: dict[str, Any] = {}  # steps, final train / eval loss, seconds
     created: str = ""
+    # a ranking head (`star distill rank`): rankings are read from label logits; None: the
+    # student writes its ranking
+    head: HeadSpec | None = None
 
 
 def write_model_card(folder: Path, card: ModelCard) -> Path:

@@ -1,0 +1,106 @@
+"""Cost per request of the ranking head in fast mode against prompt length (issue 15).
+
+The head's cost is one prefill (no decoding), so its distance to the physical limit is
+the gap between its time per request and the machine's prefill rate on the same number
+of tokens. This script builds fast-mode prompts of growing length on real tasks (the
+evidence budget per candidate and the history shown are what change the length), times
+`RankHead.scores` on each (best of `--repeats`, one thread count), and times a plain
+forward pass over the same token count as the prefill reference. Prints a table and
+writes benchmarks/results/rank_head_cost.json.
+
+    python benchmarks/rank_head_cost.py                       # SmolLM2, ml-100k valid-200
+    python benchmarks/rank_head_cost.py --model DIR --tasks 5 --budgets 0 8 24 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def best_of(repeats: int, run) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history: list[int],
+            repeats: int, threads: int | None, store_path: str | None = None) -> list[dict]:
+    """One row per (evidence budget, history items): prompt tokens, head seconds per
+    request, plain forward seconds on the same tokens, and their tokens/s."""
+    import torch
+
+    from starrec.config import CSTConfig
+    from starrec.cst.store import EvidenceStore, ensure_store
+    from starrec.data.prepared import load_task_set, prepared_tasks
+    from starrec.data.registry import load_dataset
+    from starrec.data.splits import task_interactions
+    from starrec.inference.rank_head import RankHead, RankHeadSystem, load_head
+    from starrec.llm.card import HeadSpec
+
+    loaded = load_dataset(dataset)
+    tasks = load_task_set(prepared_tasks(dataset, dataset=loaded) / "valid-200.jsonl", loaded)
+    tasks = tasks[:n_tasks]
+    if store_path is None:
+        allowed = task_interactions(loaded, load_task_set(
+            prepared_tasks(dataset, dataset=loaded) / "valid-200.jsonl"), "valid")
+        store_path = str(ensure_store(allowed, loaded.items, CSTConfig(), dataset=dataset,
+                                      split="valid"))
+    store = EvidenceStore(store_path)
+    base, _ = load_head(model, threads=threads)
+    rows = []
+    for items in history:
+        for budget in budgets:
+            head = RankHead(base.model, base.tokenizer,
+                            HeadSpec(evidence_tokens=budget, history_items=items))
+            system = RankHeadSystem(head, store, mode="fast")
+            texts = [head.prompt(task, store) for task in tasks]
+            tokens = sum(map(head.count, texts)) / len(texts)
+            head.scores(texts[:1], 20)  # warm-up
+            per_request = sum(best_of(repeats, lambda t=t: system.answer(t)) for t in tasks) / len(tasks)
+            ids = head.encode(texts[:1])
+            with torch.inference_mode():
+                prefill = best_of(repeats, lambda: head.model(**ids, logits_to_keep=1))
+            rows.append({"history_items": items, "evidence_tokens": budget,
+                         "prompt_tokens": round(tokens, 1), "head_s": round(per_request, 4),
+                         "prefill_s": round(prefill, 4),
+                         "head_tokens_per_s": round(tokens / per_request, 1),
+                         "prefill_tokens_per_s": round(head.count(texts[0]) / prefill, 1)})
+            print(f"history {items:3d}  evidence {budget:3d}  tokens {tokens:7.1f}  "
+                  f"head {per_request:7.3f} s  prefill {prefill:7.3f} s", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--store", default=None, help="an evidence store (default: valid's)")
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[0, 8, 16, 32, 64])
+    parser.add_argument("--history", type=int, nargs="+", default=[5])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "rank_head_cost.json")
+    args = parser.parse_args()
+    rows = measure(args.model, args.dataset, args.tasks, args.budgets, args.history,
+                   args.repeats, args.threads, args.store)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": args.model, "dataset": args.dataset, "tasks": args.tasks,
+               "threads": args.threads, "machine": f"{os.cpu_count()} cores, {platform.processor()}",
+               "load_average": os.getloadavg(), "rows": rows}
+    args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""A ranking head: the student's ranking read from its label logits at one position.
+
+The prompt (recent history titles, candidates with single-token labels, a budgeted line
+of CST evidence per candidate) is read once; at the answer position (after
+`<recommend>[`) the logit of each candidate's label token is its score, and the ranking
+sorts the scores, ties in the order shown. So a ranking costs one forward pass, no
+decoding, is a permutation by construction (nothing to repair), and comes with scores
+that NDCG and the service can use. Training (`starrec.training.rank`) pushes the
+target's label up through the same `RankHead.label_logits`, so what is trained is
+exactly what is read (LlamaRec's verbalizer).
+
+Modes (`student.mode`):
+- `fast`: the compact prompt of the card's `HeadSpec`, one forward pass;
+- `reason`: the student's own generation (`Student`: plan, tool calls, reflection) runs
+  as in `generate`, then the ranking is read from the head at the `<recommend>[`
+  position of that text instead of the list it wrote.
+
+Position debiasing (`student.debias_shuffles` = k > 1, fast mode): the label
+log-probabilities are averaged over k seeded shuffles of the candidates (the first is
+the shown order), as LLMRank's bootstrapping, in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from starrec.config import StudentConfig, StudentFormatConfig
+from starrec.core import Recommendation, Task
+from starrec.core.resources import scenarios
+from starrec.cst.evidence import CandidateEvidence, candidate_evidence
+from starrec.cst.ranker import CSTRanker
+from starrec.cst.store import EvidenceStore
+from starrec.cst.verbalize import candidate_line, render
+from starrec.labels import candidate_labels
+from starrec.llm.base import Message
+from starrec.llm.card import HeadSpec
+
+TokenCounter = Callable[[str], int]
+
+HEAD_SYSTEM = ("You rank candidate items for a user. The label of the item the user most "
+               "likely consumes next comes first.")
+
+
+class LabelTokenError(ValueError):
+    """A candidate label is not one token of the tokenizer where the head reads it: its
+    logit would not be the label's score."""
+
+
+def rank_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
+    """Indices by descending score; ties keep the order given (DESIGN.md 7)."""
+    return np.argsort(-np.asarray(scores, dtype=float), kind="stable").tolist()
+
+
+def label_token_ids(tokenizer: Any, labels: Sequence[str], answer_prefix: str) -> list[int]:
+    """The token id of each label as it follows `answer_prefix`; `LabelTokenError` where a
+    label is several tokens, or merges with the prefix's end (then the text the head scores
+    would not be the prompt followed by that token)."""
+    head = tokenizer.encode(answer_prefix, add_special_tokens=False)
+    ids: list[int] = []
+    for label in labels:
+        own = tokenizer.encode(label, add_special_tokens=False)
+        if len(own) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(own)
+            raise LabelTokenError(
+                f"candidate label {label!r} is {len(own)} tokens of this tokenizer {pieces}; the "
+                "ranking head reads one token per label: choose a label style whose labels are "
+                "single tokens (letters for SmolLM2)")
+        after = tokenizer.encode(answer_prefix + label, add_special_tokens=False)
+        if after != head + own:
+            raise LabelTokenError(
+                f"candidate label {label!r} does not stay its own token after {answer_prefix!r} "
+                f"({tokenizer.convert_ids_to_tokens(after)}); change the head's answer_prefix")
+        ids.append(own[0])
+    if len(set(ids)) != len(ids):
+        raise LabelTokenError(f"two candidate labels share a token: {list(labels)}")
+    return ids
+
+
+def evidence_text(evidence: CandidateEvidence, n_history: int, titles: Callable[[str], str],
+                  budget: int, count: TokenCounter) -> str:
+    """The candidate's CST evidence (the clauses of `verbalize.candidate_line`, in its
+    order) within `budget` tokens: whole clauses while they fit, the first one cut to the
+    budget when none fits. The budget is per candidate because on a CPU the prompt's
+    prefill is the head's whole cost."""
+    if budget <= 0:
+        return ""
+    full = candidate_line("X", evidence, n_history, titles)
+    opening = render("candidate", label="X", title=evidence.title, item=evidence.item) + ": "
+    clauses = full[len(opening):].rstrip(".").split("; ")
+    kept: list[str] = []
+    for clause in clauses:
+        if count("; ".join([*kept, clause])) > budget:
+            break
+        kept.append(clause)
+    if not kept:
+        words = clauses[0].split()
+        while words and count(" ".join(words)) > budget:
+            words.pop()
+        kept = [" ".join(words)] if words else []
+    return "; ".join(kept)
+
+
+def head_messages(task: Task, store: EvidenceStore, spec: HeadSpec, labels: Sequence[str],
+                  count: TokenCounter) -> list[Message]:
+    """The compact prompt of the fast mode, in the candidates' order in `task`."""
+    shown = task.history[-spec.history_items:] if spec.history_items > 0 else []
+    evidence = candidate_evidence(store, task) if spec.evidence_tokens > 0 else []
+    cst_rank: dict[int, int] = {}
+    if spec.cst_rank:
+        order = rank_from_scores(CSTRanker.on_store(store).score(task))
+        cst_rank = {index: rank + 1 for rank, index in enumerate(order)}
+    lines = []
+    for j, (label, item) in enumerate(zip(labels, task.candidates)):
+        parts = [store.title(item)]
+        if evidence:
+            text = evidence_text(evidence[j], len(task.history), store.title,
+                                 spec.evidence_tokens, count)
+            if text:
+                parts.append(text)
+        if cst_rank:
+            parts.append(f"cst rank {cst_rank[j]}")
+        lines.append(f"{label}: " + " | ".join(parts))
+    scenario = scenarios().get(task.scenario, "")
+    history = "; ".join(store.title(item) for item in shown) or "(none)"
+    user = (f"{scenario}\n" if scenario else "") + (
+        f"History (last {len(shown)} of {len(task.history)}): {history}\n"
+        "Candidates (label: title | evidence):\n" + "\n".join(lines) +
+        "\nAnswer with the candidate labels, most likely first.")
+    return [{"role": "system", "content": HEAD_SYSTEM}, {"role": "user", "content": user}]
+
+
+def render_prompt(tokenizer: Any, messages: list[Message], answer_prefix: str) -> str:
+    """The chat template over `messages` with the answer opened by `answer_prefix`; a
+    plain text join for a tokenizer without a template (a base model)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+    return text + answer_prefix
+
+
+def shuffle_orders(n: int, k: int, seed: int, key: str) -> list[list[int]]:
+    """k orders of n candidates: the identity, then k - 1 permutations seeded by `seed`
+    and `key` (the task id), so a rerun shows the same shuffles."""
+    import zlib
+
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    orders = [list(range(n))]
+    orders += [rng.permutation(n).tolist() for _ in range(max(k, 1) - 1)]
+    return orders
+
+
+class RankHead:
+    """A causal LM (transformers, optionally PEFT-wrapped) and its tokenizer, read as a
+    ranker. The same object scores at inference and computes the training loss."""
+
+    def __init__(self, model: Any, tokenizer: Any, spec: HeadSpec | None = None,
+                 n_candidates: int = 20) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec or HeadSpec()
+        self.labels = tuple(self.spec.labels) or candidate_labels(n_candidates, self.spec.label_style)
+        if len(self.labels) < n_candidates:
+            raise ValueError(f"the head has {len(self.labels)} labels for {n_candidates} candidates")
+        self.label_ids = label_token_ids(tokenizer, self.labels, self.spec.answer_prefix)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt(self, task: Task, store: EvidenceStore) -> str:
+        """The fast mode's full text, ending at the answer position."""
+        labels = self.labels[: len(task.candidates)]
+        return render_prompt(self.tokenizer, head_messages(task, store, self.spec, labels, self.count),
+                             self.spec.answer_prefix)
+
+    def encode(self, texts: Sequence[str]) -> dict[str, Any]:
+        """Left-padded ids with positions counted from each text's first real token, so a
+        text scores the same alone and in a batch."""
+        import torch
+
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            enc = self.tokenizer(list(texts), add_special_tokens=False, padding=True,
+                                 return_tensors="pt")
+        finally:
+            self.tokenizer.padding_side = side
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = next(self.model.parameters()).device
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
+                "position_ids": positions.to(device, dtype=torch.long)}
+
+    def label_logits(self, texts: Sequence[str], n: int | None = None) -> Any:
+        """(len(texts), n) logits of the first n labels at each text's last position, with
+        gradients when enabled (training). Only the last position's logits are computed
+        (`logits_to_keep=1`): the full vocabulary at every position would not fit a batch."""
+        enc = self.encode(texts)
+        out = self.model(**enc, logits_to_keep=1)
+        ids = self.label_ids[: n or len(self.labels)]
+        return out.logits[:, -1, ids].float()
+
+    def scores(self, texts: Sequence[str], n: int) -> np.ndarray:
+        """Label logits without gradients, as float64 numpy."""
+        import torch
+
+        with torch.inference_mode():
+            return self.label_logits(texts, n).double().cpu().numpy()
+
+
+def log_softmax(values: np.ndarray) -> np.ndarray:
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class HeadAnswer:
+    """One task's head ranking. `scores` are per candidate in the task file's order: the
+    label logit (one pass) or the mean label log-probability over the shuffles."""
+
+    ranking: list[str]
+    scores: list[float]
+    shown: list[str]
+    passes: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    segments: int = 0
+    seconds: float = 0.0
+    reasoning: dict[str, Any] = field(default_factory=dict)
+
+
+class RankHeadSystem:
+    """`star eval --system star` for a model with a ranking head (`student.mode` fast or
+    reason). Valid by construction: `well_formed`, never repaired."""
+
+    def __init__(self, head: RankHead, store: EvidenceStore, mode: str = "fast",
+                 shuffles: int = 1, seed: int = 0, student: Any | None = None,
+                 name: str = "star") -> None:
+        if mode not in ("fast", "reason"):
+            raise ValueError(f"unknown head mode {mode!r}; expected fast or reason")
+        if mode == "reason" and student is None:
+            raise ValueError("the reason mode needs the student that generates the reasoning")
+        if mode == "reason" and shuffles > 1:
+            raise ValueError("position debiasing applies to the fast mode: the reasoning of the "
+                             "reason mode names candidates by their labels in one order")
+        self.head = head
+        self.store = store
+        self.mode = mode
+        self.shuffles = max(1, shuffles)
+        self.seed = seed
+        self.student = student
+        self.name = name
+
+    def answer(self, task: Task) -> HeadAnswer:
+        started = time.perf_counter()
+        answer = self._reason(task) if self.mode == "reason" else self._fast(task)
+        answer.seconds = time.perf_counter() - started
+        return answer
+
+    def _fast(self, task: Task) -> HeadAnswer:
+        n = len(task.candidates)
+        orders = shuffle_orders(n, self.shuffles, self.seed, task.task_id)
+        texts = [self.head.prompt(replace(task, candidates=[task.candidates[i] for i in order]),
+                                  self.store) for order in orders]
+        logits = self.head.scores(texts, n)
+        if len(orders) == 1:
+            scores = logits[0]
+        else:
+            per_candidate = np.zeros((len(orders), n))
+            for row, order in enumerate(orders):
+                per_candidate[row, order] = log_softmax(logits[row])
+            scores = per_candidate.mean(axis=0)
+        ranking = [task.candidates[i] for i in rank_from_scores(scores)]
+        return HeadAnswer(ranking=ranking, scores=scores.tolist(), shown=list(task.candidates),
+                          passes=len(orders), prompt_tokens=sum(map(self.head.count, texts)))
+
+    def _reason(self, task: Task) -> HeadAnswer:
+        from starrec.trajectories.format import RECOMMEND, closed, open_tag, pending_tag
+
+        student = self.student
+        generated = student.answer(task)
+        shown = student.shown(task)
+        text = generated.text
+        cut = text.rfind(open_tag(RECOMMEND))
+        body = (text[:cut] if cut >= 0 else text).rstrip()
+        unclosed = pending_tag(body)
+        if unclosed and unclosed != RECOMMEND:
+            body = closed(body, unclosed)
+        prefix = student.prompt(task) + body + "\n" + self.head.spec.answer_prefix
+        n = len(shown.candidates)
+        scores_shown = self.head.scores([prefix], n)[0]
+        by_item = dict(zip(shown.candidates, scores_shown.tolist()))
+        scores = [by_item[item] for item in task.candidates]
+        ranking = [shown.candidates[i] for i in rank_from_scores(scores_shown)]
+        return HeadAnswer(
+            ranking=ranking, scores=scores, shown=list(shown.candidates), passes=1,
+            prompt_tokens=generated.prompt_tokens + self.head.count(prefix),
+            completion_tokens=generated.completion_tokens, segments=generated.segments,
+            # what the student generated up to the list (the list it wrote is not used)
+            reasoning={"text": body, "stop": generated.stop,
+                       "tool_calls": len(generated.tool_calls), "written": generated.ranking})
+
+    def recommend(self, task: Task) -> Recommendation:
+        answer = self.answer(task)
+        return Recommendation(
+            ranking=answer.ranking,
+            llm_calls=answer.segments + answer.passes,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            details={"mode": self.mode, "scores": dict(zip(task.candidates, answer.scores)),
+                     "labels": list(self.head.labels[: len(answer.shown)]),
+                     "shuffles": self.shuffles, "passes": answer.passes, **answer.reasoning},
+            shown=answer.shown,
+            well_formed=True,
+            generation_requests=answer.segments,
+        )
+
+
+def load_head(path: str, spec: HeadSpec | None = None, threads: int | None = None,
+              n_candidates: int = 20) -> tuple[RankHead, Any]:
+    """(head, chat model) of a model folder or spec (`smollm2`, a hub id, a .gguf), loaded
+    once with transformers: the chat model (`HFChatModel`) shares the head's weights, for
+    the reason mode's generation."""
+    from starrec.llm.hf_backend import HFChatModel
+    from starrec.llm.models import resolve_model_folder
+
+    chat = HFChatModel.load(resolve_model_folder(path), threads=threads, name=path)
+    return RankHead(chat.model, chat.tokenizer, spec, n_candidates), chat
+
+
+def head_system(path: str, store: EvidenceStore, spec: HeadSpec | None, mode: str,
+                config: StudentConfig, fmt: StudentFormatConfig | None = None,
+                threads: int | None = None, plan_choices: Sequence[str] = (),
+                reflection_cap: int | None = None) -> RankHeadSystem:
+    """The head system of a model folder in `mode`; the reason mode's student is built on
+    the same weights, in the card's student format."""
+    from starrec.inference.student import Student
+
+    head, chat = load_head(path, spec, threads)
+    student = (Student(chat, store, fmt or StudentFormatConfig(), config,
+                       plan_choices=plan_choices, reflection_cap=reflection_cap)
+               if mode == "reason" else None)
+    return RankHeadSystem(head, store, mode=mode, shuffles=config.debias_shuffles,
+                          seed=config.seed or 0, student=student)

@@ -1,0 +1,337 @@
+"""The ranking head (issue 15): scores to ranking, objectives, leave-the-user-out
+evidence, training with checkpoints and resume, both modes, debiasing. On the tiny
+random model of tests/tiny_lm.py, whose byte-level tokenizer has every letter as one
+token."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from starrec.config import CSTConfig, StarConfig, StudentConfig
+from starrec.cst.evidence import candidate_evidence
+from starrec.data.schema import Dataset
+from starrec.inference.rank_head import (
+    LabelTokenError,
+    RankHead,
+    RankHeadSystem,
+    evidence_text,
+    label_token_ids,
+    log_softmax,
+    rank_from_scores,
+    shuffle_orders,
+)
+from starrec.inference.system import load_star_system
+from starrec.labels import candidate_labels
+from starrec.llm.card import HeadSpec, read_model_card
+from starrec.training.rank import (
+    RankSettings,
+    avg_hr,
+    avghr_hook,
+    listwise_loss,
+    outcome_reward,
+    pl_policy_loss,
+    plackett_luce_log_prob,
+    plackett_luce_sample,
+    target_ranks,
+    task_batches,
+    train_rank,
+)
+from starrec.training.rank_data import (
+    build_fold_stores,
+    leave_out_interactions,
+    position_tasks,
+    user_fold,
+)
+from tests.conftest import make_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tiny_lm_dir):
+    from starrec.inference.rank_head import load_head
+
+    head, chat = load_head(str(tiny_lm_dir), threads=1)
+    return head, chat
+
+
+# --- scores to ranking ------------------------------------------------------------------
+
+def test_scores_to_ranking_sorts_descending_and_keeps_ties_in_shown_order():
+    assert rank_from_scores([0.1, 0.9, 0.5]) == [1, 2, 0]
+    assert rank_from_scores([1.0, 2.0, 1.0, 2.0]) == [1, 3, 0, 2]  # ties: shown order
+    assert rank_from_scores([0.0] * 5) == [0, 1, 2, 3, 4]
+
+
+def test_labels_are_single_tokens_or_refused(tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    ids = label_token_ids(tok, candidate_labels(20), "<recommend>[")
+    assert len(set(ids)) == 20
+    assert [tok.decode([i]) for i in ids] == list(candidate_labels(20))
+    # numbers past 9 are two characters: not one token of this tokenizer (no merge "17")
+    multi = [label for label in candidate_labels(20, "numbers")
+             if len(tok.encode(label, add_special_tokens=False)) > 1]
+    if multi:
+        with pytest.raises(LabelTokenError, match="tokens of this tokenizer"):
+            label_token_ids(tok, candidate_labels(20, "numbers"), "<recommend>[")
+    with pytest.raises(LabelTokenError):
+        label_token_ids(tok, ["AB", "C"], "[")
+
+
+# --- objectives ---------------------------------------------------------------------------
+
+def test_listwise_loss_is_cross_entropy_over_the_labels():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    expected = (-(2 - math.log(math.exp(2) + 2)) + math.log(3)) / 2
+    assert listwise_loss(logits, targets).item() == pytest.approx(expected)
+
+
+def test_plackett_luce_probabilities_sum_to_one_and_samples_are_permutations():
+    scores = torch.tensor([[1.5, -0.3, 0.2, 0.0]], dtype=torch.float64)
+    perms = torch.tensor([list(itertools.permutations(range(4)))])
+    log_p = plackett_luce_log_prob(scores, perms)
+    assert torch.exp(log_p).sum().item() == pytest.approx(1.0)
+    # P(first = i) is the softmax of the scores
+    first = torch.zeros(4, dtype=torch.float64)
+    for perm, lp in zip(perms[0], log_p[0]):
+        first[perm[0]] += torch.exp(lp)
+    assert torch.allclose(first, torch.softmax(scores[0], 0))
+    sampled = plackett_luce_sample(scores.repeat(3, 1), 500, torch.Generator().manual_seed(0))
+    assert sampled.shape == (3, 500, 4)
+    assert (sampled.sort(-1).values == torch.arange(4)).all()
+    # the most likely first item is drawn first most often, near its probability
+    share = (sampled[:, :, 0] == 0).double().mean().item()
+    assert share == pytest.approx(torch.softmax(scores[0], 0)[0].item(), abs=0.05)
+
+
+def test_reward_tiers_and_target_ranks():
+    ranks = torch.tensor([1, 2, 3, 4, 5, 6, 20])
+    assert outcome_reward(ranks).tolist() == pytest.approx(
+        [2, 1 + 2 / 3, 1 + 2 / 3, 1 + 1 / 3, 1 + 1 / 3, 1, 1])
+    perms = torch.tensor([[[2, 0, 1], [0, 1, 2]]])
+    assert target_ranks(perms, torch.tensor([0])).tolist() == [[2, 1]]
+    assert avg_hr([1, 4, 10]) == pytest.approx(100 * (1 / 3 + 1 / 3 + 2 / 3) / 3)
+
+
+def test_policy_gradient_pushes_the_target_up():
+    logits = torch.zeros((1, 5), requires_grad=True)
+    loss, reward = pl_policy_loss(logits, torch.tensor([3]), 64, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert 1.0 <= reward <= 2.0
+    assert logits.grad[0, 3] < 0  # descending the loss raises the target's score
+    assert logits.grad[0, 3] == logits.grad[0].min()
+
+
+# --- leave-the-user-out evidence ------------------------------------------------------------
+
+def _without_tail(dataset: Dataset, user: str, t: int) -> Dataset:
+    frame = dataset.interactions
+    own = frame["user"] == user
+    position = own.cumsum() - 1
+    keep = ~own | (position < t)
+    return replace(dataset, interactions=frame[keep].reset_index(drop=True))
+
+
+def test_position_tasks_cover_train_positions_only():
+    dataset = make_dataset(n_users=12, per_user=8)
+    tasks = position_tasks(dataset, min_history=2)
+    sequences = dataset.interactions.groupby("user")["item"].agg(list)
+    for task in tasks:
+        seq = sequences[task.user_id]
+        assert task.history == seq[:task.cutoff] and task.target == seq[task.cutoff]
+        assert 2 <= task.cutoff <= len(seq) - 3  # never the valid or test target
+        assert task.target in task.candidates and len(set(task.candidates)) == 20
+    assert len(tasks) == 12 * (8 - 3 - 2 + 1)
+    assert len(position_tasks(dataset, min_history=2, max_per_user=1)) == 12
+
+
+def test_evidence_of_a_position_ignores_the_users_rows_at_and_after_it(tmp_path):
+    dataset = make_dataset(n_users=12, per_user=8)
+    config = CSTConfig(content=False)
+    task = next(t for t in position_tasks(dataset, min_history=2) if t.cutoff == 3)
+    full = build_fold_stores(dataset, config, folds=3, folder=tmp_path / "full", progress=False)
+    cut = build_fold_stores(_without_tail(dataset, task.user_id, task.cutoff), config, folds=3,
+                            folder=tmp_path / "cut", progress=False)
+    a = candidate_evidence(full.store_for(task.user_id), task)
+    b = candidate_evidence(cut.store_for(task.user_id), task)
+    assert [e.to_dict() for e in a] == [e.to_dict() for e in b]
+    # the user's store holds nothing of the user; the other folds' stores hold their rows
+    assert not full.store_for(task.user_id).knows_user(task.user_id)
+    other = full.stores[(user_fold(task.user_id, 3) + 1) % 3]
+    assert other.knows_user(task.user_id)
+    # and no one's train, valid or test target is in any store (the train split's fit data)
+    frame = leave_out_interactions(dataset, [])
+    assert len(frame) == len(dataset.interactions) - 3 * 12
+
+
+# --- the head, both modes, debiasing --------------------------------------------------------
+
+def test_fast_mode_scores_every_candidate_and_ranks_by_them(world, tiny_head):
+    store, tasks = world
+    head, _ = tiny_head
+    system = RankHeadSystem(head, store, mode="fast")
+    task = tasks[0]
+    rec = system.recommend(task)
+    scores = rec.details["scores"]
+    assert sorted(rec.ranking) == sorted(task.candidates) and rec.well_formed
+    assert list(scores) == task.candidates
+    assert rec.ranking == [task.candidates[i] for i in rank_from_scores(list(scores.values()))]
+    # the score is the label logit at the answer position, in one forward pass
+    text = head.prompt(task, store)
+    assert text.endswith("<recommend>[") and "A: " in text
+    assert rec.llm_calls == 1 and rec.generation_requests == 0
+    logits = head.scores([text], 20)[0]
+    assert np.allclose(list(scores.values()), logits)
+    # batched with a longer text, a text scores as alone (left padding, own positions)
+    both = head.scores([text, head.prompt(tasks[1], store) + " more words"], 20)
+    assert np.allclose(both[0], logits, atol=1e-4)
+
+
+def test_evidence_budget_and_compact_prompt(world, tiny_head):
+    store, tasks = world
+    head, _ = tiny_head
+    task = tasks[0]
+    ev = candidate_evidence(store, task)[0]
+    short = evidence_text(ev, len(task.history), store.title, 8, head.count)
+    long = evidence_text(ev, len(task.history), store.title, 200, head.count)
+    assert head.count(short) <= 8 and len(short) <= len(long)
+    assert evidence_text(ev, len(task.history), store.title, 0, head.count) == ""
+    titles_only = RankHead(head.model, head.tokenizer, HeadSpec(evidence_tokens=0))
+    assert head.count(titles_only.prompt(task, store)) < head.count(head.prompt(task, store))
+
+
+def test_debiasing_averages_label_log_probabilities_over_shuffles(world, tiny_head):
+    store, tasks = world
+    head, _ = tiny_head
+    task = tasks[1]
+    system = RankHeadSystem(head, store, mode="fast", shuffles=3, seed=7)
+    rec = system.recommend(task)
+    orders = shuffle_orders(20, 3, 7, task.task_id)
+    assert orders[0] == list(range(20)) and all(sorted(o) == list(range(20)) for o in orders)
+    expected = np.zeros(20)
+    for order in orders:
+        shown = replace(task, candidates=[task.candidates[i] for i in order])
+        row = log_softmax(head.scores([head.prompt(shown, store)], 20)[0])
+        expected[order] += row / 3
+    assert np.allclose(list(rec.details["scores"].values()), expected, atol=1e-4)
+    assert rec.details["passes"] == 3 and rec.llm_calls == 3
+    assert sorted(rec.ranking) == sorted(task.candidates)
+    with pytest.raises(ValueError, match="fast mode"):
+        RankHeadSystem(head, store, mode="reason", shuffles=2, student=object())
+
+
+def test_reason_mode_reads_the_head_after_the_students_generation(world, tiny_head):
+    from starrec.inference.student import Student
+
+    store, tasks = world
+    head, chat = tiny_head
+    student = Student(chat, store, config=StudentConfig(max_new_tokens=12, constrain=False))
+    system = RankHeadSystem(head, store, mode="reason", student=student)
+    task = tasks[2]
+    rec = system.recommend(task)
+    assert sorted(rec.ranking) == sorted(task.candidates) and rec.well_formed
+    assert rec.generation_requests >= 1 and rec.completion_tokens > 0
+    assert rec.details["mode"] == "reason" and "text" in rec.details
+    scores = rec.details["scores"]
+    shown = rec.shown
+    assert rec.ranking == [shown[i] for i in rank_from_scores([scores[c] for c in shown])]
+
+
+# --- training -------------------------------------------------------------------------------
+
+def test_two_steps_change_the_weights_checkpoint_resume_and_load(world, tiny_lm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    store, tasks = world
+    settings = RankSettings(base_model=str(tiny_lm_dir), lora=False, learning_rate=1e-2,
+                            steps=2, batch_tasks=2, save_every=1, eval_every=1,
+                            objective="listwise+pl", pl_samples=4, warmup_steps=0,
+                            head=HeadSpec(evidence_tokens=10, history_items=3))
+    batches = task_batches(tasks, lambda user: store, settings.batch_tasks)
+    out = tmp_path / "head"
+    result = train_rank(str(tiny_lm_dir), batches, out, settings,
+                        evaluate=avghr_hook(tasks[:3], store), show_progress=False)
+    assert result.global_step == 2
+    before = load_file(tiny_lm_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    curve = __import__("json").loads((out / "loss.json").read_text())
+    assert [p["step"] for p in curve["train"]] == [1, 2]
+    assert {"listwise", "pl", "reward"} <= set(curve["train"][0])
+    assert [p["step"] for p in curve["eval"]] == [0, 1, 2] and "AvgHR" in curve["eval"][0]
+    card = read_model_card(out)
+    assert card.stage == "rank" and card.head.mode == "fast"
+    assert card.head.labels == list(candidate_labels(20))
+    assert (out / "checkpoints" / "step-2" / "state.pt").is_file()
+
+    # an earlier run's checkpoints are not overwritten; resume continues from the latest
+    with pytest.raises(FileExistsError):
+        train_rank(str(tiny_lm_dir), batches, out, settings, show_progress=False)
+    more = settings.model_copy(update={"steps": 3})
+    resumed = train_rank(str(tiny_lm_dir), batches, out, more, resume=True, show_progress=False)
+    assert resumed.resumed_from == "step-2" and resumed.global_step == 3
+    curve = __import__("json").loads((out / "loss.json").read_text())
+    assert [p["step"] for p in curve["train"]] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+    # `star eval --system star --model OUT --set student.mode=...` loads the head system
+    for mode, expected in (("auto", "fast"), ("fast", "fast"), ("reason", "reason")):
+        cfg = StarConfig.model_validate({"student": {"mode": mode, "max_new_tokens": 8,
+                                                     "constrain": False}})
+        system = load_star_system(out, store, cfg)
+        assert isinstance(system, RankHeadSystem) and system.mode == expected
+        rec = system.recommend(tasks[0])
+        assert sorted(rec.ranking) == sorted(tasks[0].candidates)
+
+
+def test_lora_step_changes_the_merged_weights(world, tiny_lm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    store, tasks = world
+    settings = RankSettings(base_model=str(tiny_lm_dir), lora=True, lora_r=4,
+                            lora_targets=["q_proj", "v_proj"], learning_rate=5e-2, steps=1,
+                            batch_tasks=2, eval_every=0, warmup_steps=0)
+    out = tmp_path / "lora"
+    train_rank(str(tiny_lm_dir), task_batches(tasks, lambda user: store, 2), out, settings,
+               show_progress=False)
+    before = load_file(tiny_lm_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_distill_rank_command_trains_resumes_and_writes_a_loadable_folder(tiny_lm_dir, tmp_path,
+                                                                          monkeypatch):
+    from typer.testing import CliRunner
+
+    from starrec.cli.main import app
+    from tests.conftest import write_dataset_folder
+
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    write_dataset_folder(data, n_users=12, per_user=8)
+    out = tmp_path / "head"
+    args = ["distill", "rank", "--out", str(out), "--model", str(tiny_lm_dir), "--dataset",
+            str(data), "--set", "cst.content=false", "--set", "rank.folds=2", "--set",
+            "rank.batch_tasks=2", "--set", "rank.eval_every=1", "--set", "rank.eval_tasks=3",
+            "--set", "rank.min_history=3", "--set", "rank.head.evidence_tokens=8"]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert "rank: 1 steps" in result.output and "valid AvgHR" in result.output
+    card = read_model_card(out)
+    assert card.head.evidence_tokens == 8 and card.data["train_tasks"] == 12 * 3
+    result = runner.invoke(app, [*args, "--steps", "2"])
+    assert result.exit_code != 0 and "resume" in result.output
+    result = runner.invoke(app, [*args, "--steps", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from step-1" in result.output
+    result = runner.invoke(app, [*args[:-2], "--set", "rank.nope=1", "--steps", "1"])
+    assert result.exit_code != 0
