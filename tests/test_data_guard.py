@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from starrec.cli.main import _store_for, _task_list, app
+from starrec.cli.main import app
+from starrec import experiment
 from starrec.config import StarConfig
 from starrec.data.errors import DataError, LeakError
 from starrec.data.generic import load_generic
@@ -63,9 +64,9 @@ def one_error_line(result) -> str:
 
 def test_a_newer_interaction_gives_new_tasks_not_the_stale_file(home, shop):
     cfg = StarConfig()
-    before = {t.user_id: t for t in _task_list(None, str(shop), None, "all", "classic", None, cfg)}
+    before = {t.user_id: t for t in experiment.load_task_set(str(shop), cfg)}
     item = append_newer_interaction(shop)
-    after = {t.user_id: t for t in _task_list(None, str(shop), None, "all", "classic", None, cfg)}
+    after = {t.user_id: t for t in experiment.load_task_set(str(shop), cfg)}
     assert after["u3"].target == item and before["u3"].target in after["u3"].history
     # the stale file would have put its target into the fit data: the guard says so
     data = load(shop)
@@ -129,15 +130,15 @@ def test_unknown_users_and_items_are_refused_not_scored(home, shop, tmp_path):
 
 def test_users_sets_imply_their_split(home, shop):
     cfg = StarConfig()
-    valid = _task_list(None, str(shop), None, "valid-200", "classic", None, cfg)
-    test = _task_list(None, str(shop), None, "eval-200", "classic", None, cfg)
+    valid = experiment.load_task_set(str(shop), cfg, users="valid-200")
+    test = experiment.load_task_set(str(shop), cfg, users="eval-200")
     assert {t.split for t in valid} == {"valid"} and {t.split for t in test} == {"test"}
     assert {t.user_id for t in valid} == {t.user_id for t in test}
-    short = _task_list(None, str(shop), "valid", "valid-200", "short_term", None, cfg)
+    short = experiment.load_task_set(str(shop), cfg, split="valid", users="valid-200", scenario="short_term")
     assert {(t.split, t.scenario) for t in short} == {("valid", "short_term")}
     with pytest.raises(ValueError, match="--users valid-200 is a set of valid tasks; it "
                                          "contradicts --split test"):
-        _task_list(None, str(shop), "test", "valid-200", "classic", None, cfg)
+        experiment.load_task_set(str(shop), cfg, split="test", users="valid-200")
 
 
 # --- the leak guard ---------------------------------------------------------------------
@@ -167,13 +168,13 @@ def test_check_no_leak_names_the_target_and_later_rows():
 def test_store_for_runs_the_guard_before_building(home, shop, monkeypatch):
     cfg = StarConfig()
     data = load(shop)
-    tasks = _task_list(None, str(shop), None, "all", "classic", None, cfg, loaded=data)
+    tasks = experiment.load_task_set(data, cfg, spec=str(shop))
     monkeypatch.setattr("starrec.data.splits.task_interactions",
                         lambda dataset, task_list, split: dataset.interactions)
     built = []
     monkeypatch.setattr("starrec.cst.store.ensure_store", lambda *a, **k: built.append(a))
     with pytest.raises(LeakError, match="evidence store of the test tasks"):
-        _store_for(data, tasks, cfg, str(shop))
+        experiment.evidence_store_path(tasks, cfg)
     assert not built
 
 

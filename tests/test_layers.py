@@ -2,7 +2,8 @@
 
 A package may import only from packages in lower layers: the shared records and
 protocols (`starrec.core`) at the bottom, then the data, the CST, the LLM backends,
-the agents and the student, training, evaluation, and the API and CLI on top. An
+the agents and the student, training, evaluation, the library API (`starrec.experiment`), and the HTTP API and CLI
+on top. An
 import that points up (or sideways, between the peers of one layer) is how the cycles
 this test guards against begin, so every import counts: one inside a function (a lazy
 import) or under `TYPE_CHECKING` ties the packages together as much as one at the top
@@ -32,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("agents", "inference"),  # the teacher; the student
     ("training",),
     ("evaluation",),
+    ("experiment",),  # the library API: task sets, stores, systems by name, evaluation
     ("api",),
     ("cli",),
 )

@@ -249,6 +249,15 @@ class StudentConfig(Strict):
     # among the runnable calls, and a <recommend> list that is not a permutation (or none
     # at all) is decoded again as one
     constrain: bool = True
+    # how the ranking is produced: generate = written as a <recommend> list; fast = read from
+    # the label logits of a ranking head after one forward pass over a compact prompt;
+    # reason = plan, tools and reflection generated as in `generate`, then the ranking read
+    # from the same head at the <recommend>[ position; auto = the card's head mode where the
+    # model folder has a head (`star distill rank`), else generate
+    mode: Literal["auto", "generate", "fast", "reason"] = "auto"
+    # head modes: average the label scores over this many seeded shuffles of the candidates
+    # (LLMRank's bootstrapping; the first is the shown order); 1 = no debiasing
+    debias_shuffles: int = 1
 
 
 class PipelineConfig(Strict):

@@ -49,21 +49,19 @@ from starrec.config import StarConfig
 from starrec.core import Task
 from starrec.data.splits import fit_interactions
 from starrec.data.tasks import MIN_CANDIDATES
+from starrec.experiment import BASELINE_SYSTEMS, LLM_SYSTEMS, RANKER_SYSTEMS, SYSTEMS
 
 if TYPE_CHECKING:
     from starrec.agents.mars import MarsTeacher
     from starrec.core import Recommender
     from starrec.cst.store import EvidenceStore
     from starrec.data.schema import Dataset
+    from starrec.experiment import TaskSet
     from starrec.inference.student import Student
     from starrec.llm.base import ChatModel
 
 log = logging.getLogger(__name__)
 
-BASELINE_SYSTEMS = ("random", "pop", "itemknn", "als", "sasrec")
-RANKER_SYSTEMS = (*BASELINE_SYSTEMS, "cst")
-LLM_SYSTEMS = ("mars", "star")
-SYSTEMS = (*RANKER_SYSTEMS, *LLM_SYSTEMS)
 SERVING_SPLIT = "test"
 # how many unknown ids an error names; the count says how many there were
 NAMED_IDS = 20
@@ -134,21 +132,18 @@ class ServingData:
 def serving_data(dataset: str | Dataset, config: StarConfig | None = None,
                  tasks: list[Task] | None = None) -> ServingData:
     """The serving data of a dataset spec (loaded, its test task set prepared if needed,
-    as `star eval` does) or of a loaded dataset (its test tasks built in memory unless
-    given)."""
+    as `star eval` does: `starrec.experiment.load_task_set`) or of a loaded dataset (its
+    test tasks built in memory unless given)."""
     from starrec.data.tasks import build_split_tasks
 
     config = config or StarConfig()
     if isinstance(dataset, str):
-        from starrec.data.prepared import load_task_set, prepared_tasks
-        from starrec.data.registry import load_dataset
+        from starrec.experiment import load_task_set, open_dataset
 
         spec = dataset
-        dataset = load_dataset(spec, config.data.source, config.data.columns)
+        dataset, _ = open_dataset(spec, config)
         if tasks is None:
-            folder = prepared_tasks(spec, config.data.source, config.data.seed, None,
-                                    dataset=dataset)
-            tasks = load_task_set(folder / f"{SERVING_SPLIT}.jsonl", dataset)
+            tasks = load_task_set(dataset, config, split=SERVING_SPLIT, spec=spec).tasks
     elif tasks is None:
         tasks = build_split_tasks(dataset, SERVING_SPLIT, seed=config.data.seed)
     splits = {t.split for t in tasks}
@@ -158,20 +153,24 @@ def serving_data(dataset: str | Dataset, config: StarConfig | None = None,
     return ServingData(dataset, tasks)
 
 
+def serving_task_set(data: ServingData, dataset: str | None = None) -> TaskSet:
+    """The serving data's task set, named by the dataset spec it was loaded from (which
+    names the store's folder)."""
+    from starrec.experiment import TaskSet
+
+    return TaskSet(data.dataset, data.tasks, dataset or data.dataset.name)
+
+
 def serving_store(data: ServingData, config: StarConfig, dataset: str | None = None,
                   path: Path | None = None, progress: bool = True) -> Path:
     """The evidence store of the serving task set, as `star eval --system cst` builds it
-    (the same file is reused): each task user's interactions before the task's cutoff,
-    checked to hold no target nor anything after it before it is built."""
-    from starrec.cst.store import ensure_store
-    from starrec.data.registry import dataset_slug
-    from starrec.data.splits import check_no_leak, task_interactions
+    (the same file is reused, `starrec.experiment.evidence_store_path`): each task user's
+    interactions before the task's cutoff, checked to hold no target nor anything after
+    it before it is built."""
+    from starrec.experiment import evidence_store_path
 
-    allowed = task_interactions(data.dataset, data.tasks, data.split)  # type: ignore[arg-type]
-    check_no_leak(data.tasks, allowed, where=f"evidence store of the {data.split} tasks")
-    return ensure_store(allowed, data.dataset.items, config.cst,
-                        dataset=dataset_slug(dataset or data.dataset.name), split=data.split,
-                        path=path, progress=progress)
+    return evidence_store_path(serving_task_set(data, dataset), config, out=path,
+                               progress=progress)
 
 
 # ---------------------------------------------------------------------------------------
@@ -531,57 +530,40 @@ def _ms(seconds: float) -> float:
 
 
 def make_ranker(name: str, data: ServingData, config: StarConfig,
-                store: EvidenceStore | None = None) -> RankerSystem:
+                store: EvidenceStore | None = None, dataset: str | None = None) -> RankerSystem:
     """A baseline fitted on the serving split's fit data (leak-checked against its task
-    set), or cst over `store`."""
-    if name == "cst":
-        from starrec.cst.ranker import CSTRanker
-
-        if store is None:
-            raise ValueError("cst ranks from an evidence store; none given")
-        return RankerSystem(CSTRanker.on_store(store), store)
-    if name not in BASELINE_SYSTEMS:
+    set), or cst over `store`: the system `starrec.experiment.make_system` makes, seen
+    by the service."""
+    if name not in RANKER_SYSTEMS:
         raise ValueError(f"unknown ranker {name!r}; expected one of {', '.join(RANKER_SYSTEMS)}")
-    from starrec.baselines.registry import make_recommender
-    from starrec.evaluation.runner import fit_recommender
+    if name == "cst" and store is None:
+        raise ValueError("cst ranks from an evidence store; none given")
+    from starrec.experiment import make_system
 
-    recommender = make_recommender(name, config, data.dataset.name)
-    seconds = fit_recommender(recommender, data.dataset, data.split,  # type: ignore[arg-type]
-                              data.tasks)
-    log.info("%s fitted on the %s split's fit data in %.1f s", name, data.split, seconds)
-    return RankerSystem(recommender)
+    start = time.perf_counter()
+    system = make_system(name, serving_task_set(data, dataset), config, store=store)
+    if name != "cst":
+        log.info("%s fitted on the %s split's fit data in %.1f s", name, data.split,
+                 time.perf_counter() - start)
+    return RankerSystem(system.recommender, store if name == "cst" else None)  # type: ignore[attr-defined]
 
 
-def make_llm_system(name: str, store: EvidenceStore, config: StarConfig, *,
-                    model: str | None = None, chat_model: ChatModel | None = None) -> ServedSystem:
-    """The teacher or a student bound to `store`. `model` is a model spec (a student
-    folder for `star`, whose card gives the format it was trained on); `chat_model`, when
-    given, is used instead of loading one (a server client, or a scripted model)."""
+def make_llm_system(name: str, data: ServingData, store: EvidenceStore, config: StarConfig, *,
+                    model: str | None = None, chat_model: ChatModel | None = None,
+                    dataset: str | None = None) -> ServedSystem:
+    """The teacher or a student bound to `store` (`starrec.experiment.make_system`), seen
+    by the service. `model` is a model spec (a student folder for `star`, whose card
+    gives the format it was trained on); `chat_model`, when given, is used instead of
+    loading one (a server client, or a scripted model)."""
+    if name not in LLM_SYSTEMS:
+        raise ValueError(f"unknown LLM system {name!r}; expected one of {', '.join(LLM_SYSTEMS)}")
+    from starrec.experiment import make_system
+
+    system = make_system(name, serving_task_set(data, dataset), config, model, store=store,
+                         chat_model=chat_model)
     if name == "star":
-        from starrec.config import StudentFormatConfig
-        from starrec.inference.student import Student
-        from starrec.llm.card import read_model_card
-
-        if chat_model is None:
-            from starrec.inference.system import load_star_system
-
-            if model is None:
-                raise ValueError("the star system needs a model (a distilled student folder)")
-            return StudentSystem(load_star_system(model, store, config).student)
-        card = read_model_card(model) if model is not None and Path(model).is_dir() else None
-        return StudentSystem(Student(
-            chat_model, store, card.format if card else StudentFormatConfig(), config.student,
-            plan_choices=card.plan_choices if card else [],
-            reflection_cap=card.max_reflection_tokens if card else None))
-    if name == "mars":
-        from starrec.agents.mars import MarsTeacher
-
-        if chat_model is None:
-            from starrec.llm.models import load_chat_model
-
-            chat_model = load_chat_model(model, config.llm)
-        return TeacherSystem(MarsTeacher(chat_model, store, config.mars))
-    raise ValueError(f"unknown LLM system {name!r}; expected one of {', '.join(LLM_SYSTEMS)}")
+        return StudentSystem(system.student)  # type: ignore[attr-defined]
+    return TeacherSystem(system.teacher)  # type: ignore[attr-defined]
 
 
 def load_service(system: str, dataset: str | Dataset = "ml-100k", *,
@@ -611,11 +593,12 @@ def load_service(system: str, dataset: str | Dataset = "ml-100k", *,
         store = EvidenceStore(serving_store(data, config, spec, store_path, progress))
     rankers: dict[str, RankerSystem] = {}
     for name in dict.fromkeys(n for n in (system, proposer) if n in RANKER_SYSTEMS):
-        rankers[name] = make_ranker(name, data, config, store)
+        rankers[name] = make_ranker(name, data, config, store, spec)
     served: ServedSystem
     if system in LLM_SYSTEMS:
         assert store is not None
-        served = make_llm_system(system, store, config, model=model, chat_model=chat_model)
+        served = make_llm_system(system, data, store, config, model=model, chat_model=chat_model,
+                                 dataset=spec)
     else:
         served = rankers[system]
     return RecommendService(served, data, limits, rankers[proposer])

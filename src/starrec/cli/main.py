@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -28,41 +27,42 @@ from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
 from starrec.config import StarConfig
 
-if TYPE_CHECKING:
-    from starrec.data.schema import Dataset
-    from starrec.data.tasks import Task
-    from starrec.trajectories.recorder import TrajectoryWriter
-
 app = typer.Typer(
     help="STAR: reasoning-enhanced LLM recommendation. Prepare data, run baselines and "
-    "the teacher, distil a student, evaluate and serve it.",
+    "the teacher, distil a student, evaluate and serve it.\n\nExamples: star pipeline --no-llm; "
+    "star eval --system cst --users eval-200 --out r.json; star doctor",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-data_app = typer.Typer(help="Load a dataset and write its fixed ranking tasks.", no_args_is_help=True)
+data_app = typer.Typer(help="Load a dataset and write its fixed ranking tasks. Example: star "
+                       "data prepare --dataset ml-100k", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 cst_app = typer.Typer(
-    help="Collaborative Signal Translation: build the evidence store, inspect a task's evidence.",
+    help="Collaborative Signal Translation: build the evidence store, inspect a task's "
+    "evidence. Example: star cst show --task test-1",
     no_args_is_help=True,
 )
 app.add_typer(cst_app, name="cst")
 
+def _print_version(value: bool) -> None:
+    if value:
+        from starrec import __version__
+
+        typer.echo(f"star {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-
-
-def _prepared(dataset: str, source: str, seed: int, out: Path | None,
-              loaded: Dataset | None = None) -> Path:
-    """Folder with the dataset's task files for this data and seed, prepared now if
-    missing or made from other data (`starrec.data.prepared.prepared_tasks`)."""
-    from starrec.data.prepared import prepared_tasks
-
-    return prepared_tasks(dataset, source, seed, out, dataset=loaded)
 
 
 @data_app.command("prepare")
@@ -84,19 +84,21 @@ def data_prepare(
 
     Same data and seed give byte-identical files; the manifest records their hashes, the
     data's fingerprint and the protocol, so a folder is only reused for the same data.
+
+    Examples:
+      star data prepare
+      star data prepare --dataset recbole:data/ml-1m --seed 1
+      star data prepare --dataset shop/ --columns user=userId,item=movieId
     """
     from starrec.data.errors import DataError
-    from starrec.data.prepared import default_folder
-    from starrec.data.registry import load_dataset
-    from starrec.data.tasks import prepare
+    from starrec.experiment import prepare_tasks
 
     cfg = _config(config, set_, columns)
-    dataset = dataset or cfg.data.dataset
-    seed = cfg.data.seed if seed is None else seed
+    if source:
+        cfg.data.source = source
     try:
-        loaded = load_dataset(dataset, source or cfg.data.source, cfg.data.columns)
-        folder = out or default_folder(dataset, loaded.fingerprint(), seed)
-        manifest = prepare(loaded, folder, seed=seed)
+        folder = prepare_tasks(dataset or cfg.data.dataset, cfg, seed=seed, out=out, rewrite=True)
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (DataError, ValueError, OSError) as error:
         raise _fail(error) from None
     typer.echo(f"wrote {folder}")
@@ -106,83 +108,6 @@ def data_prepare(
                      if share is not None)
     if ties:
         typer.echo(f"  targets tied in time with the interaction before: {ties}")
-
-
-# the split each set of users is drawn from (DESIGN.md 3.2)
-USER_SET_SPLIT = {"eval-200": "test", "valid-200": "valid"}
-
-
-def _task_split(users: str, split: str | None, default: str) -> str:
-    """The split of a prepared task set: the one --users implies, else --split, else
-    `default`; ValueError (one line for the user) when --users and --split disagree."""
-    implied = USER_SET_SPLIT.get(users)
-    if implied is None:
-        return split or default
-    if split is not None and split != implied:
-        raise ValueError(f"--users {users} is a set of {implied} tasks; it contradicts "
-                         f"--split {split}")
-    return implied
-
-
-def _task_file(tasks: Path | None, dataset: str, split: str | None, users: str, scenario: str,
-               cfg: StarConfig, *, loaded: Dataset | None = None,
-               default_split: str = "test") -> Path:
-    """The task file given, or the prepared file of split / users / scenario (prepared
-    now for this data if needed). `split` None means: the one --users implies, else
-    `default_split`; ValueError when --users and --split disagree. `loaded` is the
-    dataset `dataset` names, if the caller has it already (else it is read here)."""
-    if tasks is not None:
-        return tasks
-    chosen = _task_split(users, split, default_split)
-    stem = users if users in USER_SET_SPLIT else chosen
-    if scenario != "classic":
-        stem = f"{stem}-{scenario}"
-    return _prepared(dataset, cfg.data.source, cfg.data.seed, None, loaded) / f"{stem}.jsonl"
-
-
-def _task_list(tasks: Path | None, dataset: str, split: str | None, users: str, scenario: str,
-               limit: int | None, cfg: StarConfig, *, loaded: Dataset | None = None,
-               default_split: str = "test") -> list[Task]:
-    """The tasks of `_task_file(...)`, checked against the data they will be scored on
-    (unknown ids, a target that is not where its split puts it: DataError)."""
-    from starrec.data.prepared import load_task_set
-    from starrec.data.registry import load_dataset
-
-    if tasks is None:
-        _task_split(users, split, default_split)  # a contradiction stops before data is read
-    if loaded is None:
-        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
-    path = _task_file(tasks, dataset, split, users, scenario, cfg, loaded=loaded,
-                      default_split=default_split)
-    return load_task_set(path, loaded, limit)
-
-
-LLM_SYSTEMS = ("mars", "star")
-
-
-def _llm_system(name: str, model: str | None, store_path: Path, cfg: StarConfig,
-                writer: TrajectoryWriter | None):
-    """The teacher or a student as an evaluation System, bound to the task set's store;
-    the teacher also appends its full runs to `writer`, opened by the caller. Its model is
-    preflighted as it loads (`starrec.llm.models.load_chat_model`, `cfg.llm.chat_template`
-    applied): a model that cannot answer raises LLMError here, before the first task,
-    which `evaluate` reports as one line and exit code 2 instead of scoring the fallback
-    ranking task after task."""
-    from starrec.cst.store import EvidenceStore
-    from starrec.llm.models import load_chat_model
-
-    if name == "star":
-        from starrec.inference.system import load_star_system
-
-        if model is None:
-            raise typer.BadParameter("--system star needs --model DIR (a distilled student)",
-                                     param_hint="--model")
-        return load_star_system(model, EvidenceStore(store_path), cfg)
-    from starrec.agents.mars import MarsTeacher
-    from starrec.agents.system import MarsSystem
-
-    chat_model = load_chat_model(model, cfg.llm)
-    return MarsSystem(MarsTeacher(chat_model, EvidenceStore(store_path), cfg.mars), writer)
 
 
 @app.command("eval")
@@ -217,41 +142,43 @@ def evaluate(
     its per-task file beside it (`<out stem>.tasks.jsonl`, for `star report --paired`).
 
     Long LLM evaluations resume: run the same command again after a crash or Ctrl-C. A
-    records file written by another system, model, configuration or task file is refused."""
-    from starrec.baselines.registry import RANKERS
+    records file written by another system, model, configuration or task file is refused.
+
+    Examples:
+      star eval --system sasrec --users eval-200 --out runs/sasrec.json
+      star eval --system cst --split valid --scenario short_term --out runs/cst.json
+      star eval --system star --model runs/student --users eval-200 --limit 50 --out r.json
+    """
     from starrec.data.errors import DataError
-    from starrec.data.registry import load_dataset
-    from starrec.evaluation.runner import evaluate_baseline, write_records, write_results
+    from starrec.evaluation.runner import write_records
+    from starrec.experiment import LLM_SYSTEMS, SYSTEMS
+    from starrec.experiment import evaluate as evaluate_system
+    from starrec.experiment import load_task_set
     from starrec.llm.base import LLMError
 
-    if system not in (*RANKERS, *LLM_SYSTEMS):
+    if system not in SYSTEMS:
         raise typer.BadParameter(f"unknown system {system!r}; expected one of "
-                                 f"{', '.join((*RANKERS, *LLM_SYSTEMS))}", param_hint="--system")
+                                 f"{', '.join(SYSTEMS)}", param_hint="--system")
     cfg = _config(config, set_, columns)
     if chat_template is not None:
         cfg.llm.chat_template = str(chat_template)
-    dataset = dataset or cfg.data.dataset
+    llm = system in LLM_SYSTEMS
+    if llm:
+        records = records or out.with_suffix(".records.jsonl")
     try:
-        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
-        task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg, loaded=loaded)
-        # the file `_task_list` read: its sha256 is provenance
-        task_file = _task_file(tasks, dataset, split, users, scenario, cfg, loaded=loaded)
-        if system in LLM_SYSTEMS:
-            records = records or out.with_suffix(".records.jsonl")
-            if fresh:
-                records.unlink(missing_ok=True)
-            result, task_records = evaluate_llm(system, model, loaded, dataset, task_list, cfg,
-                                                records, trajectories, task_file=task_file)
-        else:
-            result, task_records = evaluate_baseline(system, loaded, task_list, cfg,
-                                                     tasks_path=task_file)
+        task_set = load_task_set(dataset or cfg.data.dataset, cfg, split=split, users=users,
+                                 scenario=scenario, limit=limit, tasks=tasks)
+        evaluation = evaluate_system(system, task_set, cfg, model=model,
+                                     records=records if llm else None, fresh=fresh,
+                                     trajectories=trajectories)
     except (DataError, ValueError, LLMError) as error:
         raise _fail(error) from None
-    result["config"].update(tasks=tasks.name if tasks else f"{users}:{task_list[0].split}",
+    result = evaluation.result
+    result["config"].update(tasks=tasks.name if tasks else f"{users}:{task_set.split}",
                             users=users, scenario=scenario)
-    per_task = write_results(result, task_records, out)
-    if records and system not in LLM_SYSTEMS:
-        write_records(task_records, records)
+    per_task = evaluation.write(out)
+    if records and not llm:
+        write_records(evaluation.records, records)
     m = result["metrics"]
     typer.echo(
         f"{system}: n={result['n_tasks']} AvgHR={m['AvgHR']:.2f} HR@1={m['HR@1']:.2f} "
@@ -260,62 +187,6 @@ def evaluate(
     )
     for warning in result["warnings"]:
         typer.secho(f"warning: {warning}", fg=typer.colors.RED, err=True)
-
-
-def evaluate_llm(system: str, model: str | None, loaded, dataset: str, task_list, cfg: StarConfig,
-                 records: Path, trajectories: Path | None = None, task_file: Path | None = None):
-    """(results, task records) of the teacher or a student, resumed from `records` when
-    that file was written by the same system, model, configuration and task file."""
-    from starrec.evaluation.identity import run_identity
-    from starrec.evaluation.runner import evaluate_system
-    from starrec.trajectories.recorder import TrajectoryWriter
-
-    store_path = _store_for(loaded, task_list, cfg, dataset)
-    section = cfg.mars if system == "mars" else cfg.student
-    spec = model or cfg.llm.model
-    params = {"params": section.model_dump(), "model": spec,
-              "llm": cfg.llm.model_dump(), "cst_store": store_path.name}
-    if system == "mars":  # what the teacher is shown (DESIGN.md 3.7), for every table
-        params["candidate_order"] = cfg.mars.candidate_order
-    with ExitStack() as stack:  # the trajectories' lock is released however this ends
-        writer = (stack.enter_context(TrajectoryWriter(trajectories))
-                  if trajectories is not None and system == "mars" else None)
-        llm_system = _llm_system(system, model, store_path, cfg, writer)
-        student = getattr(llm_system, "student", None)
-        if student is not None:  # a student is shown the candidates as its card's format says
-            params["candidate_order"] = student.fmt.candidate_order
-            params["format"] = student.fmt.model_dump()
-        identity = run_identity(system, task_list, params, model=spec, tasks_path=task_file)
-        return evaluate_system(llm_system, loaded.name, task_list, cfg, params, checkpoint=records,
-                               identity=identity, dataset_fingerprint=loaded.fingerprint())
-
-
-def _store_for(loaded: Dataset, task_list: list[Task], cfg: StarConfig, dataset: str,
-               out: Path | None = None) -> Path:
-    """The evidence store serving exactly this task set (DESIGN.md 3.3), built if needed,
-    after checking that its interactions hold no task's target nor anything after it."""
-    from starrec.cst.store import ensure_store
-    from starrec.data.registry import dataset_slug
-    from starrec.data.splits import check_no_leak, task_interactions
-
-    splits = sorted({t.split for t in task_list})
-    if len(splits) != 1:
-        raise ValueError(f"tasks mix splits {splits}; a store serves one split at a time")
-    split = splits[0]
-    allowed = task_interactions(loaded, task_list, split)
-    check_no_leak(task_list, allowed, where=f"evidence store of the {split} tasks")
-    return ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset), split=split,
-                        path=out)
-
-
-def _evidence_store(dataset: str, split: str | None, tasks: Path | None, cfg: StarConfig,
-                    out: Path | None = None) -> tuple[Path, Dataset, list[Task]]:
-    """The store serving a task set, built if needed: (store path, dataset, tasks)."""
-    from starrec.data.registry import load_dataset
-
-    loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
-    task_list = _task_list(tasks, dataset, split, "all", "classic", None, cfg, loaded=loaded)
-    return _store_for(loaded, task_list, cfg, dataset, out), loaded, task_list
 
 
 # what `star cst build` / `show` turn into one `error:` line and exit code 2
@@ -339,12 +210,20 @@ def cst_build(
     set_: SetOption = None,
 ) -> None:
     """Precompute the CF signals into one SQLite file, from the interactions the tasks may
-    use (each task user only up to the task's cutoff). Reused when inputs are unchanged."""
+    use (each task user only up to the task's cutoff). Reused when inputs are unchanged.
+
+    Examples:
+      star cst build
+      star cst build --split train --engine duckdb
+    """
     from starrec.cst.store import EvidenceStore
 
     cfg = _config(config, [*(set_ or []), *([f"cst.engine={engine}"] if engine else [])], columns)
+    from starrec.experiment import evidence_store_path, load_task_set
+
     try:
-        path, _, _ = _evidence_store(dataset or cfg.data.dataset, split, tasks, cfg, out)
+        task_set = load_task_set(dataset or cfg.data.dataset, cfg, split=split, tasks=tasks)
+        path = evidence_store_path(task_set, cfg, out=out)
     except (*CST_ERRORS, ImportError) as error:  # DataError and LeakError are ValueErrors
         raise _fail(error) from None
     meta = EvidenceStore(path).meta
@@ -378,31 +257,35 @@ def cst_show(
     set_: SetOption = None,
 ) -> None:
     """Print what an agent would see for one task: history, candidates with their
-    evidence, and the answers of the main tools."""
+    evidence, and the answers of the main tools.
+
+    Examples:
+      star cst show --task test-1
+      star cst show --task test-short_term-1 --dataset amazon-games
+    """
     from starrec.cst.ranker import present
-    from starrec.cst.store import EvidenceStore
     from starrec.cst.tools import ToolExecutor
-    from starrec.data.registry import load_dataset
+    from starrec.experiment import evidence_store, load_task_set, open_dataset, prepare_tasks
 
     cfg = _config(config, set_, columns)
     dataset = dataset or cfg.data.dataset
     try:
-        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
+        loaded, _ = open_dataset(dataset, cfg)
         if tasks is None:
             _, names = _task_files_for(task)
-            folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None, loaded)
+            folder = prepare_tasks(loaded, cfg, spec=dataset)
             candidates = [folder / name for name in names if (folder / name).exists()]
         else:
             candidates = [tasks]
-        chosen = task_list = None
+        chosen = task_set = None
         for path in candidates:
-            task_list = _task_list(path, dataset, None, "all", "classic", None, cfg, loaded=loaded)
-            chosen = next((t for t in task_list if t.task_id == task), None)
+            task_set = load_task_set(loaded, cfg, tasks=path, spec=dataset)
+            chosen = next((t for t in task_set if t.task_id == task), None)
             if chosen is not None:
                 break
-        if chosen is None or task_list is None:
+        if chosen is None or task_set is None:
             raise ValueError(f"no task {task!r} in {', '.join(map(str, candidates))}")
-        store = EvidenceStore(_store_for(loaded, task_list, cfg, dataset))
+        store = evidence_store(task_set, cfg)
     except CST_ERRORS as error:
         raise _fail(error) from None
     chosen = present(chosen, store, cfg.mars.candidate_order)  # numbered as the teacher sees them
@@ -432,7 +315,12 @@ def report(
 ) -> None:
     """Print a markdown table of results JSON files: quality, what each LLM system adds to
     the order it was shown, and the LLM systems' cost per task with each one's speed-up
-    over the teacher (mars). With --paired A B: A against B on their shared tasks."""
+    over the teacher (mars). With --paired A B: A against B on their shared tasks.
+
+    Examples:
+      star report runs/*.json --out runs/report.md
+      star report --paired runs/star.json runs/mars.json
+    """
     from starrec.evaluation.paired import paired_comparison, paired_markdown
     from starrec.evaluation.report import full_report, load_results
 
@@ -452,7 +340,7 @@ def report(
 
 def _register_subcommands() -> None:
     """Commands whose modules import this one for the shared helpers above."""
-    from starrec.cli import distill, pipeline, teach
+    from starrec.cli import admin, distill, pipeline, teach
     from starrec.cli import serve as serving
 
     app.command("teach")(teach.teach)
@@ -460,6 +348,8 @@ def _register_subcommands() -> None:
     app.add_typer(distill.app, name="distill")
     app.command("serve")(serving.serve)
     app.command("recommend")(serving.recommend)
+    app.command("doctor")(admin.doctor)
+    app.add_typer(admin.app, name="config")
 
 
 _register_subcommands()

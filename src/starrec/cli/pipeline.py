@@ -54,7 +54,13 @@ def pipeline(
     """The main job: tasks, baselines, teacher, SFT student, and one comparison table.
 
     Rerun the same command to resume: finished stages are skipped, the teacher and the
-    evaluations continue task by task, SFT from its last checkpoint."""
+    evaluations continue task by task, SFT from its last checkpoint.
+
+    Examples:
+      star pipeline
+      star pipeline --no-llm --systems pop,sasrec,cst
+      star pipeline --teacher-tasks 20 --llm-eval-tasks 10 --out runs/small
+    """
     from starrec.data.errors import DataError
     from starrec.data.registry import dataset_slug, load_dataset
     from starrec.evaluation.report import full_report
@@ -93,13 +99,13 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
               out: Path) -> list[dict[str, Any]]:
     """Each system fitted once, evaluated on all test users and on eval-200; a system
     whose two results files exist is read back, not refitted."""
-    from starrec.cli.main import _prepared
     from starrec.data.tasks import load_tasks
     from starrec.evaluation.report import load_results
     from starrec.evaluation.identity import file_sha256
     from starrec.evaluation.runner import evaluate_baseline, subset_result, write_results
+    from starrec.experiment import prepare_tasks
 
-    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None, loaded)
+    folder = prepare_tasks(loaded, cfg, spec=dataset)
     test = load_tasks(folder / "test.jsonl")
     eval_ids = {t.task_id for t in load_tasks(folder / "eval-200.jsonl")}
     results = []
@@ -125,12 +131,12 @@ def llm_stages(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig, model:
                out: Path, results: list[dict[str, Any]]) -> None:
     """Teacher runs on train tasks, SFT, then teacher and student evaluated; each result
     is appended to `results` as soon as it exists."""
-    from starrec.cli.main import _prepared
     from starrec.cli.teach import report, teach_tasks
     from starrec.data.tasks import load_tasks
+    from starrec.experiment import prepare_tasks
 
     settings = cfg.pipeline
-    folder = _prepared(dataset, cfg.data.source, cfg.data.seed, None, loaded)
+    folder = prepare_tasks(loaded, cfg, spec=dataset)
     train = teacher_sample(load_tasks(folder / "train.jsonl"), settings.teacher_tasks,
                            cfg.data.seed)
     trajectories = out / "teacher" / "train.jsonl"
@@ -153,17 +159,18 @@ def evaluate_stage(system: str, spec: str | None, loaded: Dataset, dataset: str,
     """The teacher or the student on `tasks`, resumed from a records file named after
     what answers (model and settings), so a changed model starts afresh, not mixed in.
     The teacher's full runs are kept beside, under `teacher/`."""
-    from starrec.cli.main import evaluate_llm
-    from starrec.evaluation.runner import write_results
+    from starrec.experiment import TaskSet, evaluate
 
     path = out / f"{slug}-{system}-test-{users}.json"
     typer.echo(f"eval {system}: {len(tasks)} tasks -> {path}")
     key = answerer_key(system, spec, cfg)
     records = path.with_suffix(f".{key}.records.jsonl")
     runs = out / "teacher" / f"test-{users}.{key}.jsonl" if system == "mars" else None
-    result, task_records = evaluate_llm(system, spec, loaded, dataset, tasks, cfg, records, runs)
+    evaluation = evaluate(system, TaskSet(loaded, tasks, dataset), cfg, model=spec,
+                          records=records, trajectories=runs)
+    result = evaluation.result
     result["config"].update(tasks="eval-200.jsonl", users=users, scenario="classic")
-    write_results(result, task_records, path)
+    evaluation.write(path)
     return result
 
 

@@ -82,10 +82,13 @@ def teach(
 
     Resumable: tasks already in --out are skipped; Ctrl-C loses only the runs in flight.
     The CST store is built (or reused) from exactly what these tasks may see.
+
+    Examples:
+      star teach --users all --limit 60 --out runs/teacher/train.jsonl
+      star teach --model http://localhost:8000/v1 --concurrency 8 --samples 4 --temperature 0.7
     """
-    from starrec.cli.main import _task_list
     from starrec.data.errors import DataError
-    from starrec.data.registry import load_dataset
+    from starrec.experiment import load_task_set
     from starrec.llm.base import LLMError
     from starrec.trajectories.recorder import TrajectoryFileError
 
@@ -98,11 +101,11 @@ def teach(
                     fg=typer.colors.YELLOW, err=True)
     dataset = dataset or cfg.data.dataset
     try:
-        loaded = load_dataset(dataset, cfg.data.source, cfg.data.columns)
-        task_list = _task_list(tasks, dataset, split, users, scenario, limit, cfg, loaded=loaded,
-                               default_split="train")
-        summary = teach_tasks(task_list, loaded, dataset, cfg, model, out, samples=samples,
-                              concurrency=concurrency, retry_errors=retry_errors)
+        task_set = load_task_set(dataset, cfg, split=split, users=users, scenario=scenario,
+                                 limit=limit, tasks=tasks, default_split="train")
+        summary = teach_tasks(task_set.tasks, task_set.dataset, dataset, cfg, model, out,
+                              samples=samples, concurrency=concurrency,
+                              retry_errors=retry_errors)
     except (DataError, ValueError, LLMError, TrajectoryFileError) as error:
         raise _fail(error) from None
     report(summary, out)
@@ -116,18 +119,14 @@ def teach_tasks(task_list: list[Task], loaded: Dataset, dataset: str, cfg: StarC
     loaded and preflighted first: one that cannot answer stops here, before the store is
     built or any task is run."""
     from starrec.agents.mars import MarsTeacher
-    from starrec.cst.store import EvidenceStore, ensure_store
-    from starrec.data.registry import dataset_slug
-    from starrec.data.splits import check_no_leak, task_interactions
+    from starrec.cst.store import EvidenceStore
     from starrec.evaluation.runner import split_of
+    from starrec.experiment import TaskSet, evidence_store_path
     from starrec.trajectories.recorder import run_teacher
 
-    task_split = split_of(task_list)
+    split_of(task_list)  # one split, before the model loads
     chat_model = _load_model(model, cfg)
-    allowed = task_interactions(loaded, task_list, task_split)
-    check_no_leak(task_list, allowed, where=f"evidence store of the {task_split} tasks")
-    store = ensure_store(allowed, loaded.items, cfg.cst, dataset=dataset_slug(dataset),
-                         split=task_split)
+    store = evidence_store_path(TaskSet(loaded, task_list, dataset), cfg)
 
     def teacher() -> MarsTeacher:
         # one store connection per worker thread
