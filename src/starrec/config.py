@@ -190,7 +190,9 @@ class TrajectoryFilterConfig(Strict):
     seed: int = 0
 
 
-class SFTSettings(Strict):
+class FineTuneSettings(Strict):
+    """What every fine-tune of a base model shares: the model and LoRA or full weights."""
+
     base_model: str = "smollm2"  # model spec, resolved like llm.model (folder, hub id, ...)
     lora: bool = True  # False: full fine-tune
     lora_r: int = 16
@@ -200,6 +202,9 @@ class SFTSettings(Strict):
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj"]
     merge: bool = True  # merge LoRA into the weights: eval/serve load a plain model folder
+
+
+class SFTSettings(FineTuneSettings):
     learning_rate: float | None = None  # None: 1e-3 with LoRA, 2e-5 for a full fine-tune
     # ML-100K's 19 kept runs: validation loss fell through epoch 6 (0.64, 0.37, 0.29, 0.20,
     # 0.17, 0.15); after 3 the student had not learned where its plan ends

@@ -33,7 +33,18 @@ HEADER = ("# STAR defaults, written by `star config dump` from starrec.config (d
 
 
 def _line_comments(model: type[BaseModel]) -> dict[str, str]:
-    """Field name -> the comment ending its line in the model's source."""
+    """Field name -> the comment ending its line in the model's source, or in the source
+    of the base class that declares the field (a subclass's own line wins)."""
+    comments: dict[str, str] = {}
+    for base in reversed(model.__mro__[1:]):
+        if isinstance(base, type) and issubclass(base, BaseModel) and base is not BaseModel:
+            comments.update(_own_line_comments(base))
+    comments.update(_own_line_comments(model))
+    return comments
+
+
+def _own_line_comments(model: type[BaseModel]) -> dict[str, str]:
+    """Field name -> the comment ending its line in this class's own source."""
     try:
         source = inspect.getsource(model)
     except (OSError, TypeError):

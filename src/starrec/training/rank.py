@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from starrec.config import StarConfig, Strict
+from starrec.config import FineTuneSettings, StarConfig, Strict
 from starrec.core import Task
 from starrec.cst.store import EvidenceStore
 from starrec.inference.rank_head import RankHead, RankHeadSystem
@@ -51,17 +51,11 @@ STATE_FILE = "state.pt"
 FORMAT_REWARD = 1.0  # DESIGN.md 3.6: a head's ranking is always a valid permutation
 
 
-class RankSettings(Strict):
-    """Settings of `star distill rank` (`--set rank.KEY=VALUE`)."""
+class RankSettings(FineTuneSettings):
+    """Settings of `star distill rank` (`--set rank.KEY=VALUE`); `base_model` may also be
+    an SFT student folder."""
 
-    base_model: str = "smollm2"  # a spec, as sft.base_model; an SFT student folder works too
-    lora: bool = True  # False: full fine-tune
-    lora_r: int = 16
-    lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj"]
-    merge: bool = True  # merge LoRA into the weights: eval/serve load a plain model folder
     learning_rate: float | None = None  # None: 3e-4 with LoRA, 2e-5 for a full fine-tune
     weight_decay: float = 0.0
     warmup_steps: int = 10
