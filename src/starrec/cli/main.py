@@ -340,7 +340,7 @@ def report(
 
 def _register_subcommands() -> None:
     """Commands whose modules import this one for the shared helpers above."""
-    from starrec.cli import admin, distill, pipeline, teach
+    from starrec.cli import admin, distill, pipeline, teach, view
     from starrec.cli import serve as serving
 
     app.command("teach")(teach.teach)
@@ -348,6 +348,7 @@ def _register_subcommands() -> None:
     app.add_typer(distill.app, name="distill")
     app.command("serve")(serving.serve)
     app.command("recommend")(serving.recommend)
+    app.command("view")(view.view)
     app.command("doctor")(admin.doctor)
     app.add_typer(admin.app, name="config")
 

@@ -87,6 +87,9 @@ def serve(
         "cores, at most 4.")] = None,
     proposer: ProposerOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    runs: Annotated[Optional[list[Path]], typer.Option(
+        help="Also serve the trajectory viewer (/runs, /v1/runs) over these trajectories or "
+        "records files (repeatable), behind the same API keys.")] = None,
     columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -103,6 +106,7 @@ def serve(
       star serve --system cst
       star serve --system sasrec --port 8080 --api-keys keys.txt --max-queue 64
       star serve --system star --model runs/student --timeout-s 120
+      star serve --system cst --runs runs/teacher/trajectories.jsonl
       curl -s localhost:8000/v1/recommend -H 'Content-Type: application/json' \\
         -d '{"user_id": "1", "options": {"explain": true}}'
     """
@@ -133,6 +137,16 @@ def serve(
         if isinstance(error, OSError):
             error = ValueError(f"{host}:{port}: {error.strerror or error}")
         raise _fail(error) from None
+    routers = []
+    if runs:
+        from starrec.api.viewer import viewer_router
+        from starrec.evaluation.runs import load_runs
+
+        try:
+            routers.append(viewer_router(load_runs(runs)))
+        except (ValueError, OSError, RuntimeError) as error:
+            sock.close()
+            raise _fail(ValueError(str(error))) from None
     try:
         service = _load(system, model, dataset, proposer, cfg, limits)
     except _errors() as error:
@@ -143,7 +157,7 @@ def serve(
     if not keys and not _loopback(host):
         typer.secho(f"warning: {host} is reachable from other machines and no API key is set "
                     "(--api-keys FILE or $STAR_API_KEYS)", fg=typer.colors.RED, err=True)
-    run_server(create_app(service, settings), host, port, log_level=log_level, sock=sock)
+    run_server(create_app(service, settings, routers=routers), host, port, log_level=log_level, sock=sock)
 
 
 def _loopback(host: str) -> bool:
