@@ -128,6 +128,7 @@ class TimedOut(ApiError):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body is not JSON."},
     401: {"model": ErrorResponse, "description": "No valid API key."},
     413: {"model": ErrorResponse, "description": "The body is larger than the limit."},
     422: {"model": ErrorResponse, "description": "Invalid request, a limit exceeded, or "
