@@ -72,7 +72,8 @@ def run_case(name: str, threads: int, repeats: int) -> dict:
         full.append(model.complete(prompt, max_tokens=64))
     first = min(c.seconds for c in prefill)
     best = min(full, key=lambda c: c.seconds)
-    return {"case": name, "engine": engine, "gguf": str(gguf) if engine == "llamacpp" else None,
+    return {"case": name, "engine": engine,
+            "gguf": gguf.name if engine == "llamacpp" else None,  # no path of this machine
             "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
             "load_s": round(load_s, 2), "prompt_tokens": best.prompt_tokens,
             "generated": best.completion_tokens, "prefill_s": round(first, 3),
