@@ -73,7 +73,7 @@ def run_case(name: str, threads: int, repeats: int) -> dict:
     first = min(c.seconds for c in prefill)
     best = min(full, key=lambda c: c.seconds)
     return {"case": name, "engine": engine,
-            "gguf": gguf.name if engine == "llamacpp" else None,  # no path of this machine
+            "gguf": Path(gguf).name if engine == "llamacpp" else None,  # no path of this machine
             "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
             "load_s": round(load_s, 2), "prompt_tokens": best.prompt_tokens,
             "generated": best.completion_tokens, "prefill_s": round(first, 3),
