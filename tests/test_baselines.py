@@ -135,3 +135,8 @@ def test_sasrec_learns_an_obvious_sequential_pattern():
         candidates = [f"a{i}" for i in range(10) if f"a{i}" not in history]
         hits += model.rank(task(history, candidates, nxt))[0] == nxt
     assert hits >= 9
+
+
+def test_presented_order_keeps_the_task_file_order():
+    t = task([], ["z", "y", "x", "w"])
+    assert make_recommender("presented").fit(None).rank(t) == ["z", "y", "x", "w"]

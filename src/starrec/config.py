@@ -269,7 +269,7 @@ class PipelineConfig(Strict):
     """`star pipeline`, the main job. Its LLM stages take hours on a 2-core CPU (teacher
     about 50 s per task there), so their task counts are settings."""
 
-    systems: list[str] = ["random", "pop", "itemknn", "als", "sasrec", "cst"]
+    systems: list[str] = ["random", "presented", "pop", "itemknn", "als", "sasrec", "cst"]
     llm: bool = True  # the teacher, SFT and student stages
     teacher_tasks: int = 60  # train tasks the teacher runs for the SFT data (seeded draw)
     llm_eval_tasks: int | None = 50  # first N of eval-200 for teacher and student; None: all

@@ -37,8 +37,11 @@ if TYPE_CHECKING:
     from starrec.llm.base import ChatModel
     from starrec.trajectories.recorder import TrajectoryWriter
 
-BASELINE_SYSTEMS = ("random", "pop", "itemknn", "als", "sasrec")
-RANKER_SYSTEMS = (*BASELINE_SYSTEMS, "cst")
+# one list of the score-based systems: the registry's (imported lazily elsewhere would cost
+# nothing here: the registry module imports no model code)
+from starrec.baselines.registry import BASELINES as BASELINE_SYSTEMS  # noqa: E402
+from starrec.baselines.registry import RANKERS as RANKER_SYSTEMS  # noqa: E402
+
 LLM_SYSTEMS = ("mars", "star")
 SYSTEMS = (*RANKER_SYSTEMS, *LLM_SYSTEMS)
 USER_SETS = ("all", "eval-200", "valid-200")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starrec.config import StarConfig
 from starrec.core import Recommender
 
-BASELINES = ("random", "pop", "itemknn", "als", "sasrec")
+BASELINES = ("random", "presented", "pop", "itemknn", "als", "sasrec")
 RANKERS = (*BASELINES, "cst")
 
 
@@ -18,6 +18,10 @@ def make_recommender(name: str, config: StarConfig | None = None, dataset: str =
         from starrec.baselines.simple import RandomRecommender
 
         return RandomRecommender(**b.random.model_dump())
+    if name == "presented":
+        from starrec.baselines.simple import PresentedOrder
+
+        return PresentedOrder()
     if name == "pop":
         from starrec.baselines.simple import PopularityRecommender
 

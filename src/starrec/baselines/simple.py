@@ -23,6 +23,19 @@ class RandomRecommender(Recommender):
         return task_rng(self.seed, "random", task.task_id).random(len(task.candidates))
 
 
+class PresentedOrder(Recommender):
+    """The candidates as the task file presents them: what an LLM shown that order scores
+    if it keeps it, the reference of its paired difference (DESIGN.md 3.7)."""
+
+    name = "presented"
+
+    def fit(self, data: FitData) -> PresentedOrder:
+        return self
+
+    def score(self, task: Task) -> np.ndarray:
+        return -np.arange(len(task.candidates), dtype=float)
+
+
 class PopularityRecommender(Recommender):
     """Number of users who interacted with the item in the fit data."""
 

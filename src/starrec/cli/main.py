@@ -113,7 +113,7 @@ def data_prepare(
 @app.command("eval")
 def evaluate(
     system: Annotated[str, typer.Option(
-        help="A baseline (random, pop, itemknn, als, sasrec), cst (evidence ranker), mars (the "
+        help="A baseline (random, presented, pop, itemknn, als, sasrec), cst (evidence ranker), mars (the "
         "multi-agent teacher) or star (a distilled student, with --model).")],
     out: Annotated[Path, typer.Option(help="Where to write the results JSON.")],
     tasks: TasksOption = None,

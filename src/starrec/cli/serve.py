@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from starrec.config import StarConfig
 
 SystemOption = Annotated[str, typer.Option(
-    help="random, pop, itemknn, als, sasrec (baselines), cst (the evidence ranker), mars "
+    help="random, presented, pop, itemknn, als, sasrec (baselines), cst (the evidence ranker), mars "
     "(the teacher) or star (a distilled student, with --model).")]
 ProposerOption = Annotated[Optional[str], typer.Option(
     help="The ranker that proposes candidates when a request has none (its top N over the "
