@@ -125,14 +125,17 @@ def config_dump(
 
 # (what, import name, distribution, install hint)
 PACKAGES = (
-    ("torch", "torch", "torch", "pip install torch"),
-    ("transformers", "transformers", "transformers", "pip install 'transformers>=5'"),
-    ("TRL (SFT)", "trl", "trl", "pip install trl"),
-    ("PEFT (LoRA)", "peft", "peft", "pip install peft"),
-    ("llama-cpp-python", "llama_cpp", "llama-cpp-python", "bash scripts/setup.sh (compiles it)"),
-    ("openai client", "openai", "openai", "pip install openai"),
-    ("duckdb (cst --engine duckdb)", "duckdb", "duckdb", "pip install duckdb"),
-    ("pyspark", "pyspark", "pyspark", "pip install pyspark (and a Java runtime)"),
+    ("torch", "torch", "torch", "pip install starrec"),
+    ("transformers", "transformers", "transformers", "pip install starrec"),
+    ("TRL (SFT, GRPO)", "trl", "trl", "pip install 'starrec[train]'"),
+    ("PEFT (LoRA)", "peft", "peft", "pip install 'starrec[train]'"),
+    ("datasets (training data)", "datasets", "datasets", "pip install 'starrec[train]'"),
+    ("llama-cpp-python", "llama_cpp", "llama-cpp-python",
+     "bash scripts/setup.sh (compiles it), or pip install 'starrec[llamacpp]'"),
+    ("openai client", "openai", "openai", "pip install 'starrec[llm]'"),
+    ("gguf (GGUF models)", "gguf", "gguf", "pip install 'starrec[llm]'"),
+    ("duckdb (cst --engine duckdb)", "duckdb", "duckdb", "pip install 'starrec[scale]'"),
+    ("pyspark", "pyspark", "pyspark", "pip install 'starrec[spark]' (and a Java runtime)"),
     ("fastapi (star serve)", "fastapi", "fastapi", "pip install 'starrec[serve]'"),
     ("uvicorn (star serve)", "uvicorn", "uvicorn", "pip install 'starrec[serve]'"),
 )

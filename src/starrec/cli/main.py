@@ -355,5 +355,20 @@ def _register_subcommands() -> None:
 
 _register_subcommands()
 
+def run() -> None:
+    """The `star` console command: the Typer app, with an import of a package whose extra
+    is not installed turned into one `error:` line naming the extra (exit 2)."""
+    from starrec.core.extras import missing_extra
+
+    try:
+        app()
+    except ImportError as error:
+        hint = missing_extra(error)
+        if hint is None:
+            raise
+        typer.secho(f"error: {hint}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    run()
