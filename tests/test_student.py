@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from dataclasses import replace
+
+import pytest
 
 from starrec.config import LLMConfig, StarConfig, StudentConfig, StudentFormatConfig
 from starrec.core.tool_calls import tool_call_json
@@ -15,6 +18,8 @@ from starrec.inference.student import Student
 from starrec.inference.system import StarSystem, load_star_system
 from starrec.llm.base import ChoiceConstraint, LLMError, PermutationConstraint
 from starrec.llm.card import ModelCard, write_model_card
+from starrec.trajectories.format import parse_student_output, render_ranking, tool_response_spans
+from starrec.trajectories.grammar import DONE, PARTS, START, Grammar
 from tests.fakes import ScriptedModel, ranking
 
 
@@ -451,3 +456,141 @@ def test_cst_presentation_and_number_labels_are_options(world):
     answer = student.answer(task)
     assert f"1: {store.title(task.candidates[0])}" in student.prompt(task)
     assert answer.parsed.well_formed and answer.ranking[0] == task.candidates[2]
+
+
+# ---------------------------------------------------------------------------------------
+# the grammar table (DESIGN.md 3.5) the pass's state machine follows
+
+
+def test_grammar_table_of_the_full_format_and_under_the_cap():
+    full = Grammar(max_tool_calls=2)
+    assert full.table() == {
+        "start": ("plan",),
+        "plan": ("tool_call", "reflection"),
+        "tool_call": ("tool_response",),
+        "tool_response": ("tool_call", "reflection"),
+        "reflection": ("recommend",),
+        "recommend": ("done",),
+        "done": (),
+    }
+    assert tuple(full.table()) == PARTS
+    # at the cap the calls end: the reflection is all that follows a plan or a response
+    assert full.follows("plan", calls=1) == ("tool_call", "reflection")
+    assert full.follows("plan", calls=2) == full.follows("tool_response", calls=2) == ("reflection",)
+    assert Grammar(max_tool_calls=0).follows("plan") == ("reflection",)
+    assert Grammar().follows("tool_response", calls=1000) == ("tool_call", "reflection")  # no cap
+    assert Grammar.of(StudentFormatConfig(reflection=False), 3) == Grammar(True, True, False, 3)
+
+
+@pytest.mark.parametrize("plan, tools, reflection", list(itertools.product((True, False), repeat=3)))
+def test_grammar_switches_leave_their_part_out(plan, tools, reflection):
+    grammar = Grammar(plan, tools, reflection)
+    table = grammar.table()
+    conclusion = "reflection" if reflection else "recommend"
+    evidence = (("tool_call",) if tools else ()) + (conclusion,)
+    assert table["start"] == (("plan",) if plan else evidence)
+    assert table["plan"] == table["tool_response"] == evidence
+    assert table["tool_call"] == ("tool_response",) and table["reflection"] == ("recommend",)
+    assert table["recommend"] == (DONE,) and table["done"] == ()
+    # a part that is switched off follows nothing
+    followed = {part for parts in table.values() for part in parts}
+    assert ("plan" in followed) == plan and ("tool_call" in followed) == tools
+    assert ("reflection" in followed) == reflection and "recommend" in followed
+
+
+def _accepted(grammar: Grammar, parts: tuple[str, ...]) -> bool:
+    """Whether the table leads from start through `parts` to done."""
+    at, calls = START, 0
+    for part in (*parts, DONE):
+        if part not in grammar.follows(at, calls):
+            return False
+        at, calls = part, calls + (part == "tool_call")
+    return True
+
+
+@pytest.mark.parametrize("plan, tools, reflection", list(itertools.product((True, False), repeat=3)))
+def test_grammar_table_and_parser_agree_on_every_short_sequence(plan, tools, reflection):
+    """The table the student is decoded under and the parser that judges it (the GRPO
+    format reward) accept the same sequences of parts, here every one of up to 5 parts."""
+    text = {"plan": "<plan>p</plan>",
+            "tool_call": '<tool_call>{"name": "popularity", "arguments": {"item_ids": ["1"]}}</tool_call>',
+            "tool_response": "<tool_response>x</tool_response>",
+            "reflection": "<reflection>r</reflection>", "recommend": render_ranking(range(3), 3)}
+    grammar = Grammar(plan, tools, reflection)
+    accepted = 0
+    for length in range(1, 6):
+        for parts in itertools.product(text, repeat=length):
+            parsed = parse_student_output("\n".join(text[p] for p in parts), 3, plan=plan,
+                                          tools=tools, reflection=reflection)
+            assert parsed.well_formed == _accepted(grammar, parts), (parts, parsed.errors)
+            accepted += parsed.well_formed
+    assert accepted > 0
+
+
+# ---------------------------------------------------------------------------------------
+# what the runtime wrote into a pass (a trainer masks it out of the loss)
+
+
+def _split(answer):
+    """(what the runtime inserted, what the model wrote) of `answer.text`."""
+    inside = {i for start, end in answer.inserted for i in range(start, end)}
+    text = answer.text
+    return ("".join(text[start:end] for start, end in answer.inserted),
+            "".join(c for i, c in enumerate(text) if i not in inside))
+
+
+def test_inserted_spans_are_what_the_runtime_wrote(world):
+    store, tasks = world
+    task = tasks[1]
+    call = tool_call_json("item_neighbours", {"k": 5, "item_id": task.history[-1]})
+    final = f"r</reflection>\n<recommend>{order([1])}</recommend>"
+    plans = ("recent: the latest items", "long_term: lasting interests")
+    model = ScriptedModel([plans[0], "\n<tool_call>", call, "\n<tool_call>", call, *paused(final)],
+                          supports=[PermutationConstraint, ChoiceConstraint])
+    student = Student(model, store, config=StudentConfig(max_tool_calls=2), plan_choices=plans)
+    answer = student.answer(task)
+    response = ToolExecutor(store, student.shown(task)).call(
+        "item_neighbours", {"item_id": task.history[-1]}).text
+    answered = f"</tool_call><tool_response>{response}</tool_response>"
+    inserted, written = _split(answer)
+    # the model's text is every continuation it decoded, in order (choices included);
+    # the runtime's: the opening, closing tags, responses, the only options (at the cap
+    # the reflection, after it the ranking)
+    assert written == "".join(c.text for c in model.calls)
+    assert inserted == ("<plan>" + "</plan>" + answered * 2 + "\n<reflection>" + "</reflection>"
+                        + "\n<recommend>" + "</recommend>")
+    spans = answer.inserted
+    assert all(a < b < c for (a, b), (c, _) in zip(spans, spans[1:]))  # in order, apart
+    # every tool response lies inside a span
+    for start, end in tool_response_spans(answer.text):
+        assert any(a <= start and end <= b for a, b in spans)
+
+
+def test_inserted_spans_follow_a_repair(world):
+    store, tasks = world
+    task = tasks[1]
+    last = task.history[-1]
+    chosen = tool_call_json("item_neighbours", {"k": 5, "item_id": last})
+    broken = '{"name": "TOOL", "arguments": {...}}'
+    final = f"r</reflection>\n<recommend>{order([5, 2])}</recommend>"
+    model = ScriptedModel(["look", "\n<tool_call>", broken, chosen, "\n<reflection>", *paused(final)],
+                          supports=[PermutationConstraint, ChoiceConstraint])
+    answer = Student(model, store).answer(task)
+    inserted, written = _split(answer)
+    # the broken call is gone from the text; the call chosen in its place is the model's
+    assert answer.repaired_calls == [broken] and broken not in answer.text
+    assert written == "".join(c.text for c in model.calls if c.text != broken)
+    assert inserted.startswith("<plan></plan></tool_call><tool_response>")
+    # a list decoded again after the text: the runtime closes the open part and opens it
+    fixed = order([4, 1])
+    model = ScriptedModel(["rambling without an end", fixed], supports=[PermutationConstraint])
+    answer = Student(model, store).answer(task)
+    assert answer.text == f"<plan>rambling without an end</plan>\n<recommend>{fixed}</recommend>"
+    assert _split(answer) == ("<plan></plan>\n<recommend></recommend>", "rambling without an end" + fixed)
+    # an unconstrained pass that wrote its tags itself: only the responses are the runtime's
+    model = ScriptedModel(["<plan>p</plan>\n" + tool_call("item_neighbours", item_id=last),
+                           f"\n<reflection>r</reflection>\n<recommend>{fixed}</recommend>"])
+    answer = Student(model, store).answer(task)
+    assert [answer.text[a:b] for a, b in answer.inserted] == [
+        answer.text[answer.text.index("</tool_call>"):answer.text.index("</tool_response>") + 16],
+        "</recommend>"]

@@ -134,6 +134,27 @@ def test_files_are_told_apart_and_counted(files):
     assert len({v.key for v in both}) == 5
 
 
+def test_steps_are_the_teachers_records_and_one_shape_in_json(files):
+    """A teacher's steps are its recorded `Step`s; a student's parts share their fields
+    (`ViewStep`), untimed but for a tool call; the JSON of both leaves out `parsed`."""
+    from dataclasses import fields
+
+    from starrec.evaluation.runs import ViewStep
+    from starrec.trajectories.recorder import read_runs
+    from starrec.trajectories.schema import Step
+
+    trajectories, records, _ = files
+    best = load_runs([trajectories])[0]
+    assert best.steps == read_runs(trajectories)[0].steps
+    good = load_runs([records])[0]
+    assert all(isinstance(s, ViewStep) and s.agent == "student" for s in good.steps)
+    assert [s.seconds is not None for s in good.steps] == [False, True, False, False]
+    shown = [f.name for f in fields(Step) if f.name != "parsed"]
+    for view in (best, good):
+        assert all(list(step) == shown for step in view.to_dict()["steps"])
+    assert best.to_dict()["steps"][0]["messages"] == best.steps[0].messages
+
+
 def test_filters(files):
     trajectories, records, tasks = files
     runs = load_runs([trajectories, records])

@@ -27,7 +27,7 @@ from starrec.evaluation.runner import IDENTITY_KEY, TaskRecord, read_records_fil
 from starrec.labels import LETTERS, candidate_labels
 from starrec.trajectories.format import parse_student_output
 from starrec.trajectories.recorder import read_runs
-from starrec.trajectories.schema import TeacherRun
+from starrec.trajectories.schema import Step, TeacherRun
 
 Source = Literal["teacher", "records"]
 OUTCOMES = ("hit@1", "hit@3", "hit@5", "miss")
@@ -47,27 +47,14 @@ def outcome_of(rank: int) -> str:
 
 
 @dataclass
-class ViewStep:
-    """One event of a run in the order it happened. `kind` is as in the teacher's
-    `Step` ("llm", "tool", "message"); a student's pass is "plan", "tool", "reflection",
-    "recommend" parts read from its text. `messages` is the prompt as sent (teacher
-    LLM calls only); `output` what the model wrote."""
+class ViewStep(Step):
+    """A part of a student's pass as the viewer shows it, beside the teacher's `Step`s
+    (whose fields it shares): `kind` is "plan", "tool", "reflection" or "recommend",
+    read from the pass's text, and only a tool call has `seconds`."""
 
-    kind: str
-    agent: str = ""
-    round: int = 0
-    seconds: float | None = None
-    messages: list[dict[str, Any]] | None = None
-    output: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    attempt: int = 0
-    constrained: bool = False
-    error: str | None = None
-    tool: str | None = None
-    arguments: dict[str, Any] | None = None
-    response: str | None = None
-    ok: bool = True
+    kind: str  # type: ignore[assignment]
+    agent: str = "student"
+    seconds: float | None = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -114,7 +101,7 @@ class RunView:
     history: list[str]
     shown: list[str]
     ranking: list[RankedItem]
-    steps: list[ViewStep] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)  # a teacher's as recorded, or ViewSteps
     plan: str | None = None
     findings: dict[str, str] = field(default_factory=dict)
     reflection: str | None = None
@@ -130,8 +117,10 @@ class RunView:
         return {name: getattr(self, name) for name in keep}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
+        record = asdict(self)
+        for step in record["steps"]:
+            del step["parsed"]  # a message's structured form: its `output` is what is shown
+        return record
 
 
 @dataclass
@@ -250,12 +239,6 @@ def teacher_view(run: TeacherRun) -> RunView:
     completed = complete_ranking(run.ranking or None, shown).ranking
     rank = completed.index(target) + 1 if target in completed else len(completed) + 1
     style = ((run.config or {}).get("mars") or {}).get("labels", "letters")
-    steps = [ViewStep(kind=s.kind, agent=s.agent, round=s.round, seconds=s.seconds,
-                      messages=s.messages, output=s.output, prompt_tokens=s.prompt_tokens,
-                      completion_tokens=s.completion_tokens, attempt=s.attempt,
-                      constrained=s.constrained, error=s.error, tool=s.tool,
-                      arguments=s.arguments, response=s.response, ok=s.ok)
-             for s in run.steps]
     return RunView(
         key=_key(run.task_id, run.sample), source="teacher", system="mars", model=run.model,
         task_id=run.task_id, sample=run.sample, target=target, rank=rank,
@@ -267,12 +250,12 @@ def teacher_view(run: TeacherRun) -> RunView:
         error=run.error, user_id=run.task.get("user_id"), scenario=run.task.get("scenario"),
         history=list(run.task.get("history") or ()), shown=shown,
         ranking=_ranked(completed, shown, target, _labels(len(shown), style), _titles(run)),
-        steps=steps, plan=run.plan or None, findings=dict(run.findings),
+        steps=list(run.steps), plan=run.plan or None, findings=dict(run.findings),
         reflection=run.reflection or None)
 
 
 def _student_steps(details: Mapping[str, Any], labels: Sequence[str]
-                   ) -> tuple[list[ViewStep], list[str]]:
+                   ) -> tuple[list[Step], list[str]]:
     """A student's pass as its parts, in the grammar's order, with each tool call's
     response from the text and its timing from `details["tool_calls"]`; plus the parse
     errors (why it is not well formed)."""
@@ -281,20 +264,20 @@ def _student_steps(details: Mapping[str, Any], labels: Sequence[str]
         return [], []
     parsed = parse_student_output(text, labels or 1)
     executed = [c for c in details.get("tool_calls") or () if isinstance(c, dict)]
-    steps: list[ViewStep] = []
+    steps: list[Step] = []
     if parsed.plan is not None:
-        steps.append(ViewStep("plan", "student", output=parsed.plan))
+        steps.append(ViewStep("plan", output=parsed.plan))
     for n, call in enumerate(parsed.tool_calls):
         done = executed[n] if n < len(executed) else {}
-        steps.append(ViewStep("tool", "student", tool=call.name or done.get("name"),
+        steps.append(ViewStep("tool", tool=call.name or done.get("name"),
                               arguments=call.arguments or done.get("arguments"),
                               response=call.response, ok=bool(done.get("ok", True)),
                               seconds=done.get("seconds")))
     if parsed.reflection is not None:
-        steps.append(ViewStep("reflection", "student", output=parsed.reflection))
+        steps.append(ViewStep("reflection", output=parsed.reflection))
     recommend = re.search(r"<recommend>(.*?)(?:</recommend>|$)", text, re.DOTALL)
     if recommend is not None:
-        steps.append(ViewStep("recommend", "student", output=recommend.group(1)))
+        steps.append(ViewStep("recommend", output=recommend.group(1)))
     return steps, parsed.errors
 
 

@@ -1,49 +1,37 @@
-"""Single-pass student inference.
+"""Single-pass student inference: the whole answer of DESIGN.md 3.5 in one generation.
 
-The student writes its whole answer (plan, tool calls, reflection, ranking) as one
-generation. The generation pauses at `</tool_call>`: the call is executed against the
-CST store (a table look-up, not an LLM turn), `</tool_call><tool_response>...
-</tool_response>` is appended, and the same generation continues from there. It ends at
-`</recommend>`, at the end-of-turn token, when the token budget is spent, or when the
-student keeps calling tools past the cap (the first call over the cap is answered with
-a "limit reached" message, the second ends the pass).
+`Student.answer` runs a small state machine over the parts of the student's grammar
+(`starrec.trajectories.grammar`: which part may follow which). Each state decodes its
+part's segment and returns the next; a tool response is the runtime's: the generation
+pauses at `</tool_call>`, the call runs against the CST store, the response is appended
+and the same generation goes on. The pass ends at `</recommend>` ("recommend"), at the
+end-of-turn token ("end"), with the token budget spent ("length"), at a backend error
+("error"), or at the second call past `max_tool_calls`, the first one being answered
+with a "limit reached" message ("tool_cap").
 
-With `student.constrain` (and a backend that masks tokens) the format's structure is
-decoded under masks and its content is left to the student:
+With `student.constrain` and a backend that masks tokens, the format's structure is
+decoded under masks and its content left to the student (each is a way a trained 135M
+student left the format: docs/experiment-log.md). A part's policy:
 
-- the pass opens with `<plan>`; where the student's card lists `plan_choices` (the plans
-  its teacher's planner chose among) the plan is decoded as one of them, as the
-  teacher's was: a 135M student learns the plan's lines but not where the list ends,
-  and writes invented analysts until its budget runs out. A plan of its own and the
-  reflection pause at their closing tag; a reflection longer than the longest of its
-  training data (the card's `max_reflection_tokens`, plus room for the closing tag) is
-  cut there. Both apply to a part the pass opened itself or by a choice, so only where
-  the backend masks choices;
-- after the plan and after each tool response, what comes next is chosen among the parts
-  the format allows there (a tool call while under the cap, or the reflection; after a
-  reflection, or in a format without one, the ranking), so a student that has learned
-  the parts but not their order stays in the format (it wrote a second, third, ...
-  reflection where the ranking belongs);
-- a tool call that does not parse, fails its tool's schema or names an item that does
-  not exist is decoded again under `ChoiceConstraint`, over every call on what the
-  prompt shows (so a look-up is made, not an error message read back); so is a call
-  opened by a choice that runs past a bound no runnable call reaches (the longest
-  one's bytes);
-- when the pass ends without a `<recommend>` list that is a permutation, the list is
-  decoded once more under `PermutationConstraint`, in place of the broken one or after
-  the text.
+- plan: the pass opens with `<plan>`; the plan is one of the card's `plan_choices` (the
+  plans its teacher's planner chose among), else the student's own, paused at `</plan>`;
+- between parts: the next part's opening is chosen among those the grammar allows there
+  (a single one follows without a decode);
+- tool_call: cut past the longest runnable call (its bytes); a call that does not parse,
+  fails its tool's schema or names an item that does not exist is decoded again as a
+  choice among every runnable call on what the prompt shows;
+- reflection: paused at `</reflection>`, cut past the card's `max_reflection_tokens`;
+- recommend: a pass that ends without a permutation has its list decoded once more under
+  `PermutationConstraint`, in place of the broken one or after the text.
 
-`StudentAnswer.chosen_plan`, `repaired_calls` (the calls as the student wrote them) and
-`repaired` say what happened. The parse (`parsed`, whose `well_formed` is the GRPO format
-reward) is taken before the ranking repair, and a pass with a repaired call is not well
-formed: the reward judges what the student wrote; choices made under a mask are the
-student's own. Choices and repairs count in the token budget; one under way may finish
-past it, and they are sampled as the pass is (`student.temperature`).
-
-Continuations go through `ChatModel.complete` on the text so far: `prompt_tokens` sums
-the prompt each continuation sends, as the backend reports it. An engine that keeps its
-KV cache (llama.cpp in process, vLLM and SGLang with prefix caching) computes only what
-is new since the last one; one without re-reads it all.
+Where nothing is chosen (no choice mask, a failing backend, an answer outside the
+options), the student writes on and the part its text stops in is the next state;
+pausing and the caps need a choice mask. `parsed.well_formed` (the GRPO
+format reward) judges what the student wrote: it is parsed before the ranking repair,
+and a repaired call makes it False; choices made under a mask are the student's own.
+Choices and repairs are sampled as the pass is and count in its token budget (one under
+way may finish past it). `prompt_tokens` sums the prompt each continuation sends, as
+the backend reports it (an engine that keeps its KV cache computes only what is new).
 """
 
 from __future__ import annotations
@@ -79,15 +67,17 @@ from starrec.trajectories.format import (
     TOOL_RESPONSE,
     ParsedOutput,
     close_tag,
-    closed,
     open_tag,
     parse_student_output,
     pending_tag,
     tags_written,
-    unclosed_tag,
     wrap,
 )
+from starrec.trajectories.grammar import DONE, START, Grammar
 from starrec.trajectories.serialize import format_labels, prompt_messages
+
+# parts that pause at their closing tag under a choice mask, so that what follows is chosen
+PAUSING = (PLAN, REFLECTION)
 
 
 @dataclass
@@ -124,6 +114,14 @@ class StudentAnswer:
     stop: str = ""  # recommend | end | length | tool_cap | error
     error: str | None = None
     seconds: float = 0.0
+    # (start, end) character spans of `text` the runtime wrote, not the model, in order and
+    # apart: the tool responses (a limit message too), the `<plan>` a constrained pass
+    # opens with, what followed as the only option without a decode (`\n<recommend>` after
+    # a reflection; `</plan>` after a chosen plan), `\n<recommend>` before a repaired list,
+    # and closing tags the pass added (a part cut at a cap, or a backend that drops its
+    # stop string though the model wrote it). The rest the model sampled, under a mask or
+    # not: what a trainer keeps in its loss.
+    inserted: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Student:
@@ -153,219 +151,13 @@ class Student:
 
     def answer(self, task: Task) -> StudentAnswer:
         """One generation for `task`; labels in it name the candidates in the order the
-        format shows them (`format.candidate_order`, `format.labels`), rankings are items."""
-        started = time.perf_counter()
-        shown = self.shown(task)
-        prompt = self._render(shown)
-        tools = ToolExecutor(self.store, shown, label_style=self.fmt.labels)
-        labels = format_labels(self.fmt, len(shown.candidates))
-        answer = StudentAnswer(text="", parsed=ParsedOutput(), ranking=None,
-                               completed=complete_ranking(None, task.candidates))
-        # an ablated student without tools gets no look-ups: its calls stay plain text
-        stop = list(STOP_STRINGS) if self.fmt.tools else [close_tag(RECOMMEND)]
-        refused = 0
-        n = len(shown.candidates)
-        constrain = self.config.constrain and self.model.supports(
-            PermutationConstraint(n, style=self.fmt.labels))
-        # every runnable call on what the prompt shows, written as training wrote them
-        # (default arguments filled in, those a schema rejects left out): what a broken call
-        # is decoded again among, and, by its longest option, a bound past which a call
-        # cannot be runnable (the option's bytes, each at least one token)
-        choosing = constrain and self.model.supports(ChoiceConstraint(()))
-        offered = task_tool_calls(tool_specs(), shown, self.store, self.fmt.history_items,
-                                  executor=tools) if choosing and self.fmt.tools else []
-        calls = tuple(call.json() for call in offered)
-        call_cap = ChoiceConstraint(calls).max_tokens + len(close_tag(TOOL_CALL))
-        text = self._open_plan(prompt, answer) if constrain and self.fmt.plan else ""
-        if answer.chosen_plan:
-            text += self._next_part(prompt, text, answer)
-        while True:
-            remaining = self._left(answer)
-            if remaining <= 0:
-                answer.stop = "length"
-                break
-            # a plan of the student's own and a reflection pause at their end, so what
-            # follows is chosen too
-            pausing = unclosed_tag(text) if choosing else None
-            pausing = pausing if pausing in (PLAN, REFLECTION) else None
-            limit = remaining
-            if calls and text.endswith(open_tag(TOOL_CALL)):
-                # a call opened by a choice may not ramble on (a 135M student can write an
-                # item id of 12,000,000,...): cut at the bound, decoded again as a broken one
-                limit = min(remaining, call_cap)
-            elif pausing == REFLECTION and self.reflection_cap:
-                # nor a reflection past the longest one it was trained on: the ranking follows
-                limit = min(remaining, self.reflection_cap + len(close_tag(REFLECTION)))
-            completion = self._decode(prompt + text, None, limit, answer,
-                                      stop=stop + [close_tag(pausing)] if pausing else stop)
-            if completion is None:
-                answer.stop = "error"
-                break
-            text += completion.text
-            pending = pending_tag(text)
-            cut = completion.finish_reason == "length" and limit < remaining
-            if completion.finish_reason == "length" and not (cut and pending in (TOOL_CALL, REFLECTION)):
-                answer.stop = "length"
-                break
-            if pausing and pending == pausing:
-                answer.reflection_cut = answer.reflection_cut or (cut and pausing == REFLECTION)
-                text = closed(text, pausing)
-                text += self._next_part(prompt, text, answer)
-                continue
-            if pending == RECOMMEND:
-                text = closed(text, RECOMMEND)
-                answer.stop = "recommend"
-                break
-            if pending != TOOL_CALL or not self.fmt.tools:
-                answer.stop = "end"
-                break
-            text = closed(text, TOOL_CALL)
-            if len(answer.tool_calls) >= self.config.max_tool_calls:
-                refused += 1
-                if refused > 1:
-                    answer.stop = "tool_cap"
-                    break
-                response = Template(prompt_text("student_tool_limit.md").strip()).substitute(
-                    limit=self.config.max_tool_calls)
-            else:
-                if constrain and self._left(answer) > 0 and not self._runnable(call_content(text), tools):
-                    text = self._repair_call(prompt, text, calls, answer)
-                response = self._execute(text, tools, answer.tool_calls)
-            text += wrap(TOOL_RESPONSE, response)
-            if constrain:
-                text += self._next_part(prompt, text, answer)
-        answer.parsed = parse_student_output(text, labels, plan=self.fmt.plan,
-                                             tools=self.fmt.tools, reflection=self.fmt.reflection)
-        if answer.repaired_calls:
-            answer.parsed.well_formed = False
-            answer.parsed.errors += [f"a tool call was decoded again; the student wrote {c!r}"
-                                     for c in answer.repaired_calls]
-        if constrain and answer.stop != "error" and sorted(answer.parsed.ranking or []) != list(range(n)):
-            text = self._repair_ranking(prompt, text, n, answer)
-            answer.ranking = self.item_ranking(parse_student_output(text, labels), shown)
-        else:
-            answer.ranking = self.item_ranking(answer.parsed, shown)
-        answer.text = text
-        # DESIGN.md 3.4: what is missing follows in the task file's presented order
-        answer.completed = complete_ranking(answer.ranking, task.candidates)
-        answer.seconds = time.perf_counter() - started
-        return answer
-
-    def _open_plan(self, prompt: str, answer: StudentAnswer) -> str:
-        """`<plan>`, followed by a whole plan chosen among `plan_choices` under a mask
-        where there are choices and the backend can enforce one; the plan is left to the
-        student if the backend fails or answers outside them."""
-        head = open_tag(PLAN)
-        plan = self._choose(prompt + head, self.plan_choices, answer)
-        if plan is None:
-            return head
-        answer.chosen_plan = True
-        return head + plan + close_tag(PLAN)
-
-    def _repair_ranking(self, prompt: str, text: str, n: int, answer: StudentAnswer) -> str:
-        """`text` with its `<recommend>` list (or, without one, a new one after the text)
-        decoded under a permutation mask; unchanged if the backend fails. A part left
-        open is closed first, so the list parses as the answer's own part."""
-        cut = text.rfind(open_tag(RECOMMEND))
-        body = text[:cut] if cut >= 0 else text.rstrip()
-        unclosed = pending_tag(body)
-        if unclosed:
-            body = closed(body.rstrip(), unclosed)
-        head = body.rstrip() + "\n" + open_tag(RECOMMEND)
-        completion = self._decode(prompt + head, PermutationConstraint(n, style=self.fmt.labels),
-                                  6 * n + 8, answer)
-        if completion is None:
-            return text
-        answer.repaired = True
-        return head + completion.text + close_tag(RECOMMEND)
-
-    def _next_part(self, prompt: str, text: str, answer: StudentAnswer) -> str:
-        """The opening of the part that follows `text` (which ends a plan, a tool
-        response or a reflection), chosen among those the format allows there: a tool call
-        (while under `max_tool_calls`) or the reflection, the ranking where the format has
-        no reflection; after a reflection only the ranking (appended, nothing to choose).
-        "" with the budget spent, or where the backend cannot choose, fails or answers
-        outside them: the student then writes it."""
-        if self._left(answer) <= 0:
-            return ""
-        if REFLECTION in tags_written(text):
-            return self._choose(prompt + text, (SEPARATOR + open_tag(RECOMMEND),), answer) or ""
-        allowed = ((TOOL_CALL, self.fmt.tools and len(answer.tool_calls) < self.config.max_tool_calls),
-                   (REFLECTION, self.fmt.reflection), (RECOMMEND, not self.fmt.reflection))
-        return self._choose(prompt + text, tuple(SEPARATOR + open_tag(tag)
-                                                 for tag, on in allowed if on), answer) or ""
-
-    def _repair_call(self, prompt: str, text: str, calls: tuple[str, ...],
-                     answer: StudentAnswer) -> str:
-        """`text`, which ends with a broken tool call, with that call decoded again among
-        `calls`, every runnable call on what the prompt shows; unchanged if the backend fails,
-        cannot mask a choice, or answers outside the options."""
-        start = call_start(text)
-        chosen = self._choose(prompt + text[:start], calls, answer)
-        if chosen is None:
-            return text
-        answer.repaired_calls.append(call_content(text))
-        return text[:start] + chosen + close_tag(TOOL_CALL)
-
-    def _choose(self, text: str, options: tuple[str, ...], answer: StudentAnswer) -> str | None:
-        """The continuation of `text` decoded under a mask among `options` (a single
-        option without decoding: there is nothing to choose); None where there are none,
-        the backend cannot mask them, fails, or answers outside them."""
-        constraint = ChoiceConstraint(options)
-        if not options or not self.model.supports(constraint):
-            return None
-        if len(options) == 1:
-            return options[0]
-        completion = self._decode(text, constraint, constraint.max_tokens, answer)
-        return completion.text if completion is not None and completion.text in options else None
-
-    def _left(self, answer: StudentAnswer) -> int:
-        """Tokens left of the pass's budget: choices and repairs are the student's tokens
-        too (one under way may finish past the budget)."""
-        return self.config.max_new_tokens - answer.completion_tokens
-
-    def _decode(self, text: str, constraint: Constraint | None, max_tokens: int,
-                answer: StudentAnswer, stop: list[str] | None = None) -> Completion | None:
-        """One continuation of `text` (masked by `constraint`, sampled as the pass is),
-        counted in `answer`; None (the error kept in `answer.error`) if the backend fails."""
-        try:
-            completion = self.model.complete(
-                text, max_tokens=max_tokens, temperature=self.config.temperature, stop=stop,
-                constraint=constraint, seed=self.config.seed)
-        except LLMError as error:
-            answer.error = str(error)
-            return None
-        answer.segments += 1
-        answer.prompt_tokens += completion.prompt_tokens
-        answer.completion_tokens += completion.completion_tokens
-        return completion
-
-    @staticmethod
-    def _runnable(content: str, tools: ToolExecutor) -> bool:
-        """Whether a call parses, its arguments pass the tool's schema, and the items it
-        names exist (a 135M student writes ids such as 12345, and reads the error back
-        without learning from it)."""
-        try:
-            call = parse_tool_call(content)
-            arguments = tools.arguments_for(call.name, call.arguments)
-        except (ValueError, ToolError):
-            return False
-        return not tools.unknown_items(arguments)
-
-    @staticmethod
-    def _execute(text: str, tools: ToolExecutor, calls: list[ExecutedCall]) -> str:
-        """Run the call that ends `text`; a call that does not parse is answered with the
-        parse error, as a tool error would be."""
-        began = time.perf_counter()
-        try:
-            call = parse_tool_call(call_content(text))
-        except ValueError as error:
-            calls.append(ExecutedCall("", {}, False, time.perf_counter() - began))
-            return f"Error: {error}"
-        result = tools.call(call.name, call.arguments)
-        calls.append(ExecutedCall(call.name, result.arguments or call.arguments, result.ok,
-                                  result.seconds))
-        return result.text
+        format shows them (`format.candidate_order`, `format.labels`), rankings are items.
+        The state is the part the text is in: each step writes it and returns the next."""
+        run = _Pass(self, task)
+        part = START
+        while part != DONE:
+            part = run.step(part)
+        return run.finish()
 
     @staticmethod
     def item_ranking(parsed: ParsedOutput, task: Task) -> list[str] | None:
@@ -375,6 +167,279 @@ class Student:
             return None
         n = len(task.candidates)
         return [task.candidates[i] if 0 <= i < n else "#?" for i in parsed.ranking]
+
+
+class _Pass:
+    """One pass of `Student.answer`: the text so far and the answer it fills. The state
+    is the part the text is in (a name of `starrec.trajectories.grammar.PARTS`); `step`
+    writes it (the student decodes it under its part's policy; a tool response is the
+    runtime's) and returns the part that follows: the one `next` chose among those the
+    grammar allows there or, where nothing was chosen, the one the student's own text
+    stops in (`write(None)`)."""
+
+    def __init__(self, student: Student, task: Task) -> None:
+        self.started = time.perf_counter()
+        self.student, self.task = student, task
+        self.model, self.fmt, self.config = student.model, student.fmt, student.config
+        self.shown = student.shown(task)
+        self.prompt = student._render(self.shown)
+        self.tools = ToolExecutor(student.store, self.shown, label_style=self.fmt.labels)
+        self.grammar = Grammar.of(self.fmt, self.config.max_tool_calls)
+        self.answer = StudentAnswer(text="", parsed=ParsedOutput(), ranking=None,
+                                    completed=complete_ranking(None, task.candidates))
+        self.text = ""
+        self.refused = 0  # calls past the cap
+        # an ablated student without tools gets no look-ups: its calls stay plain text
+        self.stop = list(STOP_STRINGS) if self.fmt.tools else [close_tag(RECOMMEND)]
+        self.n = len(self.shown.candidates)
+        self.constrain = self.config.constrain and self.model.supports(
+            PermutationConstraint(self.n, style=self.fmt.labels))
+        self.choosing = self.constrain and self.model.supports(ChoiceConstraint(()))
+        # every runnable call on what the prompt shows, written as training wrote them
+        # (default arguments filled in, those a schema rejects left out): what a broken call
+        # is decoded again among, and, by its longest option, a bound past which a call
+        # cannot be runnable (the option's bytes, each at least one token)
+        offered = task_tool_calls(tool_specs(), self.shown, student.store, self.fmt.history_items,
+                                  executor=self.tools) if self.choosing and self.fmt.tools else []
+        self.calls = tuple(call.json() for call in offered)
+        self.call_cap = ChoiceConstraint(self.calls).max_tokens + len(close_tag(TOOL_CALL))
+
+    def step(self, part: str) -> str:
+        """Write `part` and return the part that follows."""
+        if part == START:
+            return self.open()
+        if part == TOOL_RESPONSE:
+            return self.respond()
+        return self.write(part)
+
+    def open(self) -> str:
+        """A constrained pass opens with `<plan>` and a plan chosen among the card's
+        `plan_choices`, else the student's own (state plan); otherwise the student writes
+        from the start."""
+        if not (self.constrain and self.fmt.plan):
+            return self.write(None)
+        self.add(open_tag(PLAN), inserted=True)
+        plan = self.choose(self.text, self.student.plan_choices)
+        if plan is None:
+            return PLAN
+        self.answer.chosen_plan = True
+        self.add(plan, inserted=len(self.student.plan_choices) == 1)
+        self.add(close_tag(PLAN), inserted=True)
+        return self.next(PLAN)
+
+    def write(self, part: str | None) -> str:
+        """The student writes on in `part` (which the pass opened) or, for None, in
+        whatever part comes; the part its text stops in says what follows."""
+        remaining = self.left()
+        if remaining <= 0:
+            return self.end("length")
+        pausing = part if self.choosing and part in PAUSING else None
+        limit = remaining
+        if part == TOOL_CALL and self.calls:
+            # a call opened by a choice may not ramble on (a 135M student can write an
+            # item id of 12,000,000,...): cut at the bound, decoded again as a broken one
+            limit = min(remaining, self.call_cap)
+        elif pausing == REFLECTION and self.student.reflection_cap:
+            # nor a reflection past the longest one it was trained on: the ranking follows
+            limit = min(remaining, self.student.reflection_cap + len(close_tag(REFLECTION)))
+        completion = self.decode(self.text, None, limit,
+                                 stop=self.stop + [close_tag(pausing)] if pausing else self.stop)
+        if completion is None:
+            return self.end("error")
+        self.add(completion.text)
+        pending = pending_tag(self.text)
+        cut = completion.finish_reason == "length" and limit < remaining  # at a cap
+        if completion.finish_reason == "length" and not (cut and pending in (TOOL_CALL, REFLECTION)):
+            return self.end("length")
+        if pausing and pending == pausing:
+            self.answer.reflection_cut |= cut and pausing == REFLECTION
+            self.close(pausing)
+            return self.next(pausing)
+        if pending == RECOMMEND:
+            self.close(RECOMMEND)
+            return self.end("recommend")
+        if pending != TOOL_CALL or not self.fmt.tools:
+            return self.end("end")
+        self.close(TOOL_CALL)
+        return TOOL_RESPONSE
+
+    def respond(self) -> str:
+        """The runtime answers the call that ends the text: with its tool's response (a
+        call that does not run decoded again first), or past the cap with a limit message
+        once; the second call past it ends the pass."""
+        if len(self.answer.tool_calls) >= self.config.max_tool_calls:
+            self.refused += 1
+            if self.refused > 1:
+                return self.end("tool_cap")
+            response = Template(prompt_text("student_tool_limit.md").strip()).substitute(
+                limit=self.config.max_tool_calls)
+        else:
+            if self.constrain and self.left() > 0 and not _runnable(call_content(self.text), self.tools):
+                self.repair_call()
+            response = _execute(self.text, self.tools, self.answer.tool_calls)
+        self.add(wrap(TOOL_RESPONSE, response), inserted=True)
+        return self.next(TOOL_RESPONSE)
+
+    def next(self, after: str) -> str:
+        """The part after `after`, its opening chosen among those the grammar allows
+        there (after a reflection anywhere in the text, only the ranking: a call written
+        after it does not reopen the calls). Where nothing is chosen, the student writes on."""
+        if self.constrain and self.left() > 0:
+            if REFLECTION in tags_written(self.text):
+                after = REFLECTION
+            parts = self.grammar.follows(after, len(self.answer.tool_calls))
+            openings = tuple(SEPARATOR + open_tag(part) for part in parts)
+            chosen = self.choose(self.text, openings)
+            if chosen is not None:
+                self.add(chosen, inserted=len(openings) == 1)
+                return parts[openings.index(chosen)]
+        return self.write(None)
+
+    def end(self, stop: str) -> str:
+        self.answer.stop = stop
+        return DONE
+
+    def finish(self) -> StudentAnswer:
+        """The answer: the text parsed as written, then a ranking that is not a
+        permutation decoded again under a mask (the recommend part's policy)."""
+        answer, fmt = self.answer, self.fmt
+        labels = format_labels(fmt, self.n)
+        answer.parsed = parse_student_output(self.text, labels, plan=fmt.plan, tools=fmt.tools,
+                                             reflection=fmt.reflection)
+        if answer.repaired_calls:
+            answer.parsed.well_formed = False
+            answer.parsed.errors += [f"a tool call was decoded again; the student wrote {c!r}"
+                                     for c in answer.repaired_calls]
+        if (self.constrain and answer.stop != "error"
+                and sorted(answer.parsed.ranking or []) != list(range(self.n))):
+            self.repair_ranking()
+            answer.ranking = Student.item_ranking(parse_student_output(self.text, labels), self.shown)
+        else:
+            answer.ranking = Student.item_ranking(answer.parsed, self.shown)
+        answer.text = self.text
+        # DESIGN.md 3.4: what is missing follows in the task file's presented order
+        answer.completed = complete_ranking(answer.ranking, self.task.candidates)
+        answer.seconds = time.perf_counter() - self.started
+        return answer
+
+    # -- repairs -----------------------------------------------------------------------
+
+    def repair_call(self) -> None:
+        """The broken call that ends the text decoded again among `calls`, every runnable
+        call on what the prompt shows; left as written if the backend fails, cannot mask
+        a choice, or answers outside the options."""
+        start = call_start(self.text)
+        chosen = self.choose(self.text[:start], self.calls)
+        if chosen is None:
+            return
+        self.answer.repaired_calls.append(call_content(self.text))
+        self.cut(start)
+        self.add(chosen, inserted=len(self.calls) == 1)
+        self.add(close_tag(TOOL_CALL), inserted=True)
+
+    def repair_ranking(self) -> None:
+        """The `<recommend>` list (or, without one, a new one after the text) decoded under
+        a permutation mask; the text is left as it is if the backend fails. A part left
+        open is closed first, so the list parses as the answer's own part."""
+        start = self.text.rfind(open_tag(RECOMMEND))
+        kept = (self.text[:start] if start >= 0 else self.text).rstrip()
+        unclosed = pending_tag(kept)
+        opening = (close_tag(unclosed) if unclosed and not kept.endswith(close_tag(unclosed))
+                   else "") + SEPARATOR + open_tag(RECOMMEND)
+        completion = self.decode(kept + opening, PermutationConstraint(self.n, style=self.fmt.labels),
+                                 6 * self.n + 8)
+        if completion is None:
+            return
+        self.answer.repaired = True
+        self.cut(len(kept))
+        self.add(opening, inserted=True)
+        self.add(completion.text)
+        self.add(close_tag(RECOMMEND), inserted=True)
+
+    # -- decoding and the text ---------------------------------------------------------
+
+    def choose(self, text: str, options: tuple[str, ...]) -> str | None:
+        """The continuation of `text` decoded under a mask among `options` (a single
+        option without decoding: there is nothing to choose); None where there are none,
+        the backend cannot mask them, fails, or answers outside them."""
+        constraint = ChoiceConstraint(options)
+        if not options or not self.model.supports(constraint):
+            return None
+        if len(options) == 1:
+            return options[0]
+        completion = self.decode(text, constraint, constraint.max_tokens)
+        return completion.text if completion is not None and completion.text in options else None
+
+    def left(self) -> int:
+        """Tokens left of the pass's budget: choices and repairs are the student's tokens
+        too (one under way may finish past the budget)."""
+        return self.config.max_new_tokens - self.answer.completion_tokens
+
+    def decode(self, text: str, constraint: Constraint | None, max_tokens: int,
+               stop: list[str] | None = None) -> Completion | None:
+        """One continuation of the prompt and `text` (masked by `constraint`, sampled as
+        the pass is), counted in the answer; None (the error kept) if the backend fails."""
+        answer = self.answer
+        try:
+            completion = self.model.complete(
+                self.prompt + text, max_tokens=max_tokens, temperature=self.config.temperature,
+                stop=stop, constraint=constraint, seed=self.config.seed)
+        except LLMError as error:
+            answer.error = str(error)
+            return None
+        answer.segments += 1
+        answer.prompt_tokens += completion.prompt_tokens
+        answer.completion_tokens += completion.completion_tokens
+        return completion
+
+    def add(self, text: str, inserted: bool = False) -> None:
+        """Append `text`: the model's, or `inserted` by the runtime (kept as a span)."""
+        start = len(self.text)
+        self.text += text
+        spans = self.answer.inserted
+        if inserted and text:
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], len(self.text))
+            else:
+                spans.append((start, len(self.text)))
+
+    def close(self, tag: str) -> None:
+        """Close the `tag` part that ends the text, unless a backend that keeps its stop
+        string already did."""
+        if not self.text.endswith(close_tag(tag)):
+            self.add(close_tag(tag), inserted=True)
+
+    def cut(self, end: int) -> None:
+        """Keep the text up to `end`: a repair replaces what follows."""
+        self.text = self.text[:end]
+        self.answer.inserted = [(s, min(e, end)) for s, e in self.answer.inserted if s < end]
+
+
+def _runnable(content: str, tools: ToolExecutor) -> bool:
+    """Whether a call parses, its arguments pass the tool's schema, and the items it names
+    exist (a 135M student writes ids such as 12345, and reads the error back without
+    learning from it)."""
+    try:
+        call = parse_tool_call(content)
+        arguments = tools.arguments_for(call.name, call.arguments)
+    except (ValueError, ToolError):
+        return False
+    return not tools.unknown_items(arguments)
+
+
+def _execute(text: str, tools: ToolExecutor, calls: list[ExecutedCall]) -> str:
+    """Run the call that ends `text`; a call that does not parse is answered with the
+    parse error, as a tool error would be."""
+    began = time.perf_counter()
+    try:
+        call = parse_tool_call(call_content(text))
+    except ValueError as error:
+        calls.append(ExecutedCall("", {}, False, time.perf_counter() - began))
+        return f"Error: {error}"
+    result = tools.call(call.name, call.arguments)
+    calls.append(ExecutedCall(call.name, result.arguments or call.arguments, result.ok,
+                              result.seconds))
+    return result.text
 
 
 def call_start(text: str) -> int:
