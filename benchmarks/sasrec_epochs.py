@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from starrec.baselines.base import FitData
-from starrec.baselines.sasrec import SASRec
+from starrec.latent.sasrec import SASRec
 from starrec.config import load_config
 from starrec.data.movielens import load_movielens_100k
 from starrec.data.splits import fit_interactions

@@ -450,8 +450,10 @@ def test_plans_verdicts_and_tool_calls_are_choices_when_supported(world):
     assert planner.options[0] == ("recent: the latest items and what users usually consume after "
                                   "them\nlong_term: lasting interests across the whole history")
     assert turn0.options == tool_call_options("recent", task, store, 10) and first in turn0.options
-    assert '{"name": "sequence_candidates", "arguments": {}}' in turn0.options[-1]
-    assert len(turn0.options) == 2 * min(10, len(task.history)) + 1  # next_items, item_neighbours
+    assert '{"name": "sequence_candidates", "arguments": {}}' in turn0.options[-2]
+    assert '{"name": "sequence_model", "arguments": {}}' in turn0.options[-1]
+    # next_items and item_neighbours per history item, then the two task-bound tools
+    assert len(turn0.options) == 2 * min(10, len(task.history)) + 2
     assert set(turn1.options) == set(turn0.options) - {first}  # no call twice
     assert final is None and run.findings == {"recent": "Findings."}
     assert reflector.options == ("ACCEPT", "recent: " + roles()["recent"].revise)

@@ -116,7 +116,7 @@ def test_sasrec_learns_an_obvious_sequential_pattern():
     """Every user walks the same cycle a0 -> a1 -> ... -> a9 -> a0 from a random start, so
     the next item is fully determined by the last one; co-occurrence alone cannot tell
     which of the cycle's items comes next, order can."""
-    from starrec.baselines.sasrec import SASRec
+    from starrec.latent.sasrec import SASRec
 
     rng = np.random.default_rng(0)
     rows = []

@@ -137,7 +137,8 @@ def test_candidate_evidence_numbers(tmp_path):
 
 def test_tool_specs_are_valid_openai_functions():
     assert set(tool_names()) == {"item_neighbours", "next_items", "content_neighbours", "popularity",
-                                 "similar_users", "sequence_candidates", "candidate_evidence"}
+                                 "similar_users", "sequence_candidates", "sequence_model",
+                                 "factor_model", "candidate_evidence"}
     for spec in tool_specs():
         assert spec["type"] == "function" and spec["function"]["description"]
         jsonschema.Draft202012Validator.check_schema(spec["function"]["parameters"])

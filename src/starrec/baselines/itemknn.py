@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from starrec.baselines.matrix import InteractionMatrix
 from starrec.core import FitData, Recommender, Task
+from starrec.latent.matrix import InteractionMatrix
 
 
 class ItemKNN(Recommender):

@@ -6,7 +6,10 @@ from starrec.config import StarConfig
 from starrec.core import Recommender
 
 BASELINES = ("random", "presented", "pop", "itemknn", "als", "sasrec")
-RANKERS = (*BASELINES, "cst")
+# cst: the learned evidence ranker (needs a task set: `starrec.experiment.make_system`);
+# cst-manual: the same evidence under the hand-set weights
+CST_RANKERS = ("cst", "cst-manual")
+RANKERS = (*BASELINES, *CST_RANKERS)
 
 
 def make_recommender(name: str, config: StarConfig | None = None, dataset: str = "dataset") -> Recommender:
@@ -31,15 +34,19 @@ def make_recommender(name: str, config: StarConfig | None = None, dataset: str =
 
         return ItemKNN(**b.itemknn.model_dump())
     if name == "als":
-        from starrec.baselines.als import ALS
+        from starrec.latent.als import ALS
 
         return ALS(**b.als.model_dump())
     if name == "sasrec":
-        from starrec.baselines.sasrec import SASRec
+        from starrec.latent.sasrec import SASRec
 
         return SASRec(**b.sasrec.model_dump())
     if name == "cst":
         from starrec.cst.ranker import CSTRanker
 
         return CSTRanker(config.cst, dataset=dataset)
+    if name == "cst-manual":
+        from starrec.cst.ranker import ManualCSTRanker
+
+        return ManualCSTRanker(config.cst, dataset=dataset)
     raise ValueError(f"unknown system {name!r}; expected one of {list(RANKERS)}")

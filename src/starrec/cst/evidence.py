@@ -1,7 +1,8 @@
 """Signals that depend on a task: how each candidate links to the user's history.
 
-Computed from the store's graph for the task's own history, so a shortened scenario
-history gets evidence for what it shows, and nothing of the user beyond the store's cut;
+Computed from the store's graph (and its latent models) for the task's own history, so
+a shortened scenario history gets evidence for what it shows, and nothing of the user
+beyond the store's cut;
 recent popularity is counted in a window ending at the task's own cutoff time, so it
 never includes what other users did after this task's target.
 """
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from starrec.core import Task
+from starrec.cst.latent import FACTORS, SEQUENCE, LatentScores, task_latent_scores
 from starrec.cst.store import EvidenceStore
 
 
@@ -39,6 +41,15 @@ class CandidateEvidence:
     recent_pct: float  # percentile of popularity just before the task's cutoff time
     content_best_item: str | None
     content_similarity: float | None
+    # latent models (`starrec.cst.latent`): rank among the candidates the model scores
+    # (1 = first; None where it cannot score this one, or the store has no such model)
+    sequence_rank: int | None = None
+    sequence_score: float | None = None  # SASRec's logit for the user's next item
+    sequence_share: float | None = None  # its softmax share among the scored candidates
+    sequence_of: int = 0  # candidates SASRec scored
+    factor_rank: int | None = None
+    factor_score: float | None = None  # ALS's predicted preference
+    factor_of: int = 0  # candidates ALS scored
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +112,7 @@ def candidate_evidence(store: EvidenceStore, task: Task) -> list[CandidateEviden
     if vectors is not None and len(hist):
         content = vectors[safe] @ vectors[hist].T
 
+    latent = task_latent_scores(store, task)
     records = []
     for j, item in enumerate(task.candidates):
         stats = store.items.loc[item] if item in store.items.index else None
@@ -128,6 +140,21 @@ def candidate_evidence(store: EvidenceStore, task: Task) -> list[CandidateEviden
                 recent_pct=float(recent_pct[cand[j]]) if known[j] else 0.0,
                 content_best_item=graph.items[hist[c_best]] if c_best is not None else None,
                 content_similarity=float(content[j, c_best]) if c_best is not None else None,
+                **_latent_fields("sequence", latent.get(SEQUENCE), j, share=True),
+                **_latent_fields("factor", latent.get(FACTORS), j),
             )
         )
     return records
+
+
+def _latent_fields(prefix: str, scores: LatentScores | None, j: int,
+                   share: bool = False) -> dict[str, object]:
+    if scores is None:
+        return {}
+    fields: dict[str, object] = {f"{prefix}_of": scores.n_scored}
+    if scores.ranks[j] > 0:
+        fields[f"{prefix}_rank"] = int(scores.ranks[j])
+        fields[f"{prefix}_score"] = float(scores.scores[j])
+        if share:
+            fields[f"{prefix}_share"] = float(scores.shares[j])
+    return fields

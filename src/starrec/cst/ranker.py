@@ -1,8 +1,11 @@
-"""The non-LLM `cst` ranker: candidates scored from the same evidence the LLM reads.
+"""The non-LLM `cst` rankers: candidates scored from the same evidence the LLM reads.
 
-It tells how much signal the evidence carries before any model reasons over it. The
-score is a weighted sum of the evidence features, each scaled to a comparable range
-within the task; the weights are config values (`cst.weight_*`).
+They tell how much signal the evidence carries before any model reasons over it. `cst`
+scores with the ranker learned for the store (`starrec.cst.learned`: LightGBM over the
+evidence features, fitted on the split before the store's) where the store holds one;
+`cst-manual`, and `cst` on a store without a learned ranker, score a weighted sum of the
+evidence features, each scaled to a comparable range within the task, with the weights
+of the config (`cst.weight_*`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import numpy as np
 from starrec.config import CandidateOrder, CSTConfig
 from starrec.core import FitData, Recommender, Task
 from starrec.cst.evidence import candidate_evidence
+from starrec.cst.features import task_features
+from starrec.cst.learned import LearnedRanker, read_ranker
 from starrec.cst.store import EvidenceStore, ensure_store
 
 
@@ -22,39 +27,79 @@ def _scaled(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else values
 
 
+def manual_scores(config: CSTConfig, store: EvidenceStore, task: Task) -> np.ndarray:
+    """The hand-set weighted sum over the task's evidence."""
+    c = config
+    evidence = candidate_evidence(store, task)
+    feature = lambda name: np.array([getattr(e, name) or 0.0 for e in evidence], dtype=float)  # noqa: E731
+    return (
+        c.weight_cooccurrence * _scaled(feature("cooc_score"))
+        + c.weight_transition * _scaled(feature("transition_count"))
+        + c.weight_similar_users * _scaled(feature("user_votes"))
+        + c.weight_popularity * feature("pop_pct") / 100
+        + c.weight_content * feature("content_similarity")
+    )
+
+
 class CSTRanker(Recommender):
+    """`learned`: use the store's learned ranker when it holds one (None: when the config
+    says `ranker: learned`); False: the hand-set weights always."""
+
     name = "cst"
 
     def __init__(self, config: CSTConfig | None = None, dataset: str = "dataset",
-                 progress: bool = True) -> None:
+                 progress: bool = True, learned: bool | None = None) -> None:
         self.config = config or CSTConfig()
         self.dataset = dataset
         self.progress = progress
+        self.learned = self.config.ranker == "learned" if learned is None else learned
+        self.model: LearnedRanker | None = None
 
     @classmethod
-    def on_store(cls, store: EvidenceStore) -> CSTRanker:
-        """A ranker over a store already built (all a fitted ranker holds)."""
-        ranker = cls(store.config, progress=False)
-        ranker.store = store
+    def on_store(cls, store: EvidenceStore, config: CSTConfig | None = None,
+                 learned: bool | None = None) -> CSTRanker:
+        """A ranker over a store already built (all a fitted ranker holds); the weights
+        of `config` (default: the store's own)."""
+        ranker = cls(config or store.config, progress=False, learned=learned)
+        ranker._bind(store)
         return ranker
 
+    def _bind(self, store: EvidenceStore) -> None:
+        self.store = store
+        self.model = read_ranker(store) if self.learned else None
+
+    @property
+    def kind(self) -> str:
+        """What orders the candidates: `learned` or `manual` weights."""
+        return "learned" if self.model is not None else "manual"
+
     def fit(self, data: FitData) -> CSTRanker:
+        """Build (or reuse) the store of the fit data. A learned ranker is fitted on the
+        tasks of the split before, which fit data does not carry: it comes from
+        `starrec.experiment.make_system('cst', ...)` (what `star eval` uses)."""
+        if self.learned:
+            raise ValueError("the learned cst ranker is fitted on the tasks of the split before "
+                             "the store's; make it with starrec.experiment.make_system (star "
+                             "eval does), or set cst.ranker=manual")
         path = ensure_store(data.interactions, data.items, self.config, dataset=self.dataset,
                             split=data.split, progress=self.progress)
-        self.store = EvidenceStore(path)
+        self._bind(EvidenceStore(path))
         return self
 
     def score(self, task: Task) -> np.ndarray:
-        c = self.config
-        evidence = candidate_evidence(self.store, task)
-        feature = lambda name: np.array([getattr(e, name) or 0.0 for e in evidence], dtype=float)
-        return (
-            c.weight_cooccurrence * _scaled(feature("cooc_score"))
-            + c.weight_transition * _scaled(feature("transition_count"))
-            + c.weight_similar_users * _scaled(feature("user_votes"))
-            + c.weight_popularity * feature("pop_pct") / 100
-            + c.weight_content * feature("content_similarity")
-        )
+        if self.model is not None:
+            return self.model.score(task_features(self.store, task))
+        return manual_scores(self.config, self.store, task)
+
+
+class ManualCSTRanker(CSTRanker):
+    """`cst-manual`: the hand-set weights, whatever ranker the store holds."""
+
+    name = "cst-manual"
+
+    def __init__(self, config: CSTConfig | None = None, dataset: str = "dataset",
+                 progress: bool = True, learned: bool | None = None) -> None:
+        super().__init__(config, dataset, progress, learned=False)
 
 
 def present(task: Task, store: EvidenceStore, order: CandidateOrder) -> Task:

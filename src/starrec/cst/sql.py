@@ -15,7 +15,9 @@ What the store precomputes from interactions, and its SQL below:
 - first-order transitions: counts of "item, then next item" in each user's sequence
   (`TRANSITION_COUNTS`) and their top-k per item (`TRANSITION_TOP_K`).
 Similar-user overlaps are not precomputed by either engine: they depend on the task's
-history and are computed per task from the stored interactions.
+history and are computed per task from the stored interactions. The latent models
+(SASRec, ALS) are not SQL: both engines fit them with the same Python code on the
+interactions read back from the store being written (`write_latent_models`).
 
 The two engines give the identical store: the same item order (the catalogue's, then
 items first seen in the log), the same floating-point formulas (the cosine as
@@ -43,8 +45,8 @@ import pandas as pd
 
 from starrec.config import CSTConfig
 from starrec.cst.store import (
-    EXECUTION_SETTINGS,
     FORMAT_VERSION,
+    UNVERSIONED,
     Laps,
     StoreWriter,
     catalogue_texts,
@@ -52,6 +54,7 @@ from starrec.cst.store import (
     inputs_hash,
     neighbour_rows,
     store_meta,
+    write_latent_models,
 )
 from starrec.progress import progress as progress_bar
 
@@ -311,7 +314,7 @@ def parquet_inputs_hash(db, items: pd.DataFrame, config: CSTConfig) -> str:
     digest = hashlib.sha256(f"cst-v{FORMAT_VERSION}-parquet".encode())
     digest.update(f"{rows}:{digest_of_rows}".encode())
     digest.update(pd.util.hash_pandas_object(items.reset_index(), index=False).values.tobytes())
-    digest.update(config.model_dump_json(exclude=set(EXECUTION_SETTINGS)).encode())
+    digest.update(config.model_dump_json(exclude=set(UNVERSIONED)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -398,6 +401,8 @@ def build_store_duckdb(
                 laps("content embeddings")
             db.close()
             db = None
+            # fitted in Python on the rows just written, by the memory engine's own code
+            write_latent_models(writer, config, progress, laps)
             return writer.finish(store_meta(
                 version, dataset, split, config, n_users=int(n_users), n_items=len(item_ids),
                 n_interactions=int(n_interactions), laps=laps))

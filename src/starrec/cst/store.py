@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from starrec.config import CSTConfig
+from starrec.core import Recommender
 from starrec.cst.signals import (
     Graph,
     Neighbours,
@@ -31,12 +32,14 @@ from starrec.cst.signals import (
     percentile_ranks,
     transition_neighbours,
 )
+from starrec.latent.state import ModelState
 from starrec.paths import star_home
 
 log = logging.getLogger(__name__)
 
 # 2: recent popularity is computed per task from the interactions (no global columns)
-FORMAT_VERSION = 3  # 3: ties at the k-th neighbour keep the lowest index (both engines)
+# 3: ties at the k-th neighbour keep the lowest index (both engines)
+FORMAT_VERSION = 4  # 4: latent models (SASRec, ALS) and the learned ranker
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE items (idx INTEGER PRIMARY KEY, item TEXT NOT NULL UNIQUE, title TEXT NOT NULL,
@@ -49,6 +52,8 @@ CREATE TABLE neighbours (kind TEXT NOT NULL, item INTEGER NOT NULL, rank INTEGER
 CREATE TABLE transitions (item INTEGER NOT NULL, next INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (item, next)) WITHOUT ROWID;
 CREATE TABLE embeddings (idx INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+CREATE TABLE latent (model TEXT PRIMARY KEY, header TEXT NOT NULL, state BLOB NOT NULL);
+CREATE TABLE ranker (key TEXT PRIMARY KEY, meta TEXT NOT NULL, model TEXT NOT NULL);
 """
 INDEXES = "CREATE INDEX interactions_user ON interactions (user);"
 KINDS = ("cooccurrence", "transition", "content")
@@ -57,16 +62,22 @@ KINDS = ("cooccurrence", "transition", "content")
 # settings that choose how a store is computed, not what it holds: left out of its version,
 # so a store built by one engine is reused by the other
 EXECUTION_SETTINGS = frozenset({"engine", "duckdb_memory_limit", "duckdb_threads"})
+# settings of the learned ranker: it is fitted after the store is built and kept in it
+# under its own key (`starrec.cst.learned`), so they leave the store's signals unchanged
+RANKER_SETTINGS = frozenset({"ranker", "ranker_trees", "ranker_leaves", "ranker_learning_rate",
+                             "ranker_min_data", "ranker_holdout", "ranker_seed"})
+UNVERSIONED = EXECUTION_SETTINGS | RANKER_SETTINGS
 
 
 def inputs_hash(interactions: pd.DataFrame, items: pd.DataFrame, config: CSTConfig) -> str:
     """Changes when any input interaction, item text or CST setting does (but not with the
-    engine that computes the store, which gives the same store)."""
+    engine that computes the store, which gives the same store, nor with the settings of
+    the ranker fitted on it afterwards)."""
     digest = hashlib.sha256(f"cst-v{FORMAT_VERSION}".encode())
     frame = interactions[["user", "item", "timestamp"]]
     digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
     digest.update(pd.util.hash_pandas_object(items.reset_index(), index=False).values.tobytes())
-    digest.update(config.model_dump_json(exclude=set(EXECUTION_SETTINGS)).encode())
+    digest.update(config.model_dump_json(exclude=set(UNVERSIONED)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -166,6 +177,25 @@ class StoreWriter:
         self.db.executemany("INSERT INTO embeddings VALUES (?,?)",
                             ((i, v.tobytes()) for i, v in enumerate(vectors)))
 
+    def item_ids(self) -> pd.Index:
+        """The ids of the items written so far, in store order."""
+        rows = self.db.execute("SELECT item FROM items ORDER BY idx")
+        return pd.Index([item for (item,) in rows], dtype=object)
+
+    def stored_interactions(self) -> pd.DataFrame:
+        """The interactions written so far (user, item id, timestamp) in sequence order:
+        what the latent models are fitted on, read back so that every engine fits them on
+        the same rows, exactly those the store holds."""
+        frame = pd.read_sql_query("SELECT user, item, ts AS timestamp FROM interactions "
+                                  "ORDER BY seq", self.db)
+        frame["item"] = self.item_ids().to_numpy()[frame["item"].to_numpy(dtype=np.int64)]
+        return frame
+
+    def latent(self, states: Iterable[ModelState]) -> None:
+        """Fitted latent models (`starrec.latent`), one row each."""
+        self.db.executemany("INSERT INTO latent VALUES (?,?,?)",
+                            ((s.kind, s.header(), s.blob()) for s in states))
+
     def finish(self, meta: dict) -> Path:
         """Index, write `meta`, and move the store into place."""
         self.db.executescript(INDEXES)
@@ -222,10 +252,23 @@ def build_store(
         if vectors is not None:
             writer.embeddings(vectors)
         laps("write")
+        write_latent_models(writer, config, progress, laps)
         return writer.finish(store_meta(
             version or inputs_hash(interactions, items, config), dataset, split, config,
             n_users=len(graph.users), n_items=len(graph.items),
             n_interactions=len(interactions), laps=laps))
+
+
+def write_latent_models(writer: StoreWriter, config: CSTConfig, progress: bool,
+                        laps: Laps) -> None:
+    """Fit the latent models on the interactions the writer holds and store them (both
+    engines call this, so their models come from the same rows by the same code)."""
+    if not config.latent:
+        return
+    from starrec.cst.latent import fit_latent_models
+
+    writer.latent(fit_latent_models(writer.stored_interactions(), writer.item_ids(), config,
+                                    progress=progress, laps=laps))
 
 
 def store_meta(version: str, dataset: str, split: str, config: CSTConfig, *, n_users: int,
@@ -373,6 +416,34 @@ class EvidenceStore:
     @cached_property
     def item_users(self):
         return self.graph.matrix.T.tocsr()
+
+    def _has_table(self, name: str) -> bool:
+        """Whether the store has table `name` (one written before format 4 has no latent
+        models and no ranker: it reads as a store without them)."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                               (name,)).fetchone() is not None
+
+    @cached_property
+    def latent_states(self) -> dict[str, ModelState]:
+        """The latent models fitted with the store, by kind (none if built without)."""
+        if not self._has_table("latent"):
+            return {}
+        rows = self.db.execute("SELECT model, header, state FROM latent ORDER BY model").fetchall()
+        return {kind: ModelState.load(header, blob) for kind, header, blob in rows}
+
+    @cached_property
+    def latent_models(self) -> dict[str, Recommender]:
+        """The stored latent models rebuilt for scoring (`starrec.cst.latent`)."""
+        from starrec.cst.latent import load_latent_models
+
+        return load_latent_models(self.latent_states)
+
+    def ranker_row(self) -> tuple[str, dict, str] | None:
+        """(key, meta, model text) of the ranker fitted for this store, if any."""
+        if not self._has_table("ranker"):
+            return None
+        row = self.db.execute("SELECT key, meta, model FROM ranker").fetchone()
+        return None if row is None else (row[0], json.loads(row[1]), row[2])
 
     @cached_property
     def embeddings(self) -> np.ndarray | None:

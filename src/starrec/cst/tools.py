@@ -23,12 +23,14 @@ import yaml
 from starrec.core import Task, ToolCall
 from starrec.core.resources import resource_text
 from starrec.cst.evidence import candidate_evidence, similar_users
+from starrec.cst.latent import FACTORS, SEQUENCE, latent_scores
 from starrec.cst.store import EvidenceStore
 from starrec.cst.verbalize import (
     TokenCounter,
     approx_tokens,
     candidate_line,
     fit_budget,
+    latent_lines,
     neighbour_lines,
     popularity_line,
     render,
@@ -65,6 +67,8 @@ def tool_line(spec: dict[str, Any]) -> str:
 # tools that take one item id, and the items worth offering each: the ones the prompt shows
 _HISTORY_TOOLS = ("item_neighbours", "next_items")
 _ANY_ITEM_TOOLS = ("content_neighbours",)
+# task-bound tools that read a latent model of the store, by the model kind they read
+_LATENT_TOOLS = {"sequence_model": SEQUENCE, "factor_model": FACTORS}
 
 
 def task_tool_calls(specs: Sequence[dict[str, Any]], task: Task, store: EvidenceStore,
@@ -92,6 +96,9 @@ def task_tool_calls(specs: Sequence[dict[str, Any]], task: Task, store: Evidence
                 calls.append((name, {"item_ids": list(shown)}))
         elif name == "similar_users":
             calls.append((name, {"user_id": task.user_id}))
+        elif name in _LATENT_TOOLS:
+            if _LATENT_TOOLS[name] in store.latent_states:  # else the tool only errors
+                calls.append((name, {}))
         elif not spec["function"]["parameters"].get("required"):
             calls.append((name, {}))  # task-bound: sequence_candidates, candidate_evidence
     distinct: dict[str, ToolCall] = {}
@@ -272,6 +279,26 @@ class ToolExecutor:
                                         base=self.store.title(base), count=int(count),
                                         share=f"{100 * count / max(total, 1):.0f}%"))
         return lines or ["No candidate was consumed right after the recent history items."]
+
+    def _latent(self, name: str, k: int) -> list[str]:
+        task = self._require_task(name)
+        model = self.store.latent_models.get(_LATENT_TOOLS[name])
+        if model is None:
+            raise ToolError("this store was built without latent models")
+        scores = latent_scores(model, task)
+        labels = candidate_labels(len(task.candidates), self.label_style)
+        order = sorted((rank, j) for j, rank in enumerate(scores.ranks.tolist()) if rank > 0)
+        ranked = [(rank, render("candidate", label=labels[j], title=self.store.title(task.candidates[j]),
+                                item=task.candidates[j]),
+                   float(scores.scores[j]), float(scores.shares[j])) for rank, j in order[:k]]
+        kind = "sequence" if _LATENT_TOOLS[name] == SEQUENCE else "factors"
+        return latent_lines(kind, scores.n_scored, ranked)
+
+    def _tool_sequence_model(self, k: int) -> list[str]:
+        return self._latent("sequence_model", k)
+
+    def _tool_factor_model(self, k: int) -> list[str]:
+        return self._latent("factor_model", k)
 
     def _tool_candidate_evidence(self, item_ids: list[str] | None = None) -> list[str]:
         task = self._require_task("candidate_evidence")

@@ -47,6 +47,24 @@ def percent(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def latent_lines(kind: str, n: int, ranked: list[tuple[int, str, float, float]]) -> list[str]:
+    """A latent model's ranking of a task's candidates: `n` candidates it scored, of
+    which `ranked` holds the first ones shown as (rank, candidate as the prompt names
+    it, score, share) in rank order; `kind` is sequence or factors."""
+    if not ranked:
+        return [render("latent_none")]
+    header = render(f"latent_{kind}_header", n=n)
+    return [header, *(render(f"latent_{kind}_item", rank=rank, candidate=candidate,
+                             score=f"{score:.2f}", share=percent(share))
+                      for rank, candidate, score, share in ranked)]
+
+
 def neighbour_lines(store: EvidenceStore, kind: str, item: str, rows: list[Neighbour]) -> list[str]:
     base = store.title(item)
     if kind == "cooccurrence":
@@ -92,6 +110,12 @@ def candidate_line(label: str, evidence: CandidateEvidence, n_history: int,
     if evidence.similar_users:
         parts.append(render("candidate_similar_users", votes=evidence.user_votes,
                             n=evidence.similar_users))
+    if evidence.sequence_rank is not None:
+        parts.append(render("candidate_sequence", rank=ordinal(evidence.sequence_rank),
+                            n=evidence.sequence_of, share=percent(evidence.sequence_share or 0.0)))
+    if evidence.factor_rank is not None:
+        parts.append(render("candidate_factors", rank=ordinal(evidence.factor_rank),
+                            n=evidence.factor_of))
     if evidence.known:
         parts.append(render("candidate_popularity", pop_pct=f"{evidence.pop_pct:.0f}"))
     if evidence.content_best_item is not None and (not evidence.known or evidence.cooc_best_item is None):

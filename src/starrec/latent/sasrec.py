@@ -40,6 +40,7 @@ from torch import nn
 
 from starrec.core import FitData, Recommender, Task
 from starrec.data.splits import sorted_ids
+from starrec.latent.state import ModelState
 from starrec.paths import available_cores
 from starrec.progress import progress as progress_bar
 
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_SCORE = -1e9
 PAD = 0
+# what the network is built with: kept with a fitted model's weights (`SASRec.state`)
+NETWORK_PARAMS = ("max_len", "hidden", "blocks", "heads", "dropout")
 
 
 class _Block(nn.Module):
@@ -246,6 +249,30 @@ class SASRec(Recommender):
         log.info("sasrec: %d items, %d windows, %d epochs in %.1f s", len(self.vocab),
                  len(windows), self.epochs, self.fit_seconds)
         return self
+
+    def state(self) -> ModelState:
+        """The fitted network as plain data (`from_state` rebuilds it for scoring)."""
+        if self.net is None:
+            raise RuntimeError("sasrec: call fit() before state()")
+        items = sorted(self.vocab, key=self.vocab.__getitem__)
+        arrays = {name: tensor.detach().cpu().numpy()
+                  for name, tensor in self.net.state_dict().items()}
+        params = {name: getattr(self, name) for name in NETWORK_PARAMS}
+        return ModelState("sasrec", params, items, arrays)
+
+    @classmethod
+    def from_state(cls, state: ModelState) -> SASRec:
+        """A model that scores as the fitted one did; it is not trained further."""
+        if state.kind != "sasrec":
+            raise ValueError(f"not a SASRec state: {state.kind!r}")
+        model = cls(**state.params, epochs=0, progress=False)
+        model.vocab = {item: index for index, item in enumerate(state.items, start=1)}
+        net = _SASRecNet(len(model.vocab) + 1, model.max_len, model.hidden, model.blocks,
+                         model.heads, model.dropout)
+        net.load_state_dict({name: torch.from_numpy(np.array(array))
+                             for name, array in state.arrays.items()})
+        model.net = net.eval()
+        return model
 
     def score(self, task: Task) -> np.ndarray:
         return self.score_many([task])[0]

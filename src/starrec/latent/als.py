@@ -8,8 +8,9 @@ import numpy as np
 from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
-from starrec.baselines.matrix import InteractionMatrix
 from starrec.core import FitData, Recommender, Task
+from starrec.latent.matrix import InteractionMatrix
+from starrec.latent.state import ModelState
 
 
 class ALS(Recommender):
@@ -30,18 +31,38 @@ class ALS(Recommender):
                            iterations=iterations)
         self.seed = seed
 
+    def _solver(self) -> AlternatingLeastSquares:
+        return AlternatingLeastSquares(**self.params, random_state=self.seed,
+                                       num_threads=min(os.cpu_count() or 1, 4),
+                                       calculate_training_loss=False)
+
     def fit(self, data: FitData) -> ALS:
         self.ui = InteractionMatrix.from_interactions(data.interactions, data.items.index)
         # implicit parallelises itself; a second BLAS thread pool inside it only thrashes
         with threadpool_limits(1, "blas"):
-            self.model = AlternatingLeastSquares(
-                **self.params,
-                random_state=self.seed,
-                num_threads=min(os.cpu_count() or 1, 4),
-                calculate_training_loss=False,
-            )
+            self.model = self._solver()
             self.model.fit(self.ui.matrix, show_progress=False)
         return self
+
+    def state(self) -> ModelState:
+        """The item factors and the solver's settings: all that folding a user in needs."""
+        items = sorted(self.ui.item_index, key=self.ui.item_index.__getitem__)
+        factors = np.asarray(self.model.item_factors, dtype=np.float32)
+        return ModelState("als", {**self.params, "seed": self.seed}, items,
+                          {"item_factors": factors})
+
+    @classmethod
+    def from_state(cls, state: ModelState) -> ALS:
+        """A model that scores as the fitted one did (users are folded in per task)."""
+        if state.kind != "als":
+            raise ValueError(f"not an ALS state: {state.kind!r}")
+        model = cls(**state.params)
+        model.ui = InteractionMatrix.for_items(state.items)
+        with threadpool_limits(1, "blas"):  # as in `fit`: the solver checks it when made
+            model.model = model._solver()
+        model.model.item_factors = np.ascontiguousarray(state.arrays["item_factors"],
+                                                        dtype=np.float32)
+        return model
 
     def score(self, task: Task) -> np.ndarray:
         cand = self.ui.columns(task.candidates)

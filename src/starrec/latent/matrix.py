@@ -1,4 +1,4 @@
-"""Sparse user-item matrices shared by the CF baselines."""
+"""Sparse user-item matrices shared by the latent models and ItemKNN."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ class InteractionMatrix:
         matrix.sum_duplicates()
         matrix.data[:] = 1.0
         return cls(matrix, user_index, item_index)
+
+    @classmethod
+    def for_items(cls, items: list[str]) -> InteractionMatrix:
+        """No users, only the item columns: what a model rebuilt from its state needs to
+        place a task's history."""
+        matrix = sp.csr_matrix((0, len(items)), dtype=np.float32)
+        return cls(matrix, {}, {item: i for i, item in enumerate(items)})
 
     def columns(self, items: list[str]) -> np.ndarray:
         """Column of each item, -1 for items outside the matrix."""
