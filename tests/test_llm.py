@@ -16,7 +16,7 @@ import yaml
 
 from starrec.config import LLMConfig, load_config
 from starrec.llm.base import (ChatModel, ChoiceConstraint, JSONSchemaConstraint, LLMError,
-                              NoChatTemplateError, PermutationConstraint)
+                              NoChatTemplateError, PermutationConstraint, ServerUnavailable)
 from starrec.llm.concurrency import map_concurrent, model_concurrency
 from starrec.llm.constraints import LIST_CHARS, ChoiceState, PermutationState, TokenVocab
 from starrec.llm.hf_backend import HFChatModel, passive_openmp
@@ -168,6 +168,8 @@ class FakeServer:
     def __init__(self) -> None:
         self.requests: list[tuple[str, dict]] = []
         self.fail_next: list[int] = []  # HTTP status codes to answer with, in order
+        self.fail_always: int | None = None  # a status code for every request (a broken server)
+        self.retry_after_ms: int | None = None  # sent with a failure
         self.delay = 0.0
         self.in_flight = self.peak = 0
         self.lock = threading.Lock()
@@ -181,7 +183,8 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests.append((self.path, body))
-                    status = server.fail_next.pop(0) if server.fail_next else 200
+                    status = server.fail_next.pop(0) if server.fail_next else (
+                        server.fail_always or 200)
                     server.in_flight += 1
                     server.peak = max(server.peak, server.in_flight)
                 try:
@@ -213,6 +216,8 @@ class FakeServer:
                                          "total_tokens": 12}}
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                if status != 200 and server.retry_after_ms is not None:
+                    self.send_header("retry-after-ms", str(server.retry_after_ms))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -267,12 +272,15 @@ def test_openai_client_errors_are_not_retried(server):
     assert len(server.requests) == 1
 
 
-def test_openai_timeout_raises_llmerror_after_retries_in_bounded_time(server):
+def test_openai_timeouts_raise_server_unavailable_after_retries_in_bounded_time(server):
+    """A server that does not answer is not one task's failure: `ServerUnavailable` (not
+    an `LLMError`, which callers turn into a fallback) stops the run, resumable."""
     server.delay = 3.0
     model = _client(server, timeout_s=0.3, max_retries=1)
     start = time.perf_counter()
-    with pytest.raises(LLMError, match="no answer after 2 attempts"):
+    with pytest.raises(ServerUnavailable, match="no answer after 2 attempts") as caught:
         model.chat(MESSAGES)
+    assert not isinstance(caught.value, LLMError)
     assert time.perf_counter() - start < 2.0
     assert len(server.requests) == 2
 
@@ -285,6 +293,121 @@ def test_openai_serves_concurrent_requests(server):
                           range(8), model_concurrency(model))
     assert [o.text for o in outs] == [f"echo: {i}" for i in range(8)]  # input order kept
     assert server.peak >= 4 and time.perf_counter() - start < 8 * 0.3 / 2
+
+
+# --- several endpoints, retries and endpoint health ------------------------------
+
+def _dead_url() -> str:
+    """A loopback URL nothing listens on: connections are refused."""
+    from starrec.llm.local_server import free_port
+
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+@pytest.fixture
+def second_server():
+    srv = FakeServer()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def _pool_client(urls: list[str], **kwargs) -> OpenAIChatModel:
+    defaults = {"timeout_s": 5.0, "max_retries": 3, "backoff_s": 0.01, "cooldown_s": 30.0}
+    return OpenAIChatModel(urls, "served-model", **(defaults | kwargs))
+
+
+def _endpoint(model: OpenAIChatModel, url: str) -> dict:
+    return next(e for e in model.pool.status() if e["url"] == url)
+
+
+def test_requests_spread_over_endpoints_and_a_thread_keeps_to_one(server, second_server):
+    """Four threads of three calls each over two servers: two threads per server, and
+    each thread's calls (a teacher run's, which share a prompt prefix) at one server."""
+    server.delay = second_server.delay = 0.05
+    model = _pool_client([server.url, second_server.url])
+
+    def run(i: int) -> set[str]:
+        return {model.chat([{"role": "user", "content": f"{i}-{k}"}]).extra["endpoint"]
+                for k in range(3)}
+
+    used = map_concurrent(run, range(4), 4)
+    assert all(len(endpoints) == 1 for endpoints in used)
+    assert len(server.requests) == len(second_server.requests) == 6
+
+
+def test_a_dead_endpoint_is_taken_out_and_the_requests_go_to_the_others(server):
+    dead = _dead_url()
+    model = _pool_client([dead, server.url])
+    outs = [model.chat(MESSAGES) for _ in range(5)]
+    assert all(o.text.startswith("echo:") for o in outs)
+    assert outs[0].extra["attempts"] == 2 and outs[0].extra["endpoint"] == server.url
+    assert [o.extra["attempts"] for o in outs[1:]] == [1] * 4
+    assert _endpoint(model, dead) == {"url": dead, "up": False, "requests": 1, "failures": 1}
+    assert len(server.requests) == 5
+
+
+def test_a_failing_endpoint_is_tried_again_after_its_cooldown(server, second_server):
+    """5xx in a row take an endpoint out (one 5xx does not: a request the server cannot
+    handle must not take out a server that answers the others); after the cooldown it
+    is used again once it answers."""
+    second_server.fail_always = 503
+    model = _pool_client([second_server.url, server.url], cooldown_s=0.5)
+    outs = map_concurrent(lambda i: [model.chat(MESSAGES) for _ in range(3)], range(2), 2)
+    assert all(o.text.startswith("echo:") for batch in outs for o in batch)
+    broken = _endpoint(model, second_server.url)
+    assert not broken["up"] and broken["failures"] == broken["requests"] == 2
+    second_server.fail_always = None
+    time.sleep(0.6)
+    map_concurrent(lambda i: [model.chat(MESSAGES) for _ in range(3)], range(2), 2)
+    assert _endpoint(model, second_server.url)["up"]
+    assert _endpoint(model, second_server.url)["requests"] > 2
+
+
+def test_a_429_waits_as_the_server_asks_and_keeps_the_endpoint(server):
+    server.fail_next, server.retry_after_ms = [429], 300
+    model = _pool_client([server.url])
+    start = time.perf_counter()
+    out = model.chat(MESSAGES)
+    assert time.perf_counter() - start >= 0.3 and out.extra["attempts"] == 2
+    assert _endpoint(model, server.url)["up"]
+
+
+def test_no_endpoint_answering_raises_server_unavailable_in_bounded_time():
+    dead = [_dead_url(), _dead_url()]
+    model = _pool_client(dead, max_retries=2)
+    start = time.perf_counter()
+    with pytest.raises(ServerUnavailable, match="no answer after 3 attempts") as caught:
+        model.chat(MESSAGES)
+    assert dead[0] in str(caught.value) and dead[1] in str(caught.value)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_5xx_from_a_server_that_is_up_is_one_tasks_llmerror(server):
+    """With the server still counted up, a request it fails is that request's problem:
+    an `LLMError`, which the teacher records as a fallback for its task alone."""
+    server.fail_next = [500]
+    with pytest.raises(LLMError, match="no answer after 1 attempts"):
+        _pool_client([server.url], max_retries=0).chat(MESSAGES)
+
+
+def test_base_url_takes_a_list_or_a_comma_separated_string(server, second_server, tiny_lm_dir):
+    both = f"{server.url}, {second_server.url}"
+    assert LLMConfig(base_url=both).base_url == [server.url, second_server.url]
+    assert LLMConfig(base_url=[server.url]).base_url == [server.url]
+    assert LLMConfig(base_url="").base_url is None
+    with pytest.raises(ValueError):
+        LLMConfig(concurrency=0)
+    model = load_chat_model("served-model", LLMConfig(backend="openai", base_url=both))
+    assert [e["url"] for e in model.pool.status()] == [server.url, second_server.url]
+    by_url = load_chat_model(both.replace(" ", ""), LLMConfig(model="served-model"))
+    assert len(by_url.pool.endpoints) == 2 and by_url.name == "served-model"
+    # a model folder served under another name: the name goes to the server, the folder
+    # lends its tokenizer to render_chat
+    folder = load_chat_model(str(tiny_lm_dir), LLMConfig(backend="openai", base_url=server.url,
+                                                         served_model="tiny"))
+    assert folder.name == "tiny" and server.requests[-1][1]["model"] == "tiny"
+    assert folder.render_chat(MESSAGES).startswith("<|im_start|>system")
 
 
 @pytest.mark.parametrize("guided, expect", [

@@ -29,7 +29,7 @@ from starrec.cst.ranker import present
 from starrec.cst.store import EvidenceStore
 from starrec.cst.tools import ToolExecutor, task_tool_calls
 from starrec.labels import candidate_labels
-from starrec.llm.base import ChatModel, ChoiceConstraint, PermutationConstraint
+from starrec.llm.base import ChatModel, ChoiceConstraint, PermutationConstraint, ServerUnavailable
 from starrec.llm.structured import parse_ranking, ranking_prefix
 from starrec.trajectories.schema import TeacherRun
 
@@ -47,7 +47,8 @@ class MarsTeacher:
 
     def run(self, task: Task, sample: int = 0, seed: int | None = None) -> TeacherRun:
         """One task, start to end, recorded in full. Never raises on what the model or
-        its backend does; a bug in this code is recorded as status "error" as well."""
+        its backend does (a bug in this code is recorded as status "error" as well), save
+        `ServerUnavailable`: with no server answering, there is no run to record."""
         started = time.perf_counter()
         seed = self.config.seed + sample if seed is None else seed
         record = TeacherRun(
@@ -64,6 +65,8 @@ class MarsTeacher:
             _Run(self, shown, record, presented).execute()
         except BackendFailure as error:
             self._fail(shown, presented, record, str(error))  # "backend error: ..."
+        except ServerUnavailable:
+            raise  # no server answers: the next task would fail alike, so the batch stops
         except Exception as error:  # one task's bug must not end a batch of hundreds
             log.exception("teacher run %s failed", record.key)
             self._fail(shown, presented, record, f"{type(error).__name__}: {error}")

@@ -77,6 +77,9 @@ def split_option(default: str) -> Any:
 SplitOption = split_option("test")
 TrainSplitOption = split_option("train")  # star teach: teacher runs are made on train tasks
 LimitOption = Annotated[Optional[int], typer.Option(help="Only the first N tasks.")]
+ConcurrencyOption = Annotated[Optional[int], typer.Option(
+    min=1, help="Tasks in flight at once when the model is served (OpenAI-compatible "
+    "server); an in-process model runs them one by one. Sets llm.concurrency (default 1).")]
 ModelOption = Annotated[Optional[str], typer.Option(
     help="smollm2, a model folder, a hub id, a .gguf file or http(s)://host:port/v1. "
     "Default: llm.model of the config.")]

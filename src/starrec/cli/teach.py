@@ -14,6 +14,7 @@ import typer
 
 from starrec.cli.options import (
     ColumnsOption,
+    ConcurrencyOption,
     ConfigOption,
     DatasetOption,
     LimitOption,
@@ -67,8 +68,7 @@ def teach(
     limit: LimitOption = None,
     model: ModelOption = None,
     samples: Annotated[int, typer.Option(help="Runs per task (use a temperature above 0).")] = 1,
-    concurrency: Annotated[int, typer.Option(
-        help="Runs in parallel threads; worth it with a server backend only.")] = 1,
+    concurrency: ConcurrencyOption = None,
     temperature: Annotated[Optional[float], typer.Option(
         help="Sampling temperature of every agent. Default: mars.temperature.")] = None,
     retry_errors: Annotated[bool, typer.Option(
@@ -89,12 +89,14 @@ def teach(
     """
     from starrec.data.errors import DataError
     from starrec.experiment import load_task_set
-    from starrec.llm.base import LLMError
+    from starrec.llm.base import LLMError, ServerUnavailable
     from starrec.trajectories.recorder import TrajectoryFileError
 
     overrides = list(set_ or [])
     if temperature is not None:
         overrides.append(f"mars.temperature={temperature}")
+    if concurrency is not None:
+        overrides.append(f"llm.concurrency={concurrency}")
     cfg = with_chat_template(_config(config, overrides, columns), chat_template)
     if samples > 1 and cfg.mars.temperature == 0:
         typer.secho("warning: several samples at temperature 0 are identical; pass --temperature",
@@ -104,24 +106,25 @@ def teach(
         task_set = load_task_set(dataset, cfg, split=split, users=users, scenario=scenario,
                                  limit=limit, tasks=tasks, default_split="train")
         summary = teach_tasks(task_set.tasks, task_set.dataset, dataset, cfg, model, out,
-                              samples=samples, concurrency=concurrency,
-                              retry_errors=retry_errors)
-    except (DataError, ValueError, LLMError, TrajectoryFileError) as error:
+                              samples=samples, retry_errors=retry_errors)
+    except (DataError, ValueError, LLMError, ServerUnavailable, TrajectoryFileError) as error:
         raise _fail(error) from None
     report(summary, out)
 
 
 def teach_tasks(task_list: list[Task], loaded: Dataset, dataset: str, cfg: StarConfig,
-                model: str | None, out: Path, *, samples: int = 1, concurrency: int = 1,
+                model: str | None, out: Path, *, samples: int = 1,
                 retry_errors: bool = False) -> TeachSummary:
     """Teacher runs of `task_list` appended to `out` (resumed if it exists), each run
-    reading the evidence store built from exactly what these tasks may see. The model is
-    loaded and preflighted first: one that cannot answer stops here, before the store is
-    built or any task is run."""
+    reading the evidence store built from exactly what these tasks may see;
+    `llm.concurrency` runs at once when the model is served. The model is loaded and
+    preflighted first: one that cannot answer stops here, before the store is built or
+    any task is run."""
     from starrec.agents.mars import MarsTeacher
     from starrec.cst.store import EvidenceStore
     from starrec.evaluation.runner import split_of
     from starrec.experiment import TaskSet, evidence_store_path
+    from starrec.llm.concurrency import task_concurrency
     from starrec.trajectories.recorder import run_teacher
 
     split_of(task_list)  # one split, before the model loads
@@ -132,7 +135,8 @@ def teach_tasks(task_list: list[Task], loaded: Dataset, dataset: str, cfg: StarC
         # one store connection per worker thread
         return MarsTeacher(chat_model, EvidenceStore(store), cfg.mars)
 
-    summary = run_teacher(teacher, task_list, out, samples=samples, concurrency=concurrency,
+    summary = run_teacher(teacher, task_list, out, samples=samples,
+                          concurrency=task_concurrency(chat_model, cfg.llm.concurrency),
                           retry_errors=retry_errors)
     return replace(summary, model=chat_model.name)
 

@@ -23,9 +23,16 @@ from starrec.core import Task
 # settings that change where or how fast answers come, not what they are: a resume may
 # change them (more threads, a longer timeout); the model itself is identified by its hash
 OPERATIONAL_KEYS = ("model", "fit_s", "llm.model", "llm.api_key_env", "llm.timeout_s",
-                    "llm.max_retries", "llm.concurrency", "llm.threads",
+                    "llm.max_retries", "llm.backoff_s", "llm.endpoint_cooldown_s",
+                    "llm.concurrency", "llm.threads",
                     # how a store is computed, not what it holds (both engines write the same)
                     "params.engine", "params.duckdb_memory_limit", "params.duckdb_threads")
+# settings where only whether they are set decides the answers: a served model or one in
+# process. Which servers answer may change on a resume (an endpoint added or replaced)
+WHETHER_SET_KEYS = ("llm.base_url",)
+# settings added after records files were written: left out of the hash while at their
+# default, so that those files still resume
+UNHASHED_DEFAULTS: dict[str, Any] = {"llm.served_model": None}
 # files up to this size are hashed whole; larger ones (weights) by size, head and tail, so
 # that identifying a model of several GB takes milliseconds, not a minute
 WHOLE_FILE_BYTES = 8 << 20
@@ -94,22 +101,41 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot hash a {type(value).__name__} in a configuration")
 
 
-def _drop(config: Any, dotted: str) -> None:
-    head, _, rest = dotted.partition(".")
-    if not isinstance(config, dict) or head not in config:
-        return
-    if rest:
-        _drop(config[head], rest)
-    else:
-        del config[head]
+def _parent(config: Any, dotted: str) -> tuple[dict | None, str]:
+    """The dict holding a dotted key, and the key's last part (None: no such dict)."""
+    *heads, last = dotted.split(".")
+    for head in heads:
+        if not isinstance(config, dict) or head not in config:
+            return None, last
+        config = config[head]
+    return (config, last) if isinstance(config, dict) else (None, last)
+
+
+def identity_settings(config: Mapping[str, Any] | Any,
+                      ignore: Iterable[str] = OPERATIONAL_KEYS) -> Any:
+    """The configuration as its hash sees it: plain JSON values, without the (dotted)
+    keys in `ignore` or the newer settings still at their default, and with the
+    settings of `WHETHER_SET_KEYS` reduced to whether they are set."""
+    plain = json.loads(canonical_json(config))
+    for key in ignore:
+        parent, last = _parent(plain, key)
+        if parent is not None:
+            parent.pop(last, None)
+    for key, default in UNHASHED_DEFAULTS.items():
+        parent, last = _parent(plain, key)
+        if parent is not None and last in parent and parent[last] == default:
+            del parent[last]
+    for key in WHETHER_SET_KEYS:
+        parent, last = _parent(plain, key)
+        if parent is not None and parent.get(last) is not None:
+            parent[last] = "set"
+    return plain
 
 
 def config_hash(config: Mapping[str, Any] | Any, ignore: Iterable[str] = OPERATIONAL_KEYS) -> str:
-    """16 hex digits of sha256 over the configuration's canonical JSON, without the
-    (dotted) keys in `ignore`: two runs with the same hash answer alike."""
-    plain = json.loads(canonical_json(config))
-    for key in ignore:
-        _drop(plain, key)
+    """16 hex digits of sha256 over the configuration's canonical JSON as
+    `identity_settings` gives it: two runs with the same hash answer alike."""
+    plain = identity_settings(config, ignore)
     return hashlib.sha256(canonical_json(plain).encode()).hexdigest()[:16]
 
 

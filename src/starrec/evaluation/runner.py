@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,7 @@ from starrec.data.splits import check_no_leak, fit_interactions
 from starrec.evaluation.identity import RunIdentity, run_identity
 from starrec.evaluation.metrics import complete_ranking, kendall_tau, summarize
 from starrec.evaluation.provenance import provenance as provenance_block
+from starrec.llm.concurrency import as_finished
 from starrec.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -213,12 +215,21 @@ def _flush(handle: IO[str]) -> None:
 
 
 def run_tasks(system: System, tasks: Iterable[Task], progress: bool = True,
-              checkpoint: Path | None = None, identity: RunIdentity | None = None
+              checkpoint: Path | None = None, identity: RunIdentity | None = None,
+              concurrency: int = 1, make_system: Callable[[], System] | None = None
               ) -> list[TaskRecord]:
     """Answer every task; with `checkpoint`, each record is appended to that file as soon
     as it exists and tasks already there are not run again, so a long LLM evaluation
     resumes where it stopped. The file opens with `identity` (by default the system's
-    name and the tasks' hash); a resume with another identity raises `ValueError`."""
+    name and the tasks' hash); a resume with another identity raises `ValueError`.
+
+    With `concurrency` > 1, that many tasks are answered at once on threads, each thread
+    by its own system from `make_system` (the first one by `system`; without
+    `make_system` they share `system`, which must then be thread-safe). Records reach
+    the file in the order tasks finish, written by this thread alone, so lines never
+    interleave; the list returned is in task order whatever the order of finishing, and
+    so is everything computed from it. When a task raises, the tasks in flight finish
+    and are written before the error is raised."""
     tasks = list(tasks)
     done: dict[str, TaskRecord] = {}
     handle = None
@@ -226,22 +237,46 @@ def run_tasks(system: System, tasks: Iterable[Task], progress: bool = True,
         identity = identity or run_identity(system.name, tasks)
         done, handle = _open_records(checkpoint, identity, tasks)
         _flush(handle)
-    todo = [t for t in tasks if t.task_id not in done]
+    # one answer per task id, even if the task list repeats one
+    todo = list({t.task_id: t for t in tasks if t.task_id not in done}.values())
+    answers = _answers(system, todo, concurrency, make_system)
     try:
-        for task in progress_bar(todo, f"eval {system.name}", total=len(tasks), unit="task",
-                                 enabled=progress, initial=len(tasks) - len(todo)):
-            start = time.perf_counter()
-            answer = system.recommend(task)
-            seconds = time.perf_counter() - start
-            record = task_record(task, answer, seconds)
+        for task, record in progress_bar(answers, f"eval {system.name}", total=len(tasks),
+                                         unit="task", enabled=progress,
+                                         initial=len(tasks) - len(todo)):
             done[task.task_id] = record
             if handle is not None:
                 handle.write(json.dumps(asdict(record)) + "\n")
                 _flush(handle)
     finally:
+        answers.close()  # no new task starts; with threads, those in flight are abandoned
         if handle is not None:
             handle.close()
     return [done[t.task_id] for t in tasks]
+
+
+def answer_task(system: System, task: Task) -> TaskRecord:
+    """`system`'s answer to `task` as a record, timed (with several tasks in flight, the
+    time includes waiting for a busy server: the latency a user of the run would see)."""
+    start = time.perf_counter()
+    answer = system.recommend(task)
+    return task_record(task, answer, time.perf_counter() - start)
+
+
+def _answers(system: System, todo: list[Task], concurrency: int,
+             make_system: Callable[[], System] | None) -> Generator[tuple[Task, TaskRecord], None, None]:
+    """(task, record) pairs as the tasks are answered."""
+    if concurrency <= 1 or len(todo) <= 1:
+        return ((task, answer_task(system, task)) for task in todo)
+    spare, lock = [system], threading.Lock()
+
+    def worker_system() -> System:
+        with lock:
+            if spare:
+                return spare.pop()
+        return make_system() if make_system is not None else system
+
+    return as_finished(answer_task, worker_system, todo, concurrency)
 
 
 def task_record(task: Task, answer: Recommendation, seconds: float) -> TaskRecord:
@@ -433,14 +468,17 @@ def write_results(result: dict[str, Any], records: list[TaskRecord], path: Path)
 def evaluate_system(
     system: System, dataset: str, tasks: list[Task], config: Any, params: dict[str, Any],
     checkpoint: Path | None = None, identity: RunIdentity | None = None,
-    dataset_fingerprint: str | None = None,
+    dataset_fingerprint: str | None = None, concurrency: int = 1,
+    make_system: Callable[[], System] | None = None,
 ) -> tuple[dict[str, Any], list[TaskRecord]]:
-    """Run `system` on `tasks` (resumable through `checkpoint`) and summarise. `identity`
-    (by default the system's name, `params` and the tasks) guards the checkpoint and,
-    with `dataset_fingerprint`, makes the provenance of the results."""
+    """Run `system` on `tasks` (resumable through `checkpoint`; `concurrency` tasks at
+    once, as `run_tasks`) and summarise. `identity` (by default the system's name,
+    `params` and the tasks) guards the checkpoint and, with `dataset_fingerprint`, makes
+    the provenance of the results."""
     split = split_of(tasks)
     identity = identity or run_identity(system.name, tasks, params)
-    records = run_tasks(system, tasks, checkpoint=checkpoint, identity=identity)
+    records = run_tasks(system, tasks, checkpoint=checkpoint, identity=identity,
+                        concurrency=concurrency, make_system=make_system)
     warnings = []
     if checkpoint is not None:
         versions = list(dict.fromkeys(i.code_version for i in read_records_file(checkpoint).identities))

@@ -84,6 +84,15 @@ class LLMError(RuntimeError):
     otherwise be scored as the fallback on every task."""
 
 
+class ServerUnavailable(RuntimeError):
+    """No server answered: every endpoint refused the connection, timed out, failed with
+    5xx or stayed rate-limited through all retries. Not an `LLMError` on purpose: callers
+    turn an `LLMError` into a recorded fallback for one task, but here the next task
+    would fail the same way, and a run would record its remaining tasks as fallbacks in
+    seconds. It ends the run instead; what finished is kept, and the same command resumes
+    once a server answers again."""
+
+
 class NoChatTemplateError(LLMError):
     """The model has no chat template, so no conversation can be rendered for it (base
     models, and GGUF files written without one). Says how to give it one."""

@@ -300,13 +300,21 @@ def _load_chat_model(spec: str, config: LLMConfig) -> ChatModel:
 
 
 def _openai(spec: str, config: LLMConfig) -> ChatModel:
+    """A served model: `spec` is the server's URL, or several comma-separated (then
+    `llm.served_model`, else `llm.model`, is the served name), or the model itself, served
+    at `llm.base_url` under `llm.served_model`, else its spec. A model folder given as
+    the spec lends its tokenizer to `render_chat` (a student's single pass renders its
+    prompt here)."""
     from starrec.llm.openai_backend import OpenAIChatModel
 
-    base_url = spec if is_url(spec) else config.base_url
-    model = config.model if is_url(spec) else spec
-    if not base_url:
+    urls = spec.split(",") if is_url(spec) else list(config.base_url or [])
+    if not urls:
         raise LLMError(f"the openai backend needs a server URL: set llm.base_url or pass "
                        f"http(s)://host:port/v1 as the model (got {spec!r})")
-    return OpenAIChatModel(base_url, model, api_key_env=config.api_key_env,
+    served = config.served_model or (config.model if is_url(spec) else spec)
+    tokenizer = spec if not is_url(spec) and Path(spec).is_dir() else None
+    return OpenAIChatModel(urls, served, api_key_env=config.api_key_env,
                            timeout_s=config.timeout_s, max_retries=config.max_retries,
-                           concurrency=config.concurrency, guided=config.guided)
+                           concurrency=config.concurrency, guided=config.guided,
+                           backoff_s=config.backoff_s, cooldown_s=config.endpoint_cooldown_s,
+                           tokenizer=tokenizer)

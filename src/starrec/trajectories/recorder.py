@@ -14,7 +14,6 @@ import fcntl
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from starrec.core import Task
+from starrec.llm.concurrency import as_finished
 from starrec.progress import progress as progress_bar
 from starrec.trajectories.schema import TeacherRun
 
@@ -190,42 +190,6 @@ def _work(tasks: Sequence[Task], samples: int, done: dict[str, str],
     return todo, finished
 
 
-def _threaded(teacher_factory: Callable[[], Teacher], todo: list[tuple[Task, int]],
-              concurrency: int, stop: threading.Event) -> Iterator[TeacherRun]:
-    """Runs in daemon threads (one teacher each), yielded as they finish. Daemon threads,
-    so Ctrl-C does not wait minutes for requests in flight: those runs are lost and redone
-    on resume."""
-    jobs: queue.Queue = queue.Queue()
-    for item in todo:
-        jobs.put(item)
-    results: queue.Queue = queue.Queue()
-
-    def worker() -> None:
-        try:
-            teacher = teacher_factory()
-        except BaseException as error:
-            results.put(error)
-            return
-        while not stop.is_set():
-            try:
-                task, sample = jobs.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                results.put(teacher.run(task, sample=sample))
-            except BaseException as error:  # MarsTeacher never raises; other teachers may
-                results.put(error)
-                return
-
-    for number in range(min(concurrency, len(todo))):
-        threading.Thread(target=worker, daemon=True, name=f"teacher-{number}").start()
-    for _ in range(len(todo)):
-        item = results.get()  # an untimed get still lets Ctrl-C through
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 def run_teacher(
     teacher_factory: Callable[[], Teacher],
     tasks: Sequence[Task],
@@ -237,19 +201,23 @@ def run_teacher(
 ) -> TeachSummary:
     """Run every (task, sample) not yet in `out` and append its record. Ctrl-C stops
     cleanly: what was written stays, nothing is written twice, and the same call later
-    resumes. `concurrency` > 1 runs that many teachers in threads (for HTTP backends)."""
+    resumes. `concurrency` > 1 runs that many teachers in threads (for HTTP backends); when
+    one raises, the runs in flight are finished and written before the error is raised."""
     if samples < 1 or concurrency < 1:
         raise ValueError(f"samples and concurrency must be >= 1, got {samples} and {concurrency}")
     started = time.perf_counter()
     with TrajectoryWriter(out) as writer:
         todo, finished = _work(tasks, samples, writer.done, retry_errors)
         summary = TeachSummary(finished + len(todo), finished, 0, 0, 0, False, 0.0)
-        stop = threading.Event()
+        finished_jobs = None
         if concurrency == 1:
             teacher = teacher_factory() if todo else None
             runs: Iterator[TeacherRun] = (teacher.run(task, sample=sample) for task, sample in todo)
         else:
-            runs = _threaded(teacher_factory, todo, concurrency, stop)
+            # one teacher per thread (its store connection); runs are written as they finish
+            finished_jobs = as_finished(lambda teacher, job: teacher.run(job[0], sample=job[1]),
+                                        teacher_factory, todo, concurrency)
+            runs = (run for _, run in finished_jobs)
         try:
             for run in progress_bar(runs, "teach", total=summary.total, unit="run",
                                     enabled=progress, initial=finished):
@@ -261,6 +229,7 @@ def run_teacher(
             summary.interrupted = True
             log.warning("interrupted: %d run(s) written to %s; run again to resume", summary.written, out)
         finally:
-            stop.set()  # idle workers take no new task; runs in flight are dropped
+            if finished_jobs is not None:
+                finished_jobs.close()  # idle workers take no new task; runs in flight are dropped
     summary.seconds = time.perf_counter() - started
     return summary
