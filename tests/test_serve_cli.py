@@ -129,6 +129,10 @@ def test_serve_bad_input_is_one_error_line(shop, tmp_path):
                    "--max-queue", "0"), "--max-queue")
     one_error(star("serve", "--system", "pop", "--dataset", str(shop), "--port", "0",
                    "--log-level", "loud"), "--log-level")
+    one_error(star("serve", "--system", "pop", "--dataset", str(shop), "--port", "0",
+                   "--max-batch-size", "0"), "--max-batch-size")
+    one_error(star("serve", "--system", "pop", "--dataset", str(shop), "--port", "0",
+                   "--max-wait-ms", "-1"), "--max-wait-ms")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

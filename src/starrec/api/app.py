@@ -10,6 +10,11 @@ What it adds to the library is what a service needs under pressure:
   client; an admitted request that has no answer after `timeout_s` gets 504;
 - LLM systems run one request at a time in one worker thread (their in-process engines
   are not thread-safe), rankers in a pool;
+- micro-batching (`batching`, on by default) for a system that answers several requests
+  faster in one call (the student's fast ranking head, a ranker with `score_many`): one
+  worker gathers admitted requests for up to `max_wait_ms` while more are arriving, up to
+  `max_batch_size`, and answers them together (`starrec.api.runners.BatchRunner`); each
+  request keeps its own response, error and timeout;
 - every error is a JSON `ErrorResponse`, never a traceback (that goes to the JSON log);
 - `/v1/health` (the process answers), `/v1/ready` (warmed up and able to answer),
   `/metrics` (Prometheus text);
@@ -33,10 +38,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +50,15 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from starrec.api import metrics as metrics_module
+from starrec.api.runners import (  # noqa: F401 - the runners' errors are this module's API too
+    ApiError,
+    Batch,
+    BatchRunner,
+    BoundedRunner,
+    Overloaded,
+    ShuttingDown,
+    TimedOut,
+)
 from starrec.api.schemas import (
     ErrorDetail,
     ErrorInfo,
@@ -55,12 +68,11 @@ from starrec.api.schemas import (
     RecommendRequest,
     RecommendResponse,
 )
-from starrec.api.service import RecommendService, ServiceError
+from starrec.api.service import PreparedRequest, RecommendService, ServiceError
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("starrec.api.access")
 
-T = TypeVar("T")
 API_KEYS_ENV = "STAR_API_KEYS"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -77,6 +89,11 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=256)
     workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)), ge=1,
                          description="Threads answering rankers' requests (LLM systems: one).")
+    batching: bool = Field(True, description="Micro-batching for a system that gains from it "
+                           "(`RecommendService.batchable`); off: one request per call.")
+    max_batch_size: int = Field(16, ge=1, description="Most requests answered in one batch.")
+    max_wait_ms: float = Field(2.0, ge=0, description="Longest a batch waits for more requests "
+                               "after its first, while more are arriving.")
 
 
 def read_api_keys(path: Path | None = None, environ: dict[str, str] | None = None) -> list[str]:
@@ -101,30 +118,6 @@ def read_api_keys(path: Path | None = None, environ: dict[str, str] | None = Non
 
 # ---------------------------------------------------------------------------------------
 # errors
-
-
-class ApiError(Exception):
-    """An error answered as an `ErrorResponse` with this status."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-class Overloaded(ApiError):
-    def __init__(self, in_flight: int, retry_after: int) -> None:
-        super().__init__(503, "overloaded",
-                         f"the service is at capacity ({in_flight} requests in flight); retry "
-                         f"after {retry_after} s", {"Retry-After": str(retry_after)})
-
-
-class TimedOut(ApiError):
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(504, "timeout", f"no answer within {timeout_s:g} s")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -152,98 +145,44 @@ def error_body(code: str, message: str, request_id: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------
-# the bounded queue
-
-
-class BoundedRunner:
-    """Runs jobs in worker threads with admission control and a timeout.
-
-    A job holds its slot until its thread is done with it, also after its request timed
-    out (a thread cannot be stopped): the bound is on work really in the system, so a
-    stream of timeouts cannot pile up unbounded work behind the worker. A job still
-    waiting when its request times out is cancelled and frees its slot at once."""
-
-    def __init__(self, workers: int, max_queue: int, timeout_s: float) -> None:
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="star-worker")
-        self.workers = workers
-        self.max_queue = max_queue
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self.admitted = 0
-        self.running = 0
-        self._mean_s: float | None = None  # moving average of a job's run time
-
-    @property
-    def queue_depth(self) -> int:
-        """Admitted requests waiting for a worker."""
-        with self._lock:
-            return max(0, self.admitted - self.running)
-
-    def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the waiting work over the workers."""
-        mean = self._mean_s if self._mean_s is not None else 1.0
-        return max(1, min(3600, math.ceil(mean * (self.admitted + 1) / self.workers)))
-
-    def _release(self, _: Future) -> None:
-        with self._lock:
-            self.admitted -= 1
-
-    async def run(self, job: Callable[[], T]) -> tuple[T, float]:
-        """(job's result, seconds it waited for a worker); Overloaded or TimedOut."""
-        with self._lock:
-            if self.admitted >= self.max_queue:
-                raise Overloaded(self.admitted, self.retry_after())
-            self.admitted += 1
-        submitted = time.perf_counter()
-        waited: list[float] = []
-
-        def work() -> T:
-            started = time.perf_counter()
-            waited.append(started - submitted)
-            with self._lock:
-                self.running += 1
-            try:
-                return job()
-            finally:
-                seconds = time.perf_counter() - started
-                with self._lock:
-                    self.running -= 1
-                    previous = self._mean_s
-                    self._mean_s = seconds if previous is None else 0.8 * previous + 0.2 * seconds
-
-        try:
-            future = self.executor.submit(work)
-        except RuntimeError:  # shut down: the server is stopping
-            with self._lock:
-                self.admitted -= 1
-            raise ApiError(503, "shutting_down", "the service is shutting down",
-                           {"Retry-After": "1"}) from None
-        future.add_done_callback(self._release)
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()  # only takes effect if it is still waiting
-            raise TimedOut(self.timeout_s) from None
-        return result, (waited[0] if waited else 0.0)
-
-    def shutdown(self) -> None:
-        """Cancel waiting jobs, wait for the running ones."""
-        self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-# ---------------------------------------------------------------------------------------
 # ASGI middleware (plain ASGI: no buffering of responses, no extra task per request)
+
+
+class Arrivals:
+    """Recommendation requests received and not yet admitted (being read, parsed,
+    checked): the requests a micro-batch may still wait for. Changed on the event loop
+    only; the batch worker reads the count."""
+
+    PATH = "/v1/recommend"
+    _KEY = "star_arriving"
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    def count(self) -> int:
+        return self._count
+
+    def enter(self, scope: dict[str, Any]) -> None:
+        if scope["method"] == "POST" and scope["path"] == self.PATH:
+            scope.setdefault("state", {})[self._KEY] = True
+            self._count += 1
+
+    def leave(self, scope: dict[str, Any]) -> None:
+        state = scope.get("state") or {}
+        if state.pop(self._KEY, False):
+            self._count -= 1
 
 
 class ObserveMiddleware:
     """Request id (kept from `X-Request-ID` when well formed, else new; echoed back),
-    the request's metrics, and one JSON access line."""
+    the request's metrics, arrivals (`Arrivals`), and one JSON access line."""
 
     def __init__(self, app: Any, metrics: metrics_module.Metrics,
-                 path_label: Callable[[str], str]) -> None:
+                 path_label: Callable[[str], str], arrivals: Arrivals | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.path_label = path_label
+        self.arrivals = arrivals or Arrivals()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -252,6 +191,7 @@ class ObserveMiddleware:
         given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        self.arrivals.enter(scope)
         start = time.perf_counter()
         status = 500
         started = False
@@ -279,6 +219,7 @@ class ObserveMiddleware:
                 "request id", request_id), status_code=500)
             await response(scope, receive, sending)
         finally:
+            self.arrivals.leave(scope)  # refused before admission (401, 413, 422)
             seconds = time.perf_counter() - start
             self.metrics.observe_request(scope["method"], self.path_label(scope["path"]), status,
                                          seconds)
@@ -368,8 +309,25 @@ def create_app(service: RecommendService, settings: ServerSettings | None = None
     until it has."""
     settings = settings or ServerSettings()
     metrics = metrics_module.Metrics()
-    workers = settings.workers if service.concurrent else 1
-    runner = BoundedRunner(workers, settings.max_queue, settings.timeout_s)
+    arrivals = Arrivals()
+    runner: BoundedRunner | BatchRunner[PreparedRequest, RecommendResponse]
+    if settings.batching and service.batchable:
+        def answer_batch(requests: list[PreparedRequest], batch: Batch) -> list[Any]:
+            answers = service.answer_many(requests)
+            for answer, waited in zip(answers, batch.waited_s):
+                if isinstance(answer, RecommendResponse):
+                    answer.timings.queue_ms = round(waited * 1000, 3)
+            return answers
+
+        runner = BatchRunner(answer_batch, max_queue=settings.max_queue,
+                             timeout_s=settings.timeout_s, max_batch_size=settings.max_batch_size,
+                             max_wait_s=settings.max_wait_ms / 1000,
+                             workers=settings.workers if service.concurrent else 1,
+                             arriving=arrivals.count, on_batch=metrics.observe_batch)
+        metrics.enable_batches()
+    else:
+        workers = settings.workers if service.concurrent else 1
+        runner = BoundedRunner(workers, settings.max_queue, settings.timeout_s)
     state: dict[str, Any] = {"status": "starting", "message": None}
 
     def warm_up() -> None:
@@ -465,10 +423,14 @@ def create_app(service: RecommendService, settings: ServerSettings | None = None
              dependencies=[Depends(require_key)], summary="Rank candidates for a user.",
              description="Ranks the given candidates, or candidates the proposer takes from "
              "the catalogue, for a user of the serving data or a given history.")
-    async def recommend(body: RecommendRequest) -> RecommendResponse:
+    async def recommend(body: RecommendRequest, request: Request) -> RecommendResponse:
         start = time.perf_counter()
+        arrivals.leave(request.scope)
         prepared = service.prepare(body)
-        response, waited = await runner.run(lambda: service.answer(prepared))
+        if isinstance(runner, BatchRunner):
+            response, waited = await runner.run(prepared)
+        else:
+            response, waited = await runner.run(lambda: service.answer(prepared))
         response.timings.queue_ms = round(waited * 1000, 3)
         response.timings.total_ms = round((time.perf_counter() - start) * 1000, 3)
         return response
@@ -495,7 +457,8 @@ def create_app(service: RecommendService, settings: ServerSettings | None = None
         return next((t for pattern, t in templates if pattern.match(path)), "unmatched")
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
-    app.add_middleware(ObserveMiddleware, metrics=metrics, path_label=path_label)
+    app.add_middleware(ObserveMiddleware, metrics=metrics, path_label=path_label,
+                       arrivals=arrivals)
     return app
 
 

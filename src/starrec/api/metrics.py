@@ -1,8 +1,9 @@
 """Prometheus metrics of the service, written in the text exposition format by hand.
 
 The format is a few lines of text, so the service needs no client library: counters of
-requests by status and of errors by code, a latency histogram per endpoint, and gauges
-read when scraped (queue depth, requests in flight, readiness). Label sets are bounded:
+requests by status and of errors by code, a latency histogram per endpoint, a histogram
+of micro-batch sizes (when batching), and gauges read when scraped (queue depth,
+requests in flight, readiness). Label sets are bounded:
 paths are the app's route templates (anything else is `unmatched`), statuses and error
 codes are the few the service produces.
 """
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterable
 # seconds: ranker answers take milliseconds, an LLM system's seconds to minutes on a CPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0, 300.0)
+# requests per micro-batch
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -62,6 +65,25 @@ class Metrics:
         self._latency: dict[tuple[str, str], _Histogram] = {}
         self._gauges: list[tuple[str, str, Callable[[], float]]] = []
         self._info: dict[str, str] = {}
+        self._batches: _Histogram | None = None
+
+    def enable_batches(self) -> None:
+        """Report batch sizes (`observe_batch`), from zero batches on."""
+        with self._lock:
+            if self._batches is None:
+                self._batches = _Histogram(tuple(float(b) for b in BATCH_BUCKETS))
+
+    def observe_batch(self, size: int) -> None:
+        with self._lock:
+            if self._batches is None:
+                self._batches = _Histogram(tuple(float(b) for b in BATCH_BUCKETS))
+            self._batches.observe(float(size))
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """(batches, requests in them) so far (tests, benchmarks)."""
+        with self._lock:
+            b = self._batches
+            return (b.total, int(b.sum)) if b is not None else (0, 0)
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self._gauges.append((name, help, read))
@@ -99,6 +121,8 @@ class Metrics:
             errors = sorted(self._errors.items())
             latency = sorted((key, (list(h.counts), h.total, h.sum))
                              for key, h in self._latency.items())
+            batches = ((list(self._batches.counts), self._batches.total, self._batches.sum)
+                       if self._batches is not None else None)
         if self._info:
             head(f"{p}_info", "gauge", "The system this service answers with.")
             lines.append(f"{p}_info{_labels(sorted(self._info.items()))} 1")
@@ -116,6 +140,15 @@ class Metrics:
             lines.append(f"{name}_bucket{_labels([*base, ('le', '+Inf')])} {total}")
             lines.append(f"{name}_sum{_labels(base)} {_number(seconds)}")
             lines.append(f"{name}_count{_labels(base)} {total}")
+        if batches is not None:
+            counts, total, size_sum = batches
+            name = f"{p}_batch_size"
+            head(name, "histogram", "Requests answered together per micro-batch.")
+            for bound, count in zip(BATCH_BUCKETS, counts):
+                lines.append(f"{name}_bucket{_labels([('le', _number(bound))])} {count}")
+            lines.append(f"{name}_bucket{_labels([('le', '+Inf')])} {total}")
+            lines.append(f"{name}_sum {_number(size_sum)}")
+            lines.append(f"{name}_count {total}")
         head(f"{p}_errors_total", "counter", "Error responses, by error code.")
         for code, n in errors:
             lines.append(f"{p}_errors_total{_labels([('code', code)])} {n}")

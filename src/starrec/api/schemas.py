@@ -107,9 +107,13 @@ class Usage(Wire):
 
 class Timings(Wire):
     total_ms: float = Field(description="From the request's admission to its answer.")
-    queue_ms: float = Field(0.0, description="Waiting for a worker.")
+    queue_ms: float = Field(0.0, description="Waiting for a worker (with micro-batching: "
+                            "for the batch to start).")
     propose_ms: float = Field(0.0, description="Proposing candidates (0 when given).")
-    rank_ms: float = Field(description="The system's own answer.")
+    rank_ms: float = Field(description="The system's own answer (with micro-batching: the "
+                           "whole batch's).")
+    batch_size: int = Field(1, ge=1, description="Requests answered together in one batch "
+                            "(micro-batching); 1: alone.")
 
 
 class RecommendResponse(Wire):

@@ -18,6 +18,14 @@ the evaluated system's answer, by the same code:
 LLM systems (the `mars` teacher, a `star` student) hold in-process engines that are not
 thread-safe: `RecommendService.concurrent` is False for them and the HTTP layer runs their
 requests one at a time; rankers answer concurrently.
+
+Micro-batching (`RecommendService.answer_many`): a system that gains from answering
+several requests in one call says so in `batch_modes`: the student's ranking head in its
+fast mode scores several prompts in one forward pass, and a ranker whose recommender has
+`score_many` (SASRec) scores several users at once. A batch is answered as one call where it
+can be; if that call fails, each of its requests is answered alone, so a bad request
+fails only itself. Generation (the student's reason and generate modes, the teacher)
+stays one request at a time.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -49,7 +57,7 @@ from starrec.config import StarConfig
 from starrec.core import Task
 from starrec.data.splits import fit_interactions
 from starrec.data.tasks import MIN_CANDIDATES
-from starrec.experiment import BASELINE_SYSTEMS, LLM_SYSTEMS, RANKER_SYSTEMS, SYSTEMS
+from starrec.experiment import BASELINE_SYSTEMS, CST_SYSTEMS, LLM_SYSTEMS, RANKER_SYSTEMS, SYSTEMS
 
 if TYPE_CHECKING:
     from starrec.agents.mars import MarsTeacher
@@ -57,6 +65,7 @@ if TYPE_CHECKING:
     from starrec.cst.store import EvidenceStore
     from starrec.data.schema import Dataset
     from starrec.experiment import TaskSet
+    from starrec.inference.rank_head import HeadAnswer, RankHeadSystem
     from starrec.inference.student import Student
     from starrec.llm.base import ChatModel
 
@@ -120,13 +129,15 @@ class ServingData:
                               fit.groupby("user", sort=False)["item"].agg(list).items()}
         if not self.catalogue:
             self.catalogue = [str(i) for i in self.dataset.items.index]
-        self._known_items = frozenset(self.catalogue)
+        # a dict, not a table look-up per ranked item: every response names its items
+        self._titles = {item: self.dataset.title(item) for item in self.catalogue}
 
     def knows_item(self, item: str) -> bool:
-        return item in self._known_items
+        return item in self._titles
 
     def title(self, item: str) -> str:
-        return self.dataset.title(item) if self.knows_item(item) else f"item {item}"
+        title = self._titles.get(item)
+        return title if title is not None else f"item {item}"
 
 
 def serving_data(dataset: str | Dataset, config: StarConfig | None = None,
@@ -197,9 +208,15 @@ class ServedSystem(Protocol):
     name: str
     kind: Literal["ranker", "llm"]
     modes: tuple[str, ...]
+    batch_modes: tuple[str, ...]  # modes answered faster together (`answer_many`)
     max_candidates: int | None  # what its prompt can label; None: no bound of its own
 
     def answer(self, task: Task, mode: str, explain: bool) -> SystemAnswer: ...
+
+    def answer_many(self, tasks: Sequence[Task], mode: str,
+                    explain: Sequence[bool]) -> list[SystemAnswer]:
+        """Answers of several tasks in one of `batch_modes`, in one call."""
+        ...
 
     def warm_up(self) -> None: ...
 
@@ -225,8 +242,19 @@ def _warm_store(store: EvidenceStore) -> None:
     store.recent_percentiles(None)
 
 
+BatchScorer = Callable[[Sequence[Task]], list[np.ndarray]]
+
+
+def batch_scorer(recommender: Recommender) -> BatchScorer | None:
+    """How `recommender` scores several tasks in one call where it gains from that (its
+    `score_many`, same values as `score` on each), else None."""
+    score_many = getattr(recommender, "score_many", None)
+    return score_many if callable(score_many) else None
+
+
 class RankerSystem:
-    """A fitted score-based recommender (a baseline, or cst over its store)."""
+    """A fitted score-based recommender (a baseline, or cst over its store). One that
+    scores several users at once (`batch_scorer`) answers batches in one call."""
 
     kind: Literal["ranker", "llm"] = "ranker"
     modes = ("score",)
@@ -236,16 +264,28 @@ class RankerSystem:
         self.recommender = recommender
         self.name = recommender.name
         self.store = store  # cst's: its evidence is what it scores
+        self._batch: BatchScorer | None = batch_scorer(recommender)
+        self.batch_modes: tuple[str, ...] = self.modes if self._batch is not None else ()
 
-    def scores(self, task: Task) -> np.ndarray:
-        scores = np.asarray(self.recommender.score(task), dtype=float)
+    def _checked(self, task: Task, scores: np.ndarray) -> np.ndarray:
+        scores = np.asarray(scores, dtype=float)
         if scores.shape != (len(task.candidates),):
             raise RuntimeError(f"{self.name}: {scores.shape} scores for "
                                f"{len(task.candidates)} candidates")
         return scores
 
-    def answer(self, task: Task, mode: str, explain: bool) -> SystemAnswer:
-        scores = self.scores(task)
+    def scores(self, task: Task) -> np.ndarray:
+        return self._checked(task, self.recommender.score(task))
+
+    def scores_many(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        if self._batch is None:
+            return [self.scores(task) for task in tasks]
+        scored = list(self._batch(list(tasks)))
+        if len(scored) != len(tasks):
+            raise RuntimeError(f"{self.name}: {len(scored)} score lists for {len(tasks)} tasks")
+        return [self._checked(task, s) for task, s in zip(tasks, scored)]
+
+    def _answer(self, task: Task, scores: np.ndarray, explain: bool) -> SystemAnswer:
         order = np.argsort(-scores, kind="stable")  # ties keep the request's order
         evidence = None
         if explain and self.store is not None:
@@ -259,12 +299,22 @@ class RankerSystem:
                     if s is not None},
             evidence=evidence)
 
+    def answer(self, task: Task, mode: str, explain: bool) -> SystemAnswer:
+        return self._answer(task, self.scores(task), explain)
+
+    def answer_many(self, tasks: Sequence[Task], mode: str,
+                    explain: Sequence[bool]) -> list[SystemAnswer]:
+        return [self._answer(task, scores, e)
+                for task, scores, e in zip(tasks, self.scores_many(tasks), explain)]
+
     def top(self, task: Task, n: int) -> list[str]:
         """The `n` best of the task's candidates (the catalogue minus the history, when
         proposing), best first."""
-        scores = self.scores(task)
-        order = np.argsort(-scores, kind="stable")[:n]
-        return [task.candidates[i] for i in order]
+        return self.top_many([task], [n])[0]
+
+    def top_many(self, tasks: Sequence[Task], ns: Sequence[int]) -> list[list[str]]:
+        return [[task.candidates[i] for i in np.argsort(-scores, kind="stable")[:n]]
+                for task, n, scores in zip(tasks, ns, self.scores_many(tasks))]
 
     def warm_up(self) -> None:
         if self.store is not None:
@@ -283,6 +333,7 @@ class StudentSystem:
 
     kind: Literal["ranker", "llm"] = "llm"
     modes = ("single_pass",)
+    batch_modes: tuple[str, ...] = ()  # generation: one request at a time
 
     def __init__(self, student: Student, name: str = "star") -> None:
         self.student = student
@@ -317,11 +368,59 @@ class StudentSystem:
         _warm_store(self.student.store)
 
 
+class HeadSystem:
+    """A student with a ranking head (`starrec.inference.rank_head`): `fast` reads the
+    ranking from the label logits of one forward pass over a compact prompt, and scores
+    several requests' prompts in one batched pass; `reason` (when the student was loaded
+    in that mode) generates the reasoning first, one request at a time."""
+
+    kind: Literal["ranker", "llm"] = "llm"
+    batch_modes: tuple[str, ...] = ("fast",)
+
+    def __init__(self, system: RankHeadSystem, name: str = "star") -> None:
+        self.system = system
+        self.name = name
+        # the mode it was loaded in first (the default); fast needs only the head
+        self.modes = tuple(dict.fromkeys((system.mode, "fast")))
+        self.max_candidates = len(system.head.labels)
+
+    def _answer(self, task: Task, answer: HeadAnswer, explain: bool) -> SystemAnswer:
+        evidence = reasoning = None
+        if explain:
+            shown = replace(task, candidates=list(answer.shown))
+            evidence = _evidence_lines(self.system.store, shown,
+                                       self.system.head.labels[: len(shown.candidates)])
+            text = answer.reasoning.get("text")
+            reasoning = Reasoning(text=text) if text else None
+        return SystemAnswer(
+            ranking=answer.ranking,
+            scores={c: s for c, s in zip(task.candidates, (_finite(v) for v in answer.scores))
+                    if s is not None},
+            evidence=evidence, reasoning=reasoning,
+            usage=Usage(llm_calls=answer.segments + answer.passes,
+                        prompt_tokens=answer.prompt_tokens,
+                        completion_tokens=answer.completion_tokens))
+
+    def answer(self, task: Task, mode: str, explain: bool) -> SystemAnswer:
+        return self._answer(task, self.system.answer(task, mode), explain)
+
+    def answer_many(self, tasks: Sequence[Task], mode: str,
+                    explain: Sequence[bool]) -> list[SystemAnswer]:
+        if mode != "fast":
+            raise ValueError(f"{self.name} answers {mode!r} requests one at a time")
+        return [self._answer(task, answer, e)
+                for task, answer, e in zip(tasks, self.system.answer_many(tasks), explain)]
+
+    def warm_up(self) -> None:
+        _warm_store(self.system.store)
+
+
 class TeacherSystem:
     """The MARS teacher: planner, analysts with tools, reflector, ranker per request."""
 
     kind: Literal["ranker", "llm"] = "llm"
     modes = ("multi_agent",)
+    batch_modes: tuple[str, ...] = ()  # generation: one request at a time
     name = "mars"
 
     def __init__(self, teacher: MarsTeacher) -> None:
@@ -457,8 +556,8 @@ class RecommendService:
                                list(candidates) if candidates is not None else None,
                                mode, options.explain, options.n_candidates)
 
-    def propose(self, request: PreparedRequest) -> list[str]:
-        """The proposer's top `n_candidates` of the catalogue minus the history."""
+    def _pool(self, request: PreparedRequest) -> list[str]:
+        """What a proposer picks from: the catalogue minus the history."""
         if self.proposer is None:
             raise ServiceError(f"{self.name} has no proposer: send candidates", "no_proposer")
         seen = set(request.history)
@@ -466,6 +565,12 @@ class RecommendService:
         if len(pool) < self.limits.min_candidates:
             raise ServiceError(f"the catalogue holds {len(pool)} items outside the history; "
                                f"nothing to rank", "candidate_count")
+        return pool
+
+    def propose(self, request: PreparedRequest) -> list[str]:
+        """The proposer's top `n_candidates` of the catalogue minus the history."""
+        pool = self._pool(request)
+        assert self.proposer is not None
         return self.proposer.top(request.task(pool), request.n_candidates)
 
     def answer(self, request: PreparedRequest) -> RecommendResponse:
@@ -477,6 +582,12 @@ class RecommendService:
         proposed = time.perf_counter()
         result = self.system.answer(request.task(candidates), request.mode, request.explain)
         done = time.perf_counter()
+        return self._response(request, source, result, Timings(
+            total_ms=_ms(done - start), propose_ms=_ms(proposed - start),
+            rank_ms=_ms(done - proposed)))
+
+    def _response(self, request: PreparedRequest, source: Literal["request", "proposed"],
+                  result: SystemAnswer, timings: Timings) -> RecommendResponse:
         scores = result.scores or {}
         return RecommendResponse(
             system=self.name, mode=request.mode, user_id=request.user_id,
@@ -487,9 +598,104 @@ class RecommendService:
                      for r, i in enumerate(result.ranking, 1)],
             valid=result.valid, fallback=result.fallback,
             evidence=result.evidence, reasoning=result.reasoning, tool_calls=result.tool_calls,
-            usage=result.usage,
-            timings=Timings(total_ms=_ms(done - start), propose_ms=_ms(proposed - start),
-                            rank_ms=_ms(done - proposed)))
+            usage=result.usage, timings=timings)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the system answers some of its modes faster in batches."""
+        return bool(self.system.batch_modes)
+
+    def answer_many(self, requests: Sequence[PreparedRequest]
+                    ) -> list[RecommendResponse | Exception]:
+        """Answers of several requests, each its response or its own error, in order.
+
+        Requests in a mode of the system's `batch_modes` are answered in one call, the
+        candidates of those without proposed in one call of the proposer where it scores
+        batches; the rest one by one. When a batched call fails, each of its requests is
+        answered alone, so that only a request that fails alone gets an error. Timings
+        are the batch's: every request of it waited for all of it."""
+        start = time.perf_counter()
+        n = len(requests)
+        out: list[RecommendResponse | Exception | None] = [None] * n
+        candidates: list[list[str] | None] = [r.candidates for r in requests]
+        to_propose = [i for i, r in enumerate(requests) if r.candidates is None]
+        for i, proposal in zip(to_propose, self._propose_many([requests[i] for i in to_propose])):
+            if isinstance(proposal, Exception):
+                out[i] = proposal
+            else:
+                candidates[i] = proposal
+        proposed = time.perf_counter()
+
+        results: list[SystemAnswer | Exception | None] = [None] * n
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            if out[i] is None:
+                key = request.mode if request.mode in self.system.batch_modes else f"#{i}"
+                groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
+            tasks = [requests[i].task(candidates[i] or []) for i in members]
+            answers = (self._batched(tasks, key, [requests[i].explain for i in members])
+                       if not key.startswith("#") else None)
+            if answers is None:  # alone: not batchable, or the batch failed
+                answers = [self._alone(task, requests[i]) for task, i in zip(tasks, members)]
+            for i, answer in zip(members, answers):
+                results[i] = answer
+        done = time.perf_counter()
+
+        timings = dict(total_ms=_ms(done - start), propose_ms=_ms(proposed - start),
+                       rank_ms=_ms(done - proposed), batch_size=n)
+        for i, request in enumerate(requests):
+            result = results[i]
+            if out[i] is not None:
+                continue
+            if isinstance(result, Exception) or result is None:
+                out[i] = result or RuntimeError("no answer")
+                continue
+            try:
+                out[i] = self._response(request, "proposed" if request.candidates is None
+                                        else "request", result, Timings(**timings))
+            except Exception as error:  # noqa: BLE001 - this request's own error
+                out[i] = error
+        return out  # type: ignore[return-value]
+
+    def _propose_many(self, requests: Sequence[PreparedRequest]) -> list[list[str] | Exception]:
+        if not requests:
+            return []
+        if self.proposer is not None and self.proposer.batch_modes and len(requests) > 1:
+            try:
+                pools = [self._pool(r) for r in requests]
+                return list(self.proposer.top_many([r.task(p) for r, p in zip(requests, pools)],
+                                                   [r.n_candidates for r in requests]))
+            except Exception:  # noqa: BLE001 - answered one by one below, each its own error
+                log.warning("a batch of %d proposals failed; proposing one by one", len(requests),
+                            exc_info=True)
+        out: list[list[str] | Exception] = []
+        for request in requests:
+            try:
+                out.append(self.propose(request))
+            except Exception as error:  # noqa: BLE001 - this request's own error
+                out.append(error)
+        return out
+
+    def _batched(self, tasks: list[Task], mode: str,
+                 explain: list[bool]) -> list[SystemAnswer] | None:
+        try:
+            answers = self.system.answer_many(tasks, mode, explain)
+        except Exception:  # noqa: BLE001 - the caller answers them one by one
+            log.warning("a batch of %d %s requests failed; answering them one by one",
+                        len(tasks), mode, exc_info=True)
+            return None
+        if len(answers) != len(tasks):
+            log.warning("a batch of %d requests got %d answers; answering them one by one",
+                        len(tasks), len(answers))
+            return None
+        return answers
+
+    def _alone(self, task: Task, request: PreparedRequest) -> SystemAnswer | Exception:
+        try:
+            return self.system.answer(task, request.mode, request.explain)
+        except Exception as error:  # noqa: BLE001 - this request's own error
+            return error
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
         """Check and answer one request in this thread (`star recommend`, tests)."""
@@ -536,16 +742,16 @@ def make_ranker(name: str, data: ServingData, config: StarConfig,
     by the service."""
     if name not in RANKER_SYSTEMS:
         raise ValueError(f"unknown ranker {name!r}; expected one of {', '.join(RANKER_SYSTEMS)}")
-    if name == "cst" and store is None:
+    if name in CST_SYSTEMS and store is None:
         raise ValueError("cst ranks from an evidence store; none given")
     from starrec.experiment import make_system
 
     start = time.perf_counter()
     system = make_system(name, serving_task_set(data, dataset), config, store=store)
-    if name != "cst":
+    if name not in CST_SYSTEMS:
         log.info("%s fitted on the %s split's fit data in %.1f s", name, data.split,
                  time.perf_counter() - start)
-    return RankerSystem(system.recommender, store if name == "cst" else None)  # type: ignore[attr-defined]
+    return RankerSystem(system.recommender, store if name in CST_SYSTEMS else None)  # type: ignore[attr-defined]
 
 
 def make_llm_system(name: str, data: ServingData, store: EvidenceStore, config: StarConfig, *,
@@ -562,6 +768,10 @@ def make_llm_system(name: str, data: ServingData, store: EvidenceStore, config: 
     system = make_system(name, serving_task_set(data, dataset), config, model, store=store,
                          chat_model=chat_model)
     if name == "star":
+        from starrec.inference.rank_head import RankHeadSystem
+
+        if isinstance(system, RankHeadSystem):
+            return HeadSystem(system)
         return StudentSystem(system.student)  # type: ignore[attr-defined]
     return TeacherSystem(system.teacher)  # type: ignore[attr-defined]
 
@@ -587,7 +797,7 @@ def load_service(system: str, dataset: str | Dataset = "ml-100k", *,
     data = serving_data(dataset, config, tasks)
     proposer = proposer or (system if system in RANKER_SYSTEMS else "cst")
     store = None
-    if "cst" in (system, proposer) or system in LLM_SYSTEMS:
+    if {system, proposer} & set(CST_SYSTEMS) or system in LLM_SYSTEMS:
         from starrec.cst.store import EvidenceStore
 
         store = EvidenceStore(serving_store(data, config, spec, store_path, progress))

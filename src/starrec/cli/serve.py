@@ -85,6 +85,14 @@ def serve(
     workers: Annotated[Optional[int], typer.Option(
         help="Threads answering a ranker's requests (an LLM system uses one). Default: the "
         "cores, at most 4.")] = None,
+    batching: Annotated[bool, typer.Option(
+        help="Micro-batching for a system that answers several requests faster at once (a "
+        "student's fast ranking head, SASRec): requests are gathered for up to --max-wait-ms "
+        "and answered together. Generation-based systems answer one at a time either way.")] = True,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests in one batch.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="Longest a batch waits for more requests after its first (only while more are "
+        "arriving).")] = 2.0,
     proposer: ProposerOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     runs: Annotated[Optional[list[Path]], typer.Option(
@@ -105,6 +113,7 @@ def serve(
     Examples:
       star serve --system cst
       star serve --system sasrec --port 8080 --api-keys keys.txt --max-queue 64
+      star serve --system star --model runs/ranker --set student.mode=fast --max-batch-size 8
       star serve --system star --model runs/student --timeout-s 120
       star serve --system cst --runs runs/teacher/trajectories.jsonl
       curl -s localhost:8000/v1/recommend -H 'Content-Type: application/json' \\
@@ -128,6 +137,7 @@ def serve(
         limits = ServiceLimits(max_history=max_history, max_candidates=max_candidates)
         settings = ServerSettings(
             api_keys=keys, max_queue=max_queue, max_body_bytes=max_body_bytes,
+            batching=batching, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             timeout_s=timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S[kind],
             **({"workers": workers} if workers is not None else {}))
         sock = bind_socket(host, port)
@@ -152,8 +162,10 @@ def serve(
     except _errors() as error:
         sock.close()
         raise _fail(error) from None
+    batched = (f"micro-batching up to {settings.max_batch_size}" if settings.batching
+               and service.batchable else "no micro-batching")
     typer.echo(f"serving {service.name} on http://{host}:{sock.getsockname()[1]} "
-               f"({'API keys required' if keys else 'no API key asked for'})", err=True)
+               f"({'API keys required' if keys else 'no API key asked for'}; {batched})", err=True)
     if not keys and not _loopback(host):
         typer.secho(f"warning: {host} is reachable from other machines and no API key is set "
                     "(--api-keys FILE or $STAR_API_KEYS)", fg=typer.colors.RED, err=True)

@@ -259,28 +259,59 @@ class RankHeadSystem:
         self.student = student
         self.name = name
 
-    def answer(self, task: Task) -> HeadAnswer:
+    def answer(self, task: Task, mode: str | None = None) -> HeadAnswer:
+        """One task's answer in `mode` (default: the system's; the fast mode needs only
+        the head, so a reason-mode system answers in both)."""
+        mode = mode or self.mode
+        if mode not in ("fast", "reason") or (mode == "reason" and self.student is None):
+            raise ValueError(f"this head system answers in {self.mode!r} mode"
+                             + (" and 'fast'" if self.mode == "reason" else "")
+                             + f", not {mode!r}")
         started = time.perf_counter()
-        answer = self._reason(task) if self.mode == "reason" else self._fast(task)
+        answer = self._reason(task) if mode == "reason" else self._fast([task])[0]
         answer.seconds = time.perf_counter() - started
         return answer
 
-    def _fast(self, task: Task) -> HeadAnswer:
-        n = len(task.candidates)
-        orders = shuffle_orders(n, self.shuffles, self.seed, task.task_id)
-        texts = [self.head.prompt(replace(task, candidates=[task.candidates[i] for i in order]),
-                                  self.store) for order in orders]
-        logits = self.head.scores(texts, n)
-        if len(orders) == 1:
-            scores = logits[0]
-        else:
-            per_candidate = np.zeros((len(orders), n))
-            for row, order in enumerate(orders):
-                per_candidate[row, order] = log_softmax(logits[row])
-            scores = per_candidate.mean(axis=0)
-        ranking = [task.candidates[i] for i in rank_from_scores(scores)]
-        return HeadAnswer(ranking=ranking, scores=scores.tolist(), shown=list(task.candidates),
-                          passes=len(orders), prompt_tokens=sum(map(self.head.count, texts)))
+    def answer_many(self, tasks: Sequence[Task]) -> list[HeadAnswer]:
+        """Fast-mode answers of several tasks from one batched forward pass over all
+        their prompts (each task's scores as alone, up to float rounding: its prompt is
+        left-padded with positions from its own first token)."""
+        started = time.perf_counter()
+        answers = self._fast(tasks)
+        seconds = time.perf_counter() - started
+        for answer in answers:
+            answer.seconds = seconds
+        return answers
+
+    def _fast(self, tasks: Sequence[Task]) -> list[HeadAnswer]:
+        plans = []
+        for task in tasks:
+            n = len(task.candidates)
+            orders = shuffle_orders(n, self.shuffles, self.seed, task.task_id)
+            texts = [self.head.prompt(replace(task, candidates=[task.candidates[i] for i in order]),
+                                      self.store) for order in orders]
+            plans.append((task, orders, texts))
+        if not plans:
+            return []
+        n_most = max(len(task.candidates) for task in tasks)
+        logits = self.head.scores([text for _, _, texts in plans for text in texts], n_most)
+        answers, row = [], 0
+        for task, orders, texts in plans:
+            n = len(task.candidates)
+            own = logits[row: row + len(orders), :n]
+            row += len(orders)
+            if len(orders) == 1:
+                scores = own[0]
+            else:
+                per_candidate = np.zeros((len(orders), n))
+                for k, order in enumerate(orders):
+                    per_candidate[k, order] = log_softmax(own[k])
+                scores = per_candidate.mean(axis=0)
+            ranking = [task.candidates[i] for i in rank_from_scores(scores)]
+            answers.append(HeadAnswer(ranking=ranking, scores=scores.tolist(),
+                                      shown=list(task.candidates), passes=len(orders),
+                                      prompt_tokens=sum(map(self.head.count, texts))))
+        return answers
 
     def _reason(self, task: Task) -> HeadAnswer:
         from starrec.trajectories.format import RECOMMEND, closed, open_tag, pending_tag
