@@ -18,3 +18,10 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: s
     interactive = sys.stderr.isatty()
     return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not enabled,
                 initial=initial, mininterval=0.1 if interactive else 10.0, dynamic_ncols=True)
+
+
+def progress_bar(desc: str, total: int | None = None, unit: str = "it", enabled: bool = True,
+                 initial: int = 0) -> tqdm:
+    """A bar advanced by hand (`update`, `set_postfix`), for loops that run elsewhere (a
+    trainer's callbacks), redrawn like `progress`."""
+    return progress((), desc, total=total, unit=unit, enabled=enabled, initial=initial)  # type: ignore[return-value]

@@ -3,7 +3,8 @@
 A Typer sub-app, registered by `starrec.cli.main` (`app.add_typer(distill.app,
 name="distill")`). Shared helpers of main.py are imported inside the commands, so either
 module can import the other first. Command options override the config (`--config`,
-`--set sft.key=value`); everything else comes from the `sft` section.
+`--set sft.key=value`); everything else comes from the `sft` section (`grpo` for
+`star distill grpo`, `rank.` overrides for `star distill rank`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from starrec.cli.options import ColumnsOption, ConfigOption, SetOption
+from starrec.cli.options import ColumnsOption, ConfigOption, SetOption, choice
 from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
+from starrec.config import GRPO_PRESETS
 
 app = typer.Typer(help="Distil teacher trajectories into a single student model.",
                   no_args_is_help=True)
@@ -177,4 +179,78 @@ def rank(
     if result.eval_metrics:
         valid_hr = f", valid AvgHR {result.eval_metrics['AvgHR']:.1f}"
     typer.echo(f"rank: {result.global_step} steps{resumed}, {loss}{valid_hr}, "
+               f"{result.seconds:.0f} s -> {out}")
+
+
+PRESETS = tuple(GRPO_PRESETS)
+
+
+@app.command("grpo")
+def grpo(
+    out: Annotated[Path, typer.Option(help="Student model folder to write.")],
+    model: Annotated[Optional[str], typer.Option(
+        help="The student to improve: an SFT student folder (its star_model.json gives the "
+        "format), or any model spec. Default: grpo.base_model.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="Dataset whose prepared train tasks are the prompts (valid-200 for the valid "
+        "curve). Default: data.dataset.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help="Optimizer steps. Default: grpo.steps.")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        callback=choice(PRESETS), metavar="[cpu|gpu]",
+        help="Named grpo values, applied over --config and under --set: cpu (the defaults) "
+        "or gpu (the paper's: group 8, lr 1e-6, KL 0.001, temperature 0.7, full fine-tune, "
+        "vLLM generation).")] = None,
+    full: Annotated[bool, typer.Option(help="Full fine-tune instead of LoRA.")] = False,
+    no_valid: Annotated[bool, typer.Option(
+        help="No valid-200 AvgHR curve (faster; nothing to choose a checkpoint by).")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from the latest checkpoint in OUT/checkpoints.")] = False,
+    columns: ColumnsOption = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Improve a student with GRPO (DESIGN.md 3.6): each step samples grpo.group_size real
+    student passes per train prompt on the live weights (CST tool calls answered from the
+    train store mid-generation, tool responses out of the loss), rewards each with its
+    outcome (1, 2/3, 1/3, 0 for the target at rank 1, within 3, within 5) plus its format
+    (+1 well formed as written, -1 otherwise), and takes a TRL GRPO step. Writes OUT, which
+    `star eval --system star --model OUT` loads, with curves.json / curves.png (reward,
+    format rate, KL, valid AvgHR) and checkpoints that --resume continues from. Any field
+    of TRL's GRPOConfig is reachable as --set grpo.trl.FIELD=VALUE.
+
+    Example:
+      star distill grpo --model runs/student --out runs/student-grpo --max-steps 40 \\
+        --set grpo.group_size=4 --set grpo.trl.scale_rewards=false
+    """
+    from starrec.config import preset_overrides
+    from starrec.data.errors import DataError
+    from starrec.data.prepared import load_task_set, prepared_tasks
+    from starrec.data.registry import load_dataset
+    from starrec.llm.base import LLMError
+    from starrec.training.grpo import train_grpo_on_dataset
+
+    derived = [f"grpo.{key}={value}" for key, value in
+               {"base_model": model, "steps": max_steps,
+                "lora": False if full else None}.items() if value is not None]
+    cfg = _config(config, [*preset_overrides(preset or "cpu"), *(set_ or []), *derived], columns)
+    try:
+        spec = dataset or cfg.data.dataset
+        loaded = load_dataset(spec, cfg.data.source, cfg.data.columns)
+        folder = prepared_tasks(spec, cfg.data.source, cfg.data.seed, dataset=loaded)
+        train = load_task_set(folder / "train.jsonl", loaded)
+        valid = [] if no_valid else load_task_set(folder / "valid-200.jsonl", loaded)
+        result = train_grpo_on_dataset(loaded, train, out, cfg, valid_tasks=valid, name=spec,
+                                       resume=resume)
+    except (DataError, FileExistsError, FileNotFoundError, LLMError, KeyError,
+            ValueError) as error:
+        raise _fail(error) from None
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    reward = "no reward logged" if result.reward is None else f"reward {result.reward:.3f}"
+    valid_hr = ""
+    if result.valid and result.valid_start:
+        valid_hr = (f", valid AvgHR {result.valid['AvgHR']:.1f} (step "
+                    f"{result.valid_start['step']}: {result.valid_start['AvgHR']:.1f}, "
+                    f"{result.valid['n_tasks']} tasks)")
+    typer.echo(f"grpo: {result.global_step} steps{resumed}, {reward}{valid_hr}, "
                f"{result.seconds:.0f} s -> {out}")

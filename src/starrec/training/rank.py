@@ -43,12 +43,14 @@ from starrec.inference.rank_head import RankHead, RankHeadSystem
 from starrec.labels import candidate_labels
 from starrec.llm.card import HeadSpec, ModelCard, read_model_card, write_model_card
 from starrec.progress import progress
+from starrec.training.reward import FORMAT_GOOD, outcome_rewards
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
-FORMAT_REWARD = 1.0  # DESIGN.md 3.6: a head's ranking is always a valid permutation
+# DESIGN.md 3.6: a head's ranking is always a valid permutation
+FORMAT_REWARD = FORMAT_GOOD
 
 
 class RankSettings(FineTuneSettings):
@@ -116,12 +118,12 @@ def plackett_luce_log_prob(scores: Any, perms: Any) -> Any:
 
 def outcome_reward(ranks: Any) -> Any:
     """DESIGN.md 3.6 for 1-based target ranks: format (+1, a head is always valid) plus
-    1, 2/3, 1/3, 0 for rank 1, within 3, within 5, elsewhere."""
+    the outcome tiers of `starrec.training.reward` (1, 2/3, 1/3, 0 for rank 1, within 3,
+    within 5, elsewhere)."""
     import torch
 
-    outcome = torch.where(ranks <= 1, 1.0, torch.where(ranks <= 3, 2 / 3,
-                                                       torch.where(ranks <= 5, 1 / 3, 0.0)))
-    return FORMAT_REWARD + outcome.double()
+    outcome = torch.from_numpy(outcome_rewards(ranks.detach().cpu().numpy()))
+    return FORMAT_REWARD + outcome.to(ranks.device)
 
 
 def target_ranks(perms: Any, targets: Any) -> Any:

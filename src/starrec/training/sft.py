@@ -97,7 +97,7 @@ def trainer_args(settings: SFTSettings, out: Path, has_eval: bool, show_progress
     from trl import SFTConfig
 
     gpu = torch.cuda.is_available()
-    return SFTConfig(
+    built = dict(
         output_dir=str(out / CHECKPOINTS),
         learning_rate=settings.lr,
         num_train_epochs=settings.epochs,
@@ -121,6 +121,8 @@ def trainer_args(settings: SFTSettings, out: Path, has_eval: bool, show_progress
         seed=settings.seed,
         disable_tqdm=not show_progress,
     )
+    # `sft.trl` (keys checked against SFTConfig when the settings were read) goes last
+    return SFTConfig(**{**built, **settings.trl})
 
 
 def last_checkpoint(out: Path) -> str | None:

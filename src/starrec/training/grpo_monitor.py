@@ -1,0 +1,221 @@
+"""What a long GRPO run shows and leaves behind: a progress bar, the valid curve, curves.
+
+Three `transformers.TrainerCallback`s for `starrec.training.grpo`:
+
+- `ProgressCallback`: one bar over the optimizer steps with the mean reward and the
+  seconds per step (TRL's own bar is off);
+- `ValidCallback`: AvgHR, HR@1, the format rate and the shown-order identity of greedy
+  student passes on a fixed subset of valid-200 (the first `grpo.valid_tasks`) with the
+  live weights, at step 0 and every `grpo.eval_steps` steps. Its points go into the
+  trainer state's log history, so a checkpoint keeps them and a resumed run goes on
+  from them;
+- `CurveCallback`: `curves.json` and `curves.png` in the output folder after every
+  checkpoint and at the end, read from that log history: mean and spread of the reward,
+  the outcome and the format rate, the KL to the starting model, the valid AvgHR
+  against its step-0 value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import TrainerCallback
+
+from starrec.config import StudentConfig, StudentFormatConfig
+from starrec.core import Task
+from starrec.cst.store import EvidenceStore
+from starrec.progress import progress_bar
+from starrec.training.reward import outcome_reward
+from starrec.training.rollout import Rollout, Sampler, live_sampler, run_passes
+
+log = logging.getLogger(__name__)
+
+VALID = "valid/"  # prefix of the valid metrics in the log history
+CURVES_JSON = "curves.json"
+CURVES_PNG = "curves.png"
+
+
+def valid_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """AvgHR and HR@1 (x100, DESIGN.md 3.4) of passes, the share well formed as written
+    (the format reward's verdict) and the share that returned the shown order."""
+    ranks = [r.rank for r in rollouts]
+    shown = [r.answer.completed.ranking == list(r.task.candidates) for r in rollouts]
+    return {"AvgHR": 100 * float(np.mean([outcome_reward(k) for k in ranks])),
+            "HR@1": 100 * float(np.mean([k == 1 for k in ranks])),
+            "format_rate": 100 * float(np.mean([r.verdict.well_formed for r in rollouts])),
+            "shown_order_identity": 100 * float(np.mean(shown)),
+            "n_tasks": len(rollouts)}
+
+
+def evaluate_valid(sampler: Sampler, tasks: Sequence[Task], store: EvidenceStore,
+                   fmt: StudentFormatConfig, student: StudentConfig, *,
+                   plan_choices: Sequence[str] = (), reflection_cap: int | None = None
+                   ) -> dict[str, float]:
+    """`valid_metrics` of one pass per task, decoded as `student` says (greedy by
+    default, as `star eval` does)."""
+    rollouts = run_passes(sampler, [(task, student.seed or 0) for task in tasks], store, fmt,
+                          student, concurrent=getattr(sampler, "concurrent", False),
+                          plan_choices=plan_choices, reflection_cap=reflection_cap)
+    return valid_metrics(rollouts)
+
+
+class ValidCallback(TrainerCallback):
+    """The valid curve (module docstring). `trainer` is set once the trainer exists."""
+
+    def __init__(self, tasks: Sequence[Task], store: EvidenceStore, fmt: StudentFormatConfig,
+                 student: StudentConfig, every: int, *, plan_choices: Sequence[str] = (),
+                 reflection_cap: int | None = None) -> None:
+        self.tasks = list(tasks)
+        self.store = store
+        self.fmt = fmt
+        self.student = student
+        self.every = every
+        self.plan_choices = plan_choices
+        self.reflection_cap = reflection_cap
+        self.trainer: Any = None
+
+    def _evaluate(self, state: Any) -> None:
+        trainer = self.trainer
+        started = time.perf_counter()
+        if getattr(trainer, "use_vllm", False):  # the engine holds the weights of the last rollout
+            trainer.vllm_generation.sync_weights()
+            trainer._last_loaded_step = state.global_step
+        with live_sampler(trainer) as sampler:
+            metrics = evaluate_valid(sampler, self.tasks, self.store, self.fmt, self.student,
+                                     plan_choices=self.plan_choices,
+                                     reflection_cap=self.reflection_cap)
+        entry = {"step": state.global_step, **{VALID + k: v for k, v in metrics.items()},
+                 VALID + "seconds": round(time.perf_counter() - started, 1)}
+        state.log_history.append(entry)
+        log.info("grpo: step %d, valid AvgHR %.1f, format rate %.0f%% (%d tasks, %.0f s)",
+                 state.global_step, metrics["AvgHR"], metrics["format_rate"],
+                 metrics["n_tasks"], entry[VALID + "seconds"])
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        done = any(VALID + "AvgHR" in e and e["step"] == 0 for e in state.log_history)
+        if self.every and self.tasks and state.global_step == 0 and not done:
+            self._evaluate(state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step = state.global_step
+        if self.every and self.tasks and (step % self.every == 0 or step == state.max_steps):
+            self._evaluate(state)
+
+
+class ProgressCallback(TrainerCallback):
+    """One bar over the optimizer steps: mean reward and seconds per step."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.last = 0.0
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar = progress_bar("grpo", total=state.max_steps, unit="step",
+                                enabled=self.enabled, initial=state.global_step)
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self.postfix["s/step"] = f"{now - self.last:.0f}"
+        self.last = now
+        self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(1)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        if logs and logs.get("reward") is not None:
+            self.postfix["reward"] = f"{logs['reward']:.2f}"
+            if logs.get("rewards/format/mean") is not None:
+                self.postfix["format"] = f"{(logs['rewards/format/mean'] + 1) / 2:.0%}"
+            if self.bar is not None:  # a step is logged after its bar update
+                self.bar.set_postfix(self.postfix)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def curves(log_history: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The train and valid curves of a trainer's log history."""
+    train = []
+    for entry in log_history:
+        if entry.get("reward") is None:
+            continue
+        form = entry.get("rewards/format/mean")
+        train.append({"step": entry["step"], "reward": entry["reward"],
+                      "reward_std": entry.get("reward_std"),
+                      "outcome": entry.get("rewards/outcome/mean"),
+                      "format_rate": None if form is None else (form + 1) / 2,
+                      "kl": entry.get("kl"), "step_time": entry.get("step_time"),
+                      "completion_length": entry.get("completions/mean_length")})
+    valid = [{"step": e["step"], **{k[len(VALID):]: v for k, v in e.items() if k.startswith(VALID)}}
+             for e in log_history if VALID + "AvgHR" in e]
+    return {"train": train, "valid": valid}
+
+
+def _points(points: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    kept = [p for p in points if p.get(key) is not None]
+    return [p["step"] for p in kept], [p[key] for p in kept]
+
+
+def write_curves(curve: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    """curves.json and curves.png (matplotlib's Agg canvas: no display, no global backend)."""
+    from matplotlib.figure import Figure
+
+    (out / CURVES_JSON).write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
+    figure = Figure(figsize=(10, 7))
+    panels = figure.subplots(2, 2).ravel()
+    train, valid = curve["train"], curve["valid"]
+    steps, mean = _points(train, "reward")
+    if steps:
+        spread = np.array([p.get("reward_std") or 0.0 for p in train
+                           if p.get("reward") is not None])
+        panels[0].plot(steps, mean, label="reward (mean)")
+        panels[0].fill_between(steps, np.array(mean) - spread, np.array(mean) + spread, alpha=0.2,
+                               label="± std within the batch")
+        panels[0].plot(*_points(train, "outcome"), label="outcome (per-task AvgHR)")
+    panels[0].set_title("reward = format + outcome")
+    panels[1].plot(*_points(train, "format_rate"))
+    panels[1].set_title("format rate (well formed as written)")
+    panels[1].set_ylim(-0.05, 1.05)
+    panels[2].plot(*_points(train, "kl"))
+    panels[2].set_title("KL to the starting model")
+    steps, hr = _points(valid, "AvgHR")
+    if steps:
+        panels[3].plot(steps, hr, marker="o")
+        panels[3].axhline(hr[0], linestyle="--", color="grey",
+                          label=f"step {steps[0]}: {hr[0]:.1f}")
+        panels[3].legend()
+    n = valid[-1].get("n_tasks") if valid else None
+    panels[3].set_title(f"valid AvgHR ({n} tasks of valid-200)" if n else "valid AvgHR")
+    for axes in panels:
+        axes.set_xlabel("optimizer step")
+    if train:
+        panels[0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out / CURVES_PNG, dpi=100)
+
+
+class CurveCallback(TrainerCallback):
+    """curves.json / curves.png in `out` after every checkpoint and at the end."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def _write(self, args: Any, state: Any) -> None:
+        if state.is_world_process_zero:
+            write_curves(curves(state.log_history), self.out)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._write(args, state)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._write(args, state)
