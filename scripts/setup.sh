@@ -39,7 +39,7 @@ if [ "$(cat "$marker" 2>/dev/null)" != "$wheel" ]; then
   pip install -q --force-reinstall --no-deps "$wheel"
   echo "$wheel" > "$marker"
 fi
-pip install -q -e ".[dev,llm,train,llamacpp,scale,spark,serve]"
+pip install -q -e ".[dev,llm,train,llamacpp,llamaserver,scale,spark,serve]"
 
 # Wheels used only for the files they carry. Their own dependency pins are broken or
 # heavy (recbole pins old numpy/torch), so they go in without dependencies:

@@ -73,7 +73,7 @@ def test_cst_show_numbers_candidates_as_the_teacher_sees_them(tmp_path, monkeypa
     result = runner.invoke(app, ["cst", "show", "--task", "test-u3", "--dataset", str(data),
                                  "--set", "cst.content=false", "--set", "mars.candidate_order=cst"])
     assert result.exit_code == 0, result.output
-    (store_path,) = (tmp_path / "home" / "cst").glob("*.sqlite")
+    (store_path,) = (tmp_path / "home" / "cst").glob("*-test-*.sqlite")  # beside it: valid's
     store = EvidenceStore(store_path)
     (folder,) = (tmp_path / "home" / "data" / "shop").glob("*-seed0-*")
     (task,) = [t for t in load_tasks(folder / "test.jsonl") if t.task_id == "test-u3"]

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("core",),  # Task, Recommendation, System, Recommender, tool calls, resource loading
     ("data",),
     ("config",),  # validates data column mappings (starrec.data.generic)
+    ("latent",),  # SASRec, ALS: models the CST stores as signals and the baselines evaluate
     ("cst",),
     ("baselines", "llm"),
     ("trajectories",),  # teacher runs and the student's language

@@ -34,11 +34,16 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     monkeypatch.setattr(models, "load_chat_model", load)
     monkeypatch.setattr("starrec.cli.teach._load_model", load)
     fitted = []
-    from starrec.evaluation import runner
+    from starrec import experiment
 
-    real_fit = runner.evaluate_baseline
-    monkeypatch.setattr(runner, "evaluate_baseline",
-                        lambda name, *a, **k: (fitted.append(name), real_fit(name, *a, **k))[1])
+    real_evaluate = experiment.evaluate
+
+    def evaluate(name, *a, **k):  # the rankers (baselines and cst) the pipeline fits
+        if isinstance(name, str) and name in experiment.RANKER_SYSTEMS:
+            fitted.append(name)
+        return real_evaluate(name, *a, **k)
+
+    monkeypatch.setattr(experiment, "evaluate", evaluate)
     out = tmp_path / "run"
     args = ["pipeline", "--dataset", str(data), "--systems", "pop,cst", "--teacher-tasks", "4",
             "--llm-eval-tasks", "2", "--model", "fake-teacher", "--out", str(out),

@@ -7,11 +7,12 @@ and a misspelt one always is.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from starrec.labels import LabelStyle
 
@@ -67,7 +68,7 @@ class SASRecConfig(Strict):
     dropout: float = 0.2
     lr: float = 1e-3
     batch_size: int = 128
-    epochs: int = 50  # chosen on validation tasks: benchmarks/sasrec_epochs.py
+    epochs: int = 50  # baselines.sasrec: chosen on validation tasks (benchmarks/sasrec_epochs.py)
     seed: int = 0
 
 
@@ -92,6 +93,23 @@ class CSTConfig(Strict):
     weight_similar_users: float = 1.0
     weight_popularity: float = 0.5
     weight_content: float = 0.1
+    # latent CF models as signals (score and rank of each candidate for the user's next
+    # item), fitted at build time on exactly the store's interactions and kept in it
+    latent: bool = True
+    # a store is built per split, and the test store's ranker needs the valid store too
+    latent_sasrec: SASRecConfig = SASRecConfig(epochs=20)  # fewer epochs: a quick build
+    latent_als: ALSConfig = ALSConfig()
+    # the `cst` ranker: learned = LightGBM LambdaRank over the evidence features, fitted
+    # on the tasks of the split before the store's (test <- valid, valid <- train; a
+    # train store has none before it and ranks with the weights above); manual = the
+    # weights above (also the `cst-manual` system). Not part of the store's version.
+    ranker: Literal["learned", "manual"] = "learned"
+    ranker_trees: int = 300  # at most; early stopping on held-out fit users picks fewer
+    ranker_leaves: int = 15
+    ranker_learning_rate: float = 0.05
+    ranker_min_data: int = 20  # rows per leaf at least
+    ranker_holdout: float = 0.2  # share of the fit users that choose the number of trees
+    ranker_seed: int = 0
     # how the store is computed (not part of its version: both engines write the same
     # store): memory = sparse matrices in this process, fastest while the log fits in
     # RAM; duckdb = the counts as SQL over Parquet, out of core (`pip install .[scale]`)
@@ -110,11 +128,19 @@ class LLMConfig(Strict):
 
     backend: Literal["auto", "transformers", "llamacpp", "openai"] = "auto"
     model: str = "smollm2"  # smollm2 | local folder | hub id | .gguf file | http(s)://host:port/v1
-    base_url: str | None = None  # OpenAI-compatible server; `model` is then the served name
+    # OpenAI-compatible server(s), requests spread over them (starrec.llm.endpoints);
+    # `model` is then the served name
+    base_url: list[str] | None = None  # a URL, a list, or "url1,url2"
+    # the name the server serves the model under (`vllm serve runs/student` serves it as
+    # runs/student)
+    served_model: str | None = None  # None: the model spec
     api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key, never the key
     timeout_s: float = 120.0
-    max_retries: int = 3  # on timeouts, 5xx and connection errors, with exponential backoff
-    concurrency: int = 8  # parallel requests to a server
+    max_retries: int = 3  # on timeouts, 429, 5xx and connection errors
+    backoff_s: float = 0.5  # first retry's wait, doubled per retry; a server's Retry-After wins
+    endpoint_cooldown_s: float = 10.0  # an endpoint that failed is tried again after this
+    # teach, eval and pipeline with a served model; in-process engines run one task at a time
+    concurrency: int = 1  # tasks in flight at once
     # server-side constrained decoding: vllm (>=0.12 structured_outputs), vllm-legacy
     # (guided_*), llamacpp (llama.cpp server grammar/json_schema) or none
     guided: Literal["none", "vllm", "vllm-legacy", "llamacpp"] = "none"
@@ -129,6 +155,23 @@ class LLMConfig(Strict):
     chat_template: str | None = None
     max_tokens: int = 512
     temperature: float = 0.0
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _base_urls(cls, value: Any) -> Any:
+        """One URL, a comma-separated string of them, or a list; empty means none."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list):
+            return [str(url).strip() for url in value if str(url).strip()] or None
+        return value
+
+    @field_validator("concurrency")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
 
 
 class MarsTokens(Strict):
@@ -190,6 +233,43 @@ class TrajectoryFilterConfig(Strict):
     seed: int = 0
 
 
+# TRL config fields STAR sets itself and a `trl:` passthrough may not replace: the
+# checkpoint folder is where `--resume` looks
+TRL_RESERVED = frozenset({"output_dir"})
+
+
+@lru_cache(maxsize=None)
+def trl_fields(config_class: str) -> frozenset[str]:
+    """The field names of TRL's config dataclass `config_class` (SFTConfig, GRPOConfig)."""
+    import dataclasses
+
+    import trl
+
+    return frozenset(field.name for field in dataclasses.fields(getattr(trl, config_class)))
+
+
+def check_trl_options(options: dict[str, Any], config_class: str) -> dict[str, Any]:
+    """`options` if every key is a field of `trl.<config_class>` that STAR does not own;
+    ValueError naming the unknown keys (with the nearest field names) otherwise. TRL is
+    imported only when there is something to check."""
+    if not options:
+        return options
+    import difflib
+
+    known = trl_fields(config_class)
+    problems = []
+    for key in sorted(set(options) - known):
+        near = difflib.get_close_matches(key, sorted(known), n=3)
+        problems.append(f"{key!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    if problems:
+        raise ValueError(f"not fields of trl.{config_class}: {'; '.join(problems)}")
+    reserved = sorted(set(options) & TRL_RESERVED)
+    if reserved:
+        raise ValueError(f"{reserved} of trl.{config_class} is set by STAR (the output folder "
+                         "is --out)")
+    return options
+
+
 class FineTuneSettings(Strict):
     """What every fine-tune of a base model shares: the model and LoRA or full weights."""
 
@@ -223,6 +303,14 @@ class SFTSettings(FineTuneSettings):
     seed: int = 0
     format: StudentFormatConfig = StudentFormatConfig()
     filter: TrajectoryFilterConfig = TrajectoryFilterConfig()
+    trl: dict[str, Any] = Field({}, description=(
+        "any field of trl.SFTConfig, applied over what the settings above build (e.g. "
+        "--set sft.trl.lr_scheduler_type=constant); unknown keys are refused"))
+
+    @field_validator("trl")
+    @classmethod
+    def _trl_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_trl_options(value, "SFTConfig")
 
     @property
     def lr(self) -> float:
@@ -233,6 +321,136 @@ class SFTSettings(FineTuneSettings):
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-3 if self.lora else 2e-5
+
+
+class GRPOSettings(FineTuneSettings):
+    """`star distill grpo` (DESIGN.md 3.6): GRPO of a student on train tasks with TRL's
+    GRPOTrainer, each rollout a real student pass with its tool calls answered from the
+    train store.
+
+    The defaults are the CPU preset (`--preset cpu`), sized so that a 135M student moves
+    within hours on 2 cores: a step is `prompts_per_step` x `group_size` passes of up to
+    `max_completion_length` tokens decoded one after another, a few minutes here. They are
+    starting values, each to be chosen by a measurement on train tasks or valid-200, never
+    on eval-200 (DESIGN.md 3.2): `group_size` by the share of groups whose rewards all tie
+    (TRL's frac_reward_zero_std: such a group teaches nothing) against the seconds per
+    step; `learning_rate` by the weight change per step (benchmarks/weight_change.py) and
+    the reward and valid curves (a rising reward with a falling valid AvgHR is too high);
+    `steps`, `eval_steps` and `valid_tasks` by the hours a run may take. `--preset gpu`
+    (configs/grpo-gpu.yaml) holds the paper's values: group 8, learning rate 1e-6, KL
+    0.001, temperature 0.7, full fine-tune, vLLM generation."""
+
+    base_model: str = "smollm2"  # the student to improve: an SFT student folder (its card gives the format)
+    lora_dropout: float = 0.0  # rollouts decode without dropout; the trained pass should be the same model
+    learning_rate: float | None = None  # None: 5e-5 with LoRA, 1e-6 (the paper's) for a full fine-tune
+    group_size: int = 4  # completions per prompt (G); the paper's 8 doubles a CPU step
+    prompts_per_step: int = 1  # prompts per optimizer step (and process, under accelerate): prompts_per_step x group_size passes
+    micro_batch: int | None = None  # passes per forward/backward (TRL's per_device_train_batch_size); None: a group
+    temperature: float = 0.7  # sampling temperature of the rollouts (the paper's)
+    beta: float = 0.001  # KL coefficient to the starting model (the paper's); 0 drops the reference pass
+    max_completion_length: int = Field(768, description=(
+        "the student's own tokens per rollout pass (tool responses not counted), as "
+        "student.max_new_tokens at inference: equal, a rollout is an inference pass"))
+    steps: int = 40  # optimizer steps
+    warmup: float = 0.0  # fraction of the steps
+    save_steps: int = 2  # checkpoint every N steps (resume restarts from the latest)
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    eval_steps: int = 10  # valid AvgHR every N steps, and at step 0; 0: never
+    valid_tasks: int = Field(20, description=(
+        "the first N tasks of valid-200 the valid curve answers (greedy passes, as `star "
+        "eval`); each costs a student pass"))
+    train_tasks: int | None = Field(None, description=(
+        "training prompts drawn from the train split by difficulty_ratio; None: as many "
+        "as the ratio allows"))
+    difficulty_ratio: list[int] = Field([3, 4, 3], description=(
+        "easy : medium : hard, the difficulty being the target's rank under the cst ranker"))
+    difficulty_bounds: list[int] = Field([3, 10], description=(
+        "easy: cst rank <= the first, medium: <= the second, hard: beyond"))
+    candidate_order: CandidateOrder = Field("presented", description=(
+        "the order rollouts show the candidates in (DESIGN.md 3.7): presented (the task "
+        "file's shuffled order) or cst (secondary); written into the card"))
+    learn_masked: bool = Field(True, description=(
+        "loss on the tokens sampled under a mask too (a choice among the format's options, "
+        "a repaired call or list); False: the student's free text only"))
+    use_vllm: bool = False  # generate with vLLM (GPU): every pass of a step in one batched engine
+    vllm_mode: Literal["colocate", "server"] = "colocate"  # colocate: vLLM in the training process
+    gradient_checkpointing: bool = False  # GPUs only; always off on CPU
+    seed: int = 0
+    trl: dict[str, Any] = Field({}, description=(
+        "any field of trl.GRPOConfig, applied over what the settings above build (e.g. "
+        "--set grpo.trl.scale_rewards=false); unknown keys are refused"))
+
+    @field_validator("trl")
+    @classmethod
+    def _trl_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_trl_options(value, "GRPOConfig")
+
+    @field_validator("difficulty_ratio")
+    @classmethod
+    def _ratio(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or min(value) < 0 or sum(value) == 0:
+            raise ValueError("needs three non-negative weights (easy, medium, hard), not all 0")
+        return value
+
+    @field_validator("difficulty_bounds")
+    @classmethod
+    def _bounds(cls, value: list[int]) -> list[int]:
+        if len(value) != 2 or not 1 <= value[0] < value[1]:
+            raise ValueError("needs two ranks 1 <= easy < medium")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError("GRPO compares completions within a group: at least 2")
+        return value
+
+    @property
+    def lr(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 5e-5 if self.lora else 1e-6
+
+    @model_validator(mode="after")
+    def _batches(self) -> GRPOSettings:
+        passes = self.prompts_per_step * self.group_size
+        if self.prompts_per_step < 1 or self.batch < 1 or passes % self.batch:
+            raise ValueError(f"micro_batch={self.batch} must divide the {passes} passes "
+                             "of a step (prompts_per_step x group_size)")
+        return self
+
+    @property
+    def batch(self) -> int:
+        """Passes per forward/backward: `micro_batch`, else one group."""
+        return self.micro_batch if self.micro_batch is not None else self.group_size
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.prompts_per_step * self.group_size // self.batch
+
+
+# Named sets of `grpo` values (`star distill grpo --preset NAME`), applied over the config
+# file and under --set. cpu: the defaults. gpu: the paper's values (group 8, lr 1e-6, KL
+# 0.001, temperature 0.7) with a full fine-tune and vLLM generation; configs/grpo-gpu.yaml
+# holds the same values.
+GRPO_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "gpu": {"lora": False, "learning_rate": 1e-6, "group_size": 8, "temperature": 0.7,
+            "beta": 0.001, "use_vllm": True, "prompts_per_step": 16,
+            "steps": 500, "save_steps": 25, "eval_steps": 25, "valid_tasks": 200,
+            "gradient_checkpointing": True},
+}
+
+
+def preset_overrides(name: str) -> list[str]:
+    """The `--set` overrides of GRPO preset `name`; ValueError for an unknown name."""
+    if name not in GRPO_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(GRPO_PRESETS)}")
+    return [f"grpo.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in GRPO_PRESETS[name].items()]
 
 
 class StudentConfig(Strict):
@@ -283,6 +501,7 @@ class StarConfig(Strict):
     llm: LLMConfig = LLMConfig()
     mars: MarsConfig = MarsConfig()
     sft: SFTSettings = SFTSettings()
+    grpo: GRPOSettings = GRPOSettings()
     student: StudentConfig = StudentConfig()
     pipeline: PipelineConfig = PipelineConfig()
 

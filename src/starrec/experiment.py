@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 # nothing here: the registry module imports no model code)
 from starrec.baselines.registry import BASELINES as BASELINE_SYSTEMS  # noqa: E402
 from starrec.baselines.registry import RANKERS as RANKER_SYSTEMS  # noqa: E402
+from starrec.baselines.registry import CST_RANKERS as CST_SYSTEMS  # noqa: E402
 
 LLM_SYSTEMS = ("mars", "star")
 SYSTEMS = (*RANKER_SYSTEMS, *LLM_SYSTEMS)
@@ -192,10 +193,13 @@ def load_task_set(dataset: str | Dataset = "ml-100k", config: StarConfig | None 
 
 
 def evidence_store_path(task_set: TaskSet, config: StarConfig | None = None, *,
-                        out: str | Path | None = None, progress: bool = True) -> Path:
+                        out: str | Path | None = None, progress: bool = True,
+                        fit_ranker: bool = True) -> Path:
     """The evidence store serving exactly this task set (DESIGN.md 3.3), built if needed:
     each task user's interactions only up to the task's cutoff, checked to hold no task's
-    target nor anything after it before anything is built (LeakError)."""
+    target nor anything after it before anything is built (LeakError). With
+    `cst.ranker: learned` (and `fit_ranker`), the store also gets its learned ranker
+    (`_fit_learned_ranker`)."""
     from starrec.cst.store import ensure_store
     from starrec.data.registry import dataset_slug
     from starrec.data.splits import check_no_leak, task_interactions
@@ -207,17 +211,40 @@ def evidence_store_path(task_set: TaskSet, config: StarConfig | None = None, *,
     split = splits[0]
     allowed = task_interactions(task_set.dataset, task_set.tasks, split)
     check_no_leak(task_set.tasks, allowed, where=f"evidence store of the {split} tasks")
-    return ensure_store(allowed, task_set.dataset.items, cfg.cst,
+    path = ensure_store(allowed, task_set.dataset.items, cfg.cst,
                         dataset=dataset_slug(task_set.spec), split=split,
                         path=Path(out) if out is not None else None, progress=progress)
+    if fit_ranker and cfg.cst.ranker == "learned":
+        _fit_learned_ranker(task_set, cfg, path, progress)
+    return path
+
+
+def _fit_learned_ranker(task_set: TaskSet, cfg: StarConfig, path: Path, progress: bool) -> None:
+    """The learned cst ranker of the store at `path` (`starrec.cst.learned`), fitted once
+    on every task of the split before the store's (valid for a test store, train for a
+    valid store; never test tasks), each with its features from the store serving that
+    split, which never saw its targets. A train store has no split before it."""
+    from starrec.cst.learned import RANKER_FIT_SPLIT, ensure_learned_ranker
+
+    fit_split = RANKER_FIT_SPLIT.get(task_set.split)
+    if fit_split is None:
+        return
+    fit_set = load_task_set(task_set.dataset, cfg, split=fit_split, spec=task_set.spec)
+    fit_store = evidence_store(fit_set, cfg, progress=progress, fit_ranker=False)
+    try:
+        ensure_learned_ranker(path, fit_store, fit_set.tasks, cfg.cst, progress=progress)
+    finally:
+        fit_store.close()
 
 
 def evidence_store(task_set: TaskSet, config: StarConfig | None = None, *,
-                   out: str | Path | None = None, progress: bool = True) -> EvidenceStore:
+                   out: str | Path | None = None, progress: bool = True,
+                   fit_ranker: bool = True) -> EvidenceStore:
     """The evidence store of `task_set`, opened (`evidence_store_path` builds it)."""
     from starrec.cst.store import EvidenceStore
 
-    return EvidenceStore(evidence_store_path(task_set, config, out=out, progress=progress))
+    return EvidenceStore(evidence_store_path(task_set, config, out=out, progress=progress,
+                                             fit_ranker=fit_ranker))
 
 
 def make_system(name: str, task_set: TaskSet, config: StarConfig | None = None,
@@ -225,7 +252,8 @@ def make_system(name: str, task_set: TaskSet, config: StarConfig | None = None,
                 chat_model: ChatModel | None = None,
                 writer: TrajectoryWriter | None = None) -> System:
     """System `name` bound to `task_set`: a baseline fitted on what the set's split
-    allows (leak-checked against its tasks); `cst` over the set's evidence store; the
+    allows (leak-checked against its tasks); `cst` (the store's learned ranker) or
+    `cst-manual` (the hand-set weights) over the set's evidence store; the
     `mars` teacher or a `star` student (`model`: a student folder, whose card gives the
     format it was trained on) reading that store.
 
@@ -244,11 +272,12 @@ def make_system(name: str, task_set: TaskSet, config: StarConfig | None = None,
         fit_recommender(recommender, task_set.dataset, task_set.split, task_set.tasks)
         return RecommenderSystem(recommender)
     store = store if store is not None else evidence_store(task_set, cfg)
-    if name == "cst":
-        from starrec.cst.ranker import CSTRanker
+    if name in CST_SYSTEMS:
+        from starrec.cst.ranker import CSTRanker, ManualCSTRanker
         from starrec.evaluation.runner import RecommenderSystem
 
-        return RecommenderSystem(CSTRanker.on_store(store))
+        ranker = CSTRanker if name == "cst" else ManualCSTRanker
+        return RecommenderSystem(ranker.on_store(store, cfg.cst))
     if name == "star":
         if chat_model is not None:
             return _student_on(chat_model, model, store, cfg)
@@ -294,7 +323,9 @@ def evaluate(system: str | System, task_set: TaskSet, config: StarConfig | None 
     here is fitted and timed as `star eval` fits it. An LLM system (`mars`, `star`) is
     resumed from `records` when that file was written by the same system, model,
     configuration and task file (another identity is refused; `fresh` starts it over);
-    the teacher also appends its full runs to `trajectories`."""
+    the teacher also appends its full runs to `trajectories`. A served model answers
+    `llm.concurrency` tasks at once (records written as they finish, results in task
+    order); an in-process one answers them one by one."""
     cfg = _config(config)
     loaded = task_set.dataset
     if not isinstance(system, str):
@@ -306,6 +337,8 @@ def evaluate(system: str | System, task_set: TaskSet, config: StarConfig | None 
         return Evaluation(result, rows)
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
+    if system in CST_SYSTEMS:
+        return _evaluate_cst(system, task_set, cfg)
     if system in RANKER_SYSTEMS:
         from starrec.evaluation.runner import evaluate_baseline
 
@@ -320,6 +353,31 @@ def evaluate(system: str | System, task_set: TaskSet, config: StarConfig | None 
                          Path(trajectories) if trajectories else None, chat_model)
 
 
+def _evaluate_cst(system: str, task_set: TaskSet, cfg: StarConfig) -> Evaluation:
+    """A cst ranker over the task set's store, as `make_system` makes it (the learned one
+    needs the split before, which a baseline's fit data does not carry), evaluated with
+    what it ranked with in its identity: the store, and the learned ranker's key."""
+    import time
+
+    from starrec.evaluation.identity import run_identity
+    from starrec.evaluation.runner import evaluate_system
+
+    start = time.perf_counter()
+    made = make_system(system, task_set, cfg)
+    ranker = made.recommender  # type: ignore[attr-defined]
+    fitted = {"ranker": ranker.kind, "ranker_key": ranker.model.key if ranker.model else None,
+              "cst_store": ranker.store.path.name}
+    params = {"params": cfg.cst.model_dump(), **fitted,
+              "fit_s": round(time.perf_counter() - start, 3)}
+    identity = run_identity(system, task_set.tasks,
+                            {"system": system, "params": params["params"], **fitted},
+                            tasks_path=task_set.path)
+    result, rows = evaluate_system(made, task_set.dataset.name, task_set.tasks, cfg, params,
+                                   identity=identity,
+                                   dataset_fingerprint=task_set.dataset.fingerprint())
+    return Evaluation(result, rows)
+
+
 def _evaluate_llm(system: str, task_set: TaskSet, cfg: StarConfig, model: str | Path | None,
                   records: Path | None, trajectories: Path | None,
                   chat_model: ChatModel | None) -> Evaluation:
@@ -327,6 +385,7 @@ def _evaluate_llm(system: str, task_set: TaskSet, cfg: StarConfig, model: str | 
     model and the task file, so a resume continues only the same run."""
     from starrec.evaluation.identity import run_identity
     from starrec.evaluation.runner import evaluate_system
+    from starrec.llm.concurrency import task_concurrency
     from starrec.trajectories.recorder import TrajectoryWriter
 
     store_path = evidence_store_path(task_set, cfg)
@@ -349,7 +408,31 @@ def _evaluate_llm(system: str, task_set: TaskSet, cfg: StarConfig, model: str | 
             params["format"] = student.fmt.model_dump()
         identity = run_identity(system, task_set.tasks, params, model=spec,
                                 tasks_path=task_set.path)
+        # a served model answers `llm.concurrency` tasks at once, each thread with a
+        # system of its own (its store connection) around the one loaded model
+        served = _chat_model_of(llm_system)
+        concurrency = task_concurrency(served if served is not None else llm_system,
+                                       cfg.llm.concurrency)
+
+        def another_system() -> System:
+            return make_system(system, task_set, cfg, model, store=EvidenceStore(store_path),
+                               chat_model=served, writer=writer)
+
         result, rows = evaluate_system(llm_system, task_set.dataset.name, task_set.tasks, cfg,
                                        params, checkpoint=records, identity=identity,
-                                       dataset_fingerprint=task_set.dataset.fingerprint())
+                                       dataset_fingerprint=task_set.dataset.fingerprint(),
+                                       concurrency=concurrency, make_system=another_system)
     return Evaluation(result, rows)
+
+
+def _chat_model_of(llm_system: System) -> ChatModel | None:
+    """The chat model a teacher or a generating student answers with; None for a system
+    that reads a ranking head's logits in process."""
+    from starrec.agents.system import MarsSystem
+    from starrec.inference.system import StarSystem
+
+    if isinstance(llm_system, MarsSystem):
+        return llm_system.teacher.model
+    if isinstance(llm_system, StarSystem):
+        return llm_system.student.model
+    return None

@@ -127,6 +127,7 @@ def config_dump(
 PACKAGES = (
     ("torch", "torch", "torch", "pip install starrec"),
     ("transformers", "transformers", "transformers", "pip install starrec"),
+    ("lightgbm (the learned cst ranker)", "lightgbm", "lightgbm", "pip install starrec"),
     ("TRL (SFT, GRPO)", "trl", "trl", "pip install 'starrec[train]'"),
     ("PEFT (LoRA)", "peft", "peft", "pip install 'starrec[train]'"),
     ("datasets (training data)", "datasets", "datasets", "pip install 'starrec[train]'"),
@@ -138,6 +139,12 @@ PACKAGES = (
     ("pyspark", "pyspark", "pyspark", "pip install 'starrec[spark]' (and a Java runtime)"),
     ("fastapi (star serve)", "fastapi", "fastapi", "pip install 'starrec[serve]'"),
     ("uvicorn (star serve)", "uvicorn", "uvicorn", "pip install 'starrec[serve]'"),
+    ("llamaserver: sse-starlette", "sse_starlette", "sse-starlette",
+     "pip install 'starrec[llamaserver]'"),
+    ("llamaserver: starlette-context", "starlette_context", "starlette-context",
+     "pip install 'starrec[llamaserver]'"),
+    ("llamaserver: pydantic-settings", "pydantic_settings", "pydantic-settings",
+     "pip install 'starrec[llamaserver]'"),
 )
 # data wheels: installed with --no-deps by scripts/setup.sh, never imported as libraries
 DATA_WHEELS = (

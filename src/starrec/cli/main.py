@@ -12,6 +12,7 @@ import typer
 from starrec.cli.options import (
     SPLIT_CHOICES,
     ColumnsOption,
+    ConcurrencyOption,
     ConfigOption,
     DatasetOption,
     LimitOption,
@@ -113,7 +114,8 @@ def data_prepare(
 @app.command("eval")
 def evaluate(
     system: Annotated[str, typer.Option(
-        help="A baseline (random, presented, pop, itemknn, als, sasrec), cst (evidence ranker), mars (the "
+        help="A baseline (random, presented, pop, itemknn, als, sasrec), cst (the evidence ranker "
+        "learned on the split before), cst-manual (the evidence under hand-set weights), mars (the "
         "multi-agent teacher) or star (a distilled student, with --model).")],
     out: Annotated[Path, typer.Option(help="Where to write the results JSON.")],
     tasks: TasksOption = None,
@@ -134,6 +136,7 @@ def evaluate(
     chat_template: Annotated[Optional[Path], typer.Option(
         help="mars / star: a chat template for a model without one (or to replace its own): "
         "a Jinja file, or a model folder holding one. Sets llm.chat_template.")] = None,
+    concurrency: ConcurrencyOption = None,
     columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -148,18 +151,20 @@ def evaluate(
       star eval --system sasrec --users eval-200 --out runs/sasrec.json
       star eval --system cst --split valid --scenario short_term --out runs/cst.json
       star eval --system star --model runs/student --users eval-200 --limit 50 --out r.json
+      star eval --system mars --model http://gpu1:8000/v1,http://gpu2:8000/v1 --set llm.model=NAME --concurrency 16 --out r.json
     """
     from starrec.data.errors import DataError
     from starrec.evaluation.runner import write_records
     from starrec.experiment import LLM_SYSTEMS, SYSTEMS
     from starrec.experiment import evaluate as evaluate_system
     from starrec.experiment import load_task_set
-    from starrec.llm.base import LLMError
+    from starrec.llm.base import LLMError, ServerUnavailable
 
     if system not in SYSTEMS:
         raise typer.BadParameter(f"unknown system {system!r}; expected one of "
                                  f"{', '.join(SYSTEMS)}", param_hint="--system")
-    cfg = _config(config, set_, columns)
+    cfg = _config(config, [*(set_ or []), *([f"llm.concurrency={concurrency}"] if concurrency else [])],
+                  columns)
     if chat_template is not None:
         cfg.llm.chat_template = str(chat_template)
     llm = system in LLM_SYSTEMS
@@ -171,7 +176,7 @@ def evaluate(
         evaluation = evaluate_system(system, task_set, cfg, model=model,
                                      records=records if llm else None, fresh=fresh,
                                      trajectories=trajectories)
-    except (DataError, ValueError, LLMError) as error:
+    except (DataError, ValueError, LLMError, ServerUnavailable) as error:
         raise _fail(error) from None
     result = evaluation.result
     result["config"].update(tasks=tasks.name if tasks else f"{users}:{task_set.split}",
@@ -210,12 +215,17 @@ def cst_build(
     set_: SetOption = None,
 ) -> None:
     """Precompute the CF signals into one SQLite file, from the interactions the tasks may
-    use (each task user only up to the task's cutoff). Reused when inputs are unchanged.
+    use (each task user only up to the task's cutoff): neighbours, transitions, popularity,
+    content, and the latent models (SASRec, ALS; off with --set cst.latent=false). With
+    cst.ranker=learned, the store of the split before is built too and the cst ranker is
+    fitted on its tasks (a test store's on the valid tasks). Reused when inputs are
+    unchanged.
 
     Examples:
       star cst build
       star cst build --split train --engine duckdb
     """
+    from starrec.cst.learned import ranker_lines, read_ranker
     from starrec.cst.store import EvidenceStore
 
     cfg = _config(config, [*(set_ or []), *([f"cst.engine={engine}"] if engine else [])], columns)
@@ -226,10 +236,15 @@ def cst_build(
         path = evidence_store_path(task_set, cfg, out=out)
     except (*CST_ERRORS, ImportError) as error:  # DataError and LeakError are ValueErrors
         raise _fail(error) from None
-    meta = EvidenceStore(path).meta
+    store = EvidenceStore(path)
+    meta = store.meta
     typer.echo(f"{path}\n  version {meta['version']}  {meta['n_interactions']} interactions, "
                f"{meta['n_items']} items, built in {meta['build_s']} s "
                f"by the {meta['config'].get('engine', 'memory')} engine")
+    typer.echo("  stages: " + ", ".join(f"{k} {v:g} s" for k, v in meta["timings_s"].items()))
+    ranker = read_ranker(store) if cfg.cst.ranker == "learned" else None
+    for line in ranker_lines(ranker, cfg.cst, meta.get("split", "")):
+        typer.echo(f"  {line}")
 
 
 def _task_files_for(task_id: str) -> tuple[str, list[str]]:
@@ -263,6 +278,7 @@ def cst_show(
       star cst show --task test-1
       star cst show --task test-short_term-1 --dataset amazon-games
     """
+    from starrec.cst.learned import ranker_lines, read_ranker
     from starrec.cst.ranker import present
     from starrec.cst.tools import ToolExecutor
     from starrec.experiment import evidence_store, load_task_set, open_dataset, prepare_tasks
@@ -294,12 +310,17 @@ def cst_show(
     typer.echo(f"task {chosen.task_id}  user {chosen.user_id}  scenario {chosen.scenario}  "
                f"history {len(chosen.history)} items; the last {len(recent)}:")
     typer.echo("  " + "; ".join(recent))
+    ranker = read_ranker(store) if cfg.cst.ranker == "learned" else None
+    for line in ranker_lines(ranker, cfg.cst, store.meta.get("split", "")):
+        typer.echo(line)
     calls = [("candidate_evidence", {})]
     if chosen.history:
         calls += [("item_neighbours", {"item_id": chosen.history[-1]}),
                   ("next_items", {"item_id": chosen.history[-1]})]
     calls += [("sequence_candidates", {}), ("similar_users", {"user_id": chosen.user_id}),
               ("popularity", {"item_ids": chosen.candidates[:5]})]
+    if store.latent_states:
+        calls += [("sequence_model", {"k": 5}), ("factor_model", {"k": 5})]
     for name, arguments in calls:
         typer.echo(f"\n<tool_call>{{\"name\": \"{name}\", \"arguments\": {json.dumps(arguments)}}}</tool_call>")
         typer.echo(tools.call(name, arguments).text)

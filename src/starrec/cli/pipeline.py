@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from starrec.cli.options import ColumnsOption, ConfigOption, DatasetOption, ModelOption, SetOption
+from starrec.cli.options import (ColumnsOption, ConcurrencyOption, ConfigOption, DatasetOption,
+                                 ModelOption, SetOption)
 from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
 
@@ -44,6 +45,7 @@ def pipeline(
         help="Evaluate teacher and student on the first N eval-200 tasks. Default: "
         "pipeline.llm_eval_tasks.")] = None,
     model: ModelOption = None,
+    concurrency: ConcurrencyOption = None,
     out: Annotated[Path, typer.Option(
         help="Folder for results, trajectories, the student model and the report.")] = Path(
         "runs/pipeline"),
@@ -60,14 +62,17 @@ def pipeline(
       star pipeline
       star pipeline --no-llm --systems pop,sasrec,cst
       star pipeline --teacher-tasks 20 --llm-eval-tasks 10 --out runs/small
+      star pipeline --model http://localhost:8000/v1 --set llm.model=NAME --concurrency 8
     """
     from starrec.data.errors import DataError
     from starrec.data.registry import dataset_slug, load_dataset
     from starrec.evaluation.report import full_report
-    from starrec.llm.base import LLMError
+    from starrec.llm.base import LLMError, ServerUnavailable
     from starrec.trajectories.recorder import TrajectoryFileError
 
     overrides = list(set_ or [])
+    if concurrency is not None:
+        overrides.append(f"llm.concurrency={concurrency}")
     for key, value in (("systems", f"[{systems}]" if systems is not None else None), ("llm", llm),
                        ("teacher_tasks", teacher_tasks), ("llm_eval_tasks", llm_eval_tasks)):
         if value is not None:
@@ -86,7 +91,8 @@ def pipeline(
         results += baselines(loaded, dataset, slug, cfg, out)
         if cfg.pipeline.llm:
             llm_stages(loaded, dataset, slug, cfg, model, out, results)
-    except (DataError, ValueError, LLMError, TrajectoryFileError, FileExistsError) as error:
+    except (DataError, ValueError, LLMError, ServerUnavailable, TrajectoryFileError,
+            FileExistsError) as error:
         raise _fail(error) from None
     finally:  # what finished is reported, also when a later stage failed or was stopped
         if results:
@@ -102,11 +108,13 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
     from starrec.data.tasks import load_tasks
     from starrec.evaluation.report import load_results
     from starrec.evaluation.identity import file_sha256
-    from starrec.evaluation.runner import evaluate_baseline, subset_result, write_results
-    from starrec.experiment import prepare_tasks
+    from starrec.evaluation.runner import subset_result, write_results
+    from starrec.experiment import TaskSet, evaluate, prepare_tasks
 
     folder = prepare_tasks(loaded, cfg, spec=dataset)
     test = load_tasks(folder / "test.jsonl")
+    # the cst rankers need the task set (their store, and the split before it to learn on)
+    task_set = TaskSet(loaded, test, dataset, folder / "test.jsonl")
     eval_ids = {t.task_id for t in load_tasks(folder / "eval-200.jsonl")}
     results = []
     for name in cfg.pipeline.systems:
@@ -114,8 +122,8 @@ def baselines(loaded: Dataset, dataset: str, slug: str, cfg: StarConfig,
         if all(p.exists() for p in paths):
             results += load_results(paths)
             continue
-        everyone, records = evaluate_baseline(name, loaded, test, cfg,
-                                              tasks_path=folder / "test.jsonl")
+        evaluation = evaluate(name, task_set, cfg)
+        everyone, records = evaluation.result, evaluation.records
         everyone["config"].update(tasks="test.jsonl", users="all", scenario="classic")
         subset = subset_result(everyone, records, eval_ids, cfg,
                                tasks_sha256=file_sha256(folder / "eval-200.jsonl"))
@@ -177,11 +185,14 @@ def evaluate_stage(system: str, spec: str | None, loaded: Dataset, dataset: str,
 def answerer_key(system: str, spec: str | None, cfg: StarConfig) -> str:
     """A short hash of what decides a system's answers: its model (a student's card:
     when it was trained and what inference reads from it, so a retrained or re-carded
-    student differs) and its settings. Code changes are not in it: a records file kept
-    across one that changes answers must be moved aside by hand."""
+    student differs) and its settings, without those that change only where or how fast
+    answers come (`--concurrency`, endpoints, timeouts: `identity_settings`). Code changes
+    are not in it: a records file kept across one that changes answers must be moved
+    aside by hand."""
     import hashlib
     import json
 
+    from starrec.evaluation.identity import identity_settings
     from starrec.llm.card import read_model_card
 
     if system == "star":
@@ -191,7 +202,7 @@ def answerer_key(system: str, spec: str | None, cfg: StarConfig) -> str:
                          "student": cfg.student.model_dump()}
     else:
         identity = {"model": spec or cfg.llm.model, "mars": cfg.mars.model_dump()}
-    identity["llm"] = cfg.llm.model_dump()
+    identity["llm"] = identity_settings({"llm": cfg.llm.model_dump()})["llm"]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
