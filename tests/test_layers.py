@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("training",),
     ("evaluation",),
     ("experiment",),  # the library API: task sets, stores, systems by name, evaluation
+    ("pipeline",),  # the main job, stage by stage, over the library API
     ("api",),
     ("cli",),
 )

@@ -50,7 +50,8 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
             "--set", "cst.content=false", "--set", f"sft.base_model={tiny_lm_dir}",
             "--set", "sft.max_steps=1", "--set", "sft.max_length=2048",
             "--set", "sft.filter.top_k=20",  # a scripted teacher rarely ranks the target first
-            "--set", "student.max_new_tokens=8", "--set", "llm.backend=transformers"]
+            "--set", "student.max_new_tokens=8", "--set", "llm.backend=transformers",
+            "--set", "grpo.max_completion_length=8", "--set", "grpo.train_tasks=2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
 
@@ -60,7 +61,16 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     assert (out / "student" / "star_model.json").exists()
     names = {p.name for p in out.glob("*.json")}
     assert {"shop-pop-test-all.json", "shop-cst-test-eval-200.json",
-            "shop-mars-test-eval-200-first2.json", "shop-star-test-eval-200-first2.json"} <= names
+            "shop-mars-test-eval-200-first2.json", "shop-star-test-eval-200-first2.json",
+            "shop-star-grpo-test-eval-200-first2.json"} <= names
+    assert (out / "student-grpo" / "star_model.json").exists()
+    grpo = json.loads((out / "shop-star-grpo-test-eval-200-first2.json").read_text())
+    assert grpo["config"]["variant"] == "grpo" and grpo["config"]["preset"] == "quick"
+    stages = json.loads((out / "stages.json").read_text())
+    assert {"tasks", "baselines and cst", "teacher (train tasks)", "sft", "grpo",
+            "eval star (sft)", "eval star (grpo)", "eval mars (teacher)"} <= set(stages)
+    assert all(s["seconds"] >= 0 and s["status"] == "ran" for s in stages.values())
+    assert "stage wall times" in result.output and "| grpo |" in result.output
     star = json.loads((out / "shop-star-test-eval-200-first2.json").read_text())
     # a pass is as many generation requests as it has continuations, not one LLM call
     assert star["n_tasks"] == 2 and star["efficiency"]["llm_calls_per_task"] >= 1
@@ -78,7 +88,8 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     (teacher_runs,) = (out / "teacher").glob("test-eval-200-first2.*.jsonl")
     assert len(read_runs(teacher_runs)) == 2
     report = (out / "shop-report.md").read_text()
-    assert all(f"| {name} |" in report for name in ("pop", "cst", "mars", "star"))
+    assert all(f"| {name} |" in report for name in ("pop", "cst", "mars", "star (sft)",
+                                                     "star (grpo)"))
     assert sorted(fitted) == ["cst", "pop"]
     assert sum(len(t.calls) for t in teachers) > 0
 
@@ -89,12 +100,14 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     assert sorted(fitted) == ["cst", "pop"]
     assert len(teachers) > first_run and all(not t.calls for t in teachers[first_run:])
     assert "0 run(s) written, 4 already done" in result.output
-    assert "is trained" in result.output
+    assert "sft: " in result.output and "is trained" in result.output
+    assert "grpo: " in result.output and json.loads((out / "stages.json").read_text())[
+        "grpo"]["status"] == "resumed"
     assert (out / "shop-report.md").read_text() == report
 
 
 def test_teacher_draws_are_nested_and_whole_users():
-    from starrec.cli.pipeline import teacher_sample
+    from starrec.pipeline import teacher_sample
     from starrec.data.tasks import build_split_tasks
     from tests.conftest import make_dataset
 
@@ -113,7 +126,7 @@ def test_pipeline_refuses_orders_that_would_drop_every_teacher_run(tmp_path):
 
 
 def test_answerer_key_follows_what_decides_the_answers(tmp_path):
-    from starrec.cli.pipeline import answerer_key
+    from starrec.pipeline import answerer_key
     from starrec.config import StarConfig
     from starrec.llm.card import ModelCard, write_model_card
 
@@ -132,3 +145,26 @@ def test_answerer_key_follows_what_decides_the_answers(tmp_path):
     assert answerer_key("star", str(tmp_path), other) != key
     assert answerer_key("mars", None, cfg) != answerer_key(
         "mars", None, cfg.model_copy(update={"mars": cfg.mars.model_copy(update={"max_turns": 2})}))
+
+
+def test_presets_lie_under_the_config_file_and_the_overrides(tmp_path):
+    from starrec.config import load_config, preset_names
+
+    assert {"quick", "full"} <= set(preset_names())
+    quick = load_config(preset="quick")
+    assert quick.pipeline.preset == "quick" and quick.pipeline.teacher_tasks < 60
+    assert quick.grpo.steps < load_config().grpo.steps
+    config = tmp_path / "c.yaml"
+    config.write_text("pipeline:\n  teacher_tasks: 9\n")
+    both = load_config(config, ["pipeline.llm_eval_tasks=3"], preset="quick")
+    assert both.pipeline.teacher_tasks == 9 and both.pipeline.llm_eval_tasks == 3
+    assert both.sft.max_steps == quick.sft.max_steps  # the preset's, where nothing overrides
+    full = load_config(preset="full")
+    assert full.pipeline.preset == "full" and full.pipeline.llm_eval_tasks is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config(preset="nope")
+
+
+def test_pipeline_refuses_an_unknown_preset_with_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["pipeline", "--out", str(tmp_path), "--preset", "huge"])
+    assert result.exit_code == 2 and "huge" in result.output

@@ -1,8 +1,12 @@
 """Typed configuration, loadable from YAML, with dotted command-line overrides.
 
-`configs/default.yaml` holds the defaults a user sees; the pydantic models below are the
-single source of truth for types and fallbacks, so a missing YAML key is never an error
-and a misspelt one always is.
+The pydantic models below are the single source of truth for types and defaults, so a
+missing YAML key is never an error and a misspelt one always is. `configs/default.yaml`
+is their dump (`star config dump`): a field's description, else the comment ending its
+line, is its comment there. Rules between fields are validators on the models, so a
+configuration that cannot work stops when it is loaded, whichever command or library
+call loads it. Comments here say why a setting is what it is; the measurements behind
+the defaults are in docs/experiment-log.md ("Measurements behind the defaults").
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ class DataConfig(Strict):
     dataset: str = "ml-100k"
     seed: int = 0
     source: str = "auto"
-    # our column names -> the data's, for folders of tables and RecBole atomic files:
-    # {user: userId, item: movieId} or "user=userId,item=movieId" (the form of --columns)
-    columns: dict[str, str] = {}
+    columns: dict[str, str] = Field({}, description=(
+        "our column names -> the data's, for folders of tables and RecBole atomic files: "
+        "{user: userId, item: movieId} or \"user=userId,item=movieId\" (the form of --columns)"))
 
     @field_validator("columns", mode="before")
     @classmethod
@@ -68,7 +72,9 @@ class SASRecConfig(Strict):
     dropout: float = 0.2
     lr: float = 1e-3
     batch_size: int = 128
-    epochs: int = 50  # baselines.sasrec: chosen on validation tasks (benchmarks/sasrec_epochs.py)
+    epochs: int = Field(50, description=(
+        "passes over the training sequences; the baseline's were chosen on validation "
+        "tasks (benchmarks/sasrec_epochs.py)"))
     seed: int = 0
 
 
@@ -87,33 +93,35 @@ class CSTConfig(Strict):
     similar_users: int = 50  # neighbourhood size of user-CF
     content: bool = True  # MiniLM title/genre embeddings (needed for cold items)
     token_budget: int = 1200  # verbalised evidence per prompt section, in tokens
-    # weights of the non-LLM `cst` ranker over the per-candidate evidence
-    weight_cooccurrence: float = 1.0
-    weight_transition: float = 0.5
-    weight_similar_users: float = 1.0
-    weight_popularity: float = 0.5
-    weight_content: float = 0.1
-    # latent CF models as signals (score and rank of each candidate for the user's next
-    # item), fitted at build time on exactly the store's interactions and kept in it
-    latent: bool = True
-    # a store is built per split, and the test store's ranker needs the valid store too
-    latent_sasrec: SASRecConfig = SASRecConfig(epochs=20)  # fewer epochs: a quick build
-    latent_als: ALSConfig = ALSConfig()
-    # the `cst` ranker: learned = LightGBM LambdaRank over the evidence features, fitted
-    # on the tasks of the split before the store's (test <- valid, valid <- train; a
-    # train store has none before it and ranks with the weights above); manual = the
-    # weights above (also the `cst-manual` system). Not part of the store's version.
-    ranker: Literal["learned", "manual"] = "learned"
+    # weights of the hand-set ranker (`cst-manual`, and `cst` on a train store) over the
+    # per-candidate evidence
+    weight_cooccurrence: float = 1.0  # hand-set ranker: co-consumption with the history
+    weight_transition: float = 0.5  # hand-set ranker: transitions from the recent items
+    weight_similar_users: float = 1.0  # hand-set ranker: votes of the most similar users
+    weight_popularity: float = 0.5  # hand-set ranker: popularity percentile
+    weight_content: float = 0.1  # hand-set ranker: content similarity
+    latent: bool = Field(True, description=(
+        "latent CF models as signals (each candidate's score and rank for the user's next "
+        "item), fitted at build time on exactly the store's interactions and kept in it"))
+    latent_sasrec: SASRecConfig = Field(SASRecConfig(epochs=20), description=(
+        "the store's sequence model; fewer epochs than the baseline's, since a store is "
+        "built per split and the test store's ranker needs the valid store too"))
+    latent_als: ALSConfig = Field(ALSConfig(), description="the store's latent-factor model")
+    ranker: Literal["learned", "manual"] = Field("learned", description=(
+        "the `cst` ranker: learned = LightGBM LambdaRank over the evidence features, "
+        "fitted on the tasks of the split before the store's (test <- valid, valid <- "
+        "train; a train store has none before it and uses the hand-set weights); manual = "
+        "the hand-set weights (also the `cst-manual` system). Not part of the store's version"))
     ranker_trees: int = 300  # at most; early stopping on held-out fit users picks fewer
     ranker_leaves: int = 15
     ranker_learning_rate: float = 0.05
     ranker_min_data: int = 20  # rows per leaf at least
     ranker_holdout: float = 0.2  # share of the fit users that choose the number of trees
     ranker_seed: int = 0
-    # how the store is computed (not part of its version: both engines write the same
-    # store): memory = sparse matrices in this process, fastest while the log fits in
-    # RAM; duckdb = the counts as SQL over Parquet, out of core (`pip install .[scale]`)
-    engine: Literal["memory", "duckdb"] = "memory"
+    engine: Literal["memory", "duckdb"] = Field("memory", description=(
+        "how the store is computed (not part of its version: both engines write the same "
+        "store): memory = sparse matrices in this process, fastest while the log fits in "
+        "RAM; duckdb = the counts as SQL over Parquet, out of core (`pip install .[scale]`)"))
     duckdb_memory_limit: str = "4GB"  # DuckDB's memory cap; past it, it spills beside the store
     duckdb_threads: int | None = None  # DuckDB worker threads; None = all cores
 
@@ -484,13 +492,16 @@ class StudentConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """`star pipeline`, the main job. Its LLM stages take hours on a 2-core CPU (teacher
-    about 50 s per task there), so their task counts are settings."""
+    """`star pipeline`, the main job. Its LLM stages take hours on a 2-core CPU at full
+    scale, so their sizes are settings; `star pipeline` applies the `quick` preset
+    (resources/presets/quick.yaml) unless `--preset full` is given."""
 
+    preset: str = Field("none", description="the preset these settings came from, named in the report")
     systems: list[str] = ["random", "presented", "pop", "itemknn", "als", "sasrec", "cst"]
-    llm: bool = True  # the teacher, SFT and student stages
-    teacher_tasks: int = 60  # train tasks the teacher runs for the SFT data (seeded draw)
-    llm_eval_tasks: int | None = 50  # first N of eval-200 for teacher and student; None: all
+    llm: bool = Field(True, description="the teacher, SFT, GRPO and student stages")
+    teacher_tasks: int = Field(60, description="train tasks of this many users the teacher runs for the SFT data (seeded, nested draws)")
+    llm_eval_tasks: int | None = Field(50, description="first N of eval-200 for the teacher and the students; None: all")
+    grpo: bool = Field(True, description="GRPO of the SFT student (the `grpo` section) and its evaluation")
 
 
 class StarConfig(Strict):
@@ -514,10 +525,42 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> StarConfig:
-    data: dict[str, Any] = {}
+PRESETS_DIR = "presets"  # under starrec/resources: named configs (`star pipeline --preset`)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with the package (resources/presets/*.yaml)."""
+    from importlib import resources
+
+    folder = resources.files("starrec.resources").joinpath(PRESETS_DIR)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_data(name: str) -> dict[str, Any]:
+    """The settings of a shipped preset; ValueError naming the presets for an unknown one."""
+    from starrec.core.resources import resource_text
+
+    if name not in preset_names():
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(preset_names())}")
+    return yaml.safe_load(resource_text(f"{PRESETS_DIR}/{name}.yaml")) or {}
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` laid on it, section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (_merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> StarConfig:
+    """The defaults, under a shipped `preset`, under the YAML file `path`, under the
+    `section.key=value` `overrides`: each later one wins."""
+    data: dict[str, Any] = preset_data(preset) if preset else {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = _merged(data, yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from starrec.data.schema import Dataset
     from starrec.evaluation.runner import TaskRecord
     from starrec.llm.base import ChatModel
-    from starrec.trajectories.recorder import TrajectoryWriter
+    from starrec.trajectories.recorder import TeachSummary, TrajectoryWriter
 
 # one list of the score-based systems: the registry's (imported lazily elsewhere would cost
 # nothing here: the registry module imports no model code)
@@ -436,3 +436,35 @@ def _chat_model_of(llm_system: System) -> ChatModel | None:
     if isinstance(llm_system, StarSystem):
         return llm_system.student.model
     return None
+
+
+def teach(task_set: TaskSet, config: StarConfig | None = None, *, out: str | Path,
+          model: str | None = None, samples: int = 1, retry_errors: bool = False,
+          chat_model: ChatModel | None = None) -> TeachSummary:
+    """Teacher runs of a task set appended to `out` (resumed where it exists), each run
+    reading the evidence store built from exactly what these tasks may see;
+    `llm.concurrency` runs at once when the model is served. The model is loaded and
+    preflighted first, so one that cannot answer stops before the store is built or any
+    task is run."""
+    from dataclasses import replace
+
+    from starrec.agents.mars import MarsTeacher
+    from starrec.cst.store import EvidenceStore
+    from starrec.evaluation.runner import split_of
+    from starrec.llm import models
+    from starrec.llm.concurrency import task_concurrency
+    from starrec.trajectories.recorder import run_teacher
+
+    cfg = _config(config)
+    split_of(task_set.tasks)  # one split, before the model loads
+    if chat_model is None:
+        chat_model = models.load_chat_model(model, cfg.llm)
+    store = evidence_store_path(task_set, cfg)
+
+    def teacher() -> MarsTeacher:
+        return MarsTeacher(chat_model, EvidenceStore(store), cfg.mars)  # a connection per thread
+
+    summary = run_teacher(teacher, task_set.tasks, Path(out), samples=samples,
+                          concurrency=task_concurrency(chat_model, cfg.llm.concurrency),
+                          retry_errors=retry_errors)
+    return replace(summary, model=chat_model.name)

@@ -86,13 +86,14 @@ ModelOption = Annotated[Optional[str], typer.Option(
 
 
 def config_from(config: Path | None, overrides: list[str] | None,
-                columns: str | None = None) -> StarConfig:
-    """The configuration, with a command's `--columns` merged into `data.columns`, or one
-    `error:` line and exit 2 naming the settings at fault."""
+                columns: str | None = None, preset: str | None = None) -> StarConfig:
+    """The configuration (a shipped `preset` under the `--config` file under `--set`),
+    with a command's `--columns` merged into `data.columns`, or one `error:` line and
+    exit 2 naming the settings at fault."""
     from pydantic import ValidationError
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, preset=preset)
         if columns:
             cfg.data.columns = columns_from(columns, cfg)
         return cfg

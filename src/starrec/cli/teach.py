@@ -6,7 +6,6 @@ main.py are imported inside the function, so either module can import the other 
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -115,30 +114,14 @@ def teach(
 def teach_tasks(task_list: list[Task], loaded: Dataset, dataset: str, cfg: StarConfig,
                 model: str | None, out: Path, *, samples: int = 1,
                 retry_errors: bool = False) -> TeachSummary:
-    """Teacher runs of `task_list` appended to `out` (resumed if it exists), each run
-    reading the evidence store built from exactly what these tasks may see;
-    `llm.concurrency` runs at once when the model is served. The model is loaded and
-    preflighted first: one that cannot answer stops here, before the store is built or
-    any task is run."""
-    from starrec.agents.mars import MarsTeacher
-    from starrec.cst.store import EvidenceStore
+    """`starrec.experiment.teach` with the model loaded through `_load_model`."""
     from starrec.evaluation.runner import split_of
-    from starrec.experiment import TaskSet, evidence_store_path
-    from starrec.llm.concurrency import task_concurrency
-    from starrec.trajectories.recorder import run_teacher
+    from starrec.experiment import TaskSet
+    from starrec.experiment import teach as run
 
     split_of(task_list)  # one split, before the model loads
-    chat_model = _load_model(model, cfg)
-    store = evidence_store_path(TaskSet(loaded, task_list, dataset), cfg)
-
-    def teacher() -> MarsTeacher:
-        # one store connection per worker thread
-        return MarsTeacher(chat_model, EvidenceStore(store), cfg.mars)
-
-    summary = run_teacher(teacher, task_list, out, samples=samples,
-                          concurrency=task_concurrency(chat_model, cfg.llm.concurrency),
-                          retry_errors=retry_errors)
-    return replace(summary, model=chat_model.name)
+    return run(TaskSet(loaded, task_list, dataset), cfg, out=out, samples=samples,
+               retry_errors=retry_errors, chat_model=_load_model(model, cfg))
 
 
 def report(summary: TeachSummary, out: Path) -> None:

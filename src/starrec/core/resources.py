@@ -16,7 +16,7 @@ import yaml
 # `starrec.trajectories.serialize` renders them. Bump when either changes: a model folder
 # records the version it was trained with (`starrec.llm.card`), and inference warns on a
 # mismatch.
-PROMPT_VERSION = "student-v3"  # v3: candidate labels (format.labels), not 0-based indices
+PROMPT_VERSION = "student-v4"  # v4: the latent-model tools (sequence_model, factor_model)
 
 
 @lru_cache(maxsize=None)

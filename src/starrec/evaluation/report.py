@@ -40,6 +40,12 @@ def load_results(paths: Iterable[Path]) -> list[dict]:
     return [load_result(Path(p)) for p in paths]
 
 
+def _system_label(result: dict) -> str:
+    """The system, with the variant a pipeline gave it (a student after SFT or GRPO)."""
+    variant = result.get("config", {}).get("variant")
+    return f"{result['system']} ({variant})" if variant else result["system"]
+
+
 def _tasks_label(result: dict) -> str:
     users = result.get("config", {}).get("users", "")
     return f"{result['split']} {users}".strip()
@@ -53,7 +59,7 @@ def markdown_table(results: list[dict]) -> str:
         metrics, ci = result["metrics"], result["ci95"]
         low, high = ci["AvgHR"]
         row = [
-            result["system"],
+            _system_label(result),
             _tasks_label(result),
             str(result["n_tasks"]),
             f"{metrics['AvgHR']:.1f} [{low:.1f}, {high:.1f}]",
@@ -79,7 +85,7 @@ def efficiency_table(results: list[dict]) -> str:
         e = result["efficiency"]
         ratio = reference["efficiency"]["median_s"] / e["median_s"] if e["median_s"] else float("nan")
         lines.append("| " + " | ".join([
-            result["system"], _tasks_label(result), str(result["n_tasks"]),
+            _system_label(result), _tasks_label(result), str(result["n_tasks"]),
             f"{e['median_s']:.1f}", f"{e['p95_s']:.1f}", f"{e['llm_calls_per_task']:.1f}",
             f"{e['prompt_tokens_per_task']:,.0f}", f"{e['completion_tokens_per_task']:,.0f}",
             f"{ratio:.1f}x"]) + " |")
@@ -118,7 +124,7 @@ def llm_table(results: list[dict]) -> str:
     for result in rows:
         m = result["metrics"]
         lines.append("| " + " | ".join([
-            result["system"], _tasks_label(result), str(result["n_tasks"]),
+            _system_label(result), _tasks_label(result), str(result["n_tasks"]),
             presentation(result) or "–",
             _number(m.get("shown_order_identity"), ".1f"), _number(m.get("kendall_tau_shown"), ".2f"),
             _number(m.get("well_formed_rate"), ".1f"), _number(m.get("repaired_rate"), ".1f"),
