@@ -19,11 +19,12 @@ import pytest
 from starrec.api.app import ServerSettings, bind_socket, create_app, make_server, read_api_keys
 from starrec.api.logs import JsonFormatter
 from starrec.api.schemas import ErrorResponse, RecommendRequest, RecommendResponse
-from starrec.api.service import RecommendService, ServiceLimits, load_service
-from starrec.config import CSTConfig, StarConfig
+from starrec.api.service import RecommendService, ServiceLimits, _retry_after, load_service
+from starrec.config import CSTConfig, LLMConfig, MarsConfig, StarConfig
 from starrec.cst.ranker import CSTRanker
 from starrec.data.splits import fit_interactions
 from starrec.data.tasks import Task, build_split_tasks
+from starrec.llm.base import ServerUnavailable
 from tests.conftest import make_dataset
 from tests.fakes import ScriptedModel, permutation
 
@@ -379,6 +380,61 @@ def test_an_internal_error_is_json_without_a_traceback(data, monkeypatch):
         assert "secret" not in response.text and "RuntimeError" not in response.text
         # the service keeps answering
         assert client.get("/v1/health").status_code == 200
+
+
+class DeadServerSystem:
+    """An LLM system whose model server never answers: every call raises
+    `ServerUnavailable`, as the OpenAI backend does after its retries."""
+
+    name = "star"
+    kind = "llm"
+    modes = ("single_pass",)
+    max_candidates = None
+
+    def __init__(self, batch_modes: tuple[str, ...] = ()) -> None:
+        self.batch_modes = batch_modes
+        self.alone = self.batched = 0
+
+    def _dead(self) -> ServerUnavailable:
+        return ServerUnavailable("star: no answer after 3 attempts from http://10.9.8.7:8080/v1 "
+                                 "(ConnectError: connection refused)")
+
+    def answer(self, task, mode, explain):
+        self.alone += 1
+        raise self._dead()
+
+    def answer_many(self, tasks, mode, explain):
+        self.batched += 1
+        raise self._dead()
+
+    def warm_up(self) -> None:
+        pass
+
+
+def test_no_llm_server_is_a_503_with_retry_after_not_a_500(pop):
+    system = DeadServerSystem()
+    svc = RecommendService(system, pop.data, proposer=pop.proposer, retry_after_s=7)
+    request = {"user_id": "u1", "candidates": ["i1", "i2", "i3"]}
+    with running(svc) as (client, _):
+        for _ in range(2):  # the service stays up and says the same each time
+            response = client.post("/v1/recommend", json=request)
+            error = error_of(response, 503, "llm_unavailable")
+            assert response.headers["retry-after"] == "7" and "7 s" in error["message"]
+            assert "10.9.8.7" not in response.text  # the servers are the log's, not the client's
+        assert system.alone == 2
+        assert client.get("/v1/health").status_code == 200
+        assert 'code="llm_unavailable"' in client.get("/metrics").text
+    # batched: every request of the batch gets the 503 at once, none is retried alone
+    batching = DeadServerSystem(batch_modes=("single_pass",))
+    svc = RecommendService(batching, pop.data, proposer=pop.proposer, retry_after_s=7)
+    prepared = svc.prepare(RecommendRequest(**request))
+    answers = svc.answer_many([prepared] * 3)
+    assert [(a.status, a.code, a.headers) for a in answers] == \
+        [(503, "llm_unavailable", {"Retry-After": "7"})] * 3
+    assert (batching.batched, batching.alone) == (1, 0)
+    # what a served LLM system tells its clients: its endpoints' cooldown
+    config = StarConfig(mars=MarsConfig(llm=LLMConfig(endpoint_cooldown_s=2.5)))
+    assert _retry_after("mars", config) == 3 and _retry_after("star", config) == 10
 
 
 def test_overload_is_a_503_at_once_with_retry_after(data):

@@ -1,9 +1,9 @@
 """Micro-batching in `star serve` (issue 17): the batch runner on its own (batches form,
 errors and timeouts stay per request, the queue depth counts waiting requests), then
 over a real socket for the engines that gain from it, the student's fast ranking head
-(tests/tiny_lm.py's random model) and SASRec: concurrent requests are answered as they
-are without batching, a bad request in a batch fails alone, and the metrics show the
-batches."""
+(tests/tiny_lm.py's random model), SASRec and the cst ranker: concurrent requests are
+answered as they are without batching, a bad request in a batch fails alone, and the
+metrics show the batches."""
 
 from __future__ import annotations
 
@@ -138,6 +138,13 @@ def student(data, tiny_lm_dir) -> RecommendService:
 
 
 @pytest.fixture(scope="module")
+def cst(data) -> RecommendService:
+    dataset, tasks, store = data
+    return load_service("cst", dataset, config=CONFIG, tasks=tasks, store_path=store,
+                        progress=False)
+
+
+@pytest.fixture(scope="module")
 def sasrec(data) -> RecommendService:
     dataset, tasks, store = data
     return load_service("sasrec", dataset, config=CONFIG, tasks=tasks, store_path=store,
@@ -198,7 +205,7 @@ def answers(responses: list[httpx.Response]) -> list[list[tuple[str, float]]]:
     return [[(i["item_id"], i["score"]) for i in r.json()["ranking"]] for r in responses]
 
 
-@pytest.mark.parametrize("system", ["student", "sasrec"])
+@pytest.mark.parametrize("system", ["student", "sasrec", "cst"])
 def test_batched_answers_are_the_answers_alone_and_batches_form(system, request, data,
                                                                 monkeypatch):
     svc: RecommendService = request.getfixturevalue(system)
@@ -222,7 +229,7 @@ def test_batched_answers_are_the_answers_alone_and_batches_form(system, request,
     assert all(r.json()["timings"]["batch_size"] == 1 for r in alone)
     for one, many in zip(answers(alone), answers(batched)):
         assert [item for item, _ in one] == [item for item, _ in many]
-        if system == "sasrec":  # padded to one length: the same floats
+        if system in ("sasrec", "cst"):  # the same floats: each task is computed as alone
             assert one == many
         else:  # left padding changes float rounding only
             assert [s for _, s in one] == pytest.approx([s for _, s in many], abs=1e-5)
@@ -302,9 +309,9 @@ def test_shutdown_finishes_the_batch_in_flight(student, data, monkeypatch):
 
 def test_batching_applies_only_where_the_engine_gains(data, monkeypatch):
     dataset, tasks, store = data
-    cst = load_service("cst", dataset, config=CONFIG, tasks=tasks, store_path=store, progress=False)
-    assert not cst.batchable  # the cst ranker scores one task at a time
-    app = create_app(cst, ServerSettings())
+    pop = load_service("pop", dataset, config=CONFIG, tasks=tasks, store_path=store, progress=False)
+    assert not pop.batchable  # counts: one task at a time costs nothing more
+    app = create_app(pop, ServerSettings())
     assert isinstance(app.state.runner, BoundedRunner)
     with on_loopback(app) as (base, _):
         assert "star_batch_size" not in httpx.get(f"{base}/metrics").text

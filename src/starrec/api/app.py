@@ -15,6 +15,8 @@ What it adds to the library is what a service needs under pressure:
   worker gathers admitted requests for up to `max_wait_ms` while more are arriving, up to
   `max_batch_size`, and answers them together (`starrec.api.runners.BatchRunner`); each
   request keeps its own response, error and timeout;
+- an LLM system whose model server does not answer (`ServerUnavailable`) gets 503 with
+  `Retry-After` for that request, not a 500: the service is fine, its server is not;
 - every error is a JSON `ErrorResponse`, never a traceback (that goes to the JSON log);
 - `/v1/health` (the process answers), `/v1/ready` (warmed up and able to answer),
   `/metrics` (Prometheus text);
@@ -126,8 +128,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "The body is larger than the limit."},
     422: {"model": ErrorResponse, "description": "Invalid request, a limit exceeded, or "
           "unknown user or item ids (named in `unknown_users` / `unknown_items`)."},
-    503: {"model": ErrorResponse, "description": "Too many requests in flight; see the "
-          "`Retry-After` header."},
+    503: {"model": ErrorResponse, "description": "Too many requests in flight (`overloaded`), "
+          "or no LLM server answered (`llm_unavailable`); see the `Retry-After` header."},
     504: {"model": ErrorResponse, "description": "No answer within the request timeout."},
     500: {"model": ErrorResponse, "description": "A fault of the service (its log has the "
           "details under the request id); never a traceback."},

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
+from starrec.api.runners import ApiError
 from starrec.api.schemas import (
     Limits,
     RankedItem,
@@ -58,6 +59,7 @@ from starrec.core import Task
 from starrec.data.splits import fit_interactions
 from starrec.data.tasks import MIN_CANDIDATES
 from starrec.experiment import BASELINE_SYSTEMS, CST_SYSTEMS, LLM_SYSTEMS, RANKER_SYSTEMS, SYSTEMS
+from starrec.llm.base import ServerUnavailable
 
 if TYPE_CHECKING:
     from starrec.agents.mars import MarsTeacher
@@ -88,6 +90,16 @@ class ServiceError(ValueError):
         self.code = code
         self.unknown_users = list(unknown_users)
         self.unknown_items = list(unknown_items)
+
+
+class LLMUnavailable(ApiError):
+    """No LLM server answered a request (`ServerUnavailable`): the service is up, the
+    model server behind it is not. A 503 with `Retry-After`, so that a client retries,
+    as it does when the queue is full, rather than reporting a fault of the service."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(503, "llm_unavailable", f"no LLM server answered this request; retry "
+                         f"after {retry_after} s", {"Retry-After": str(retry_after)})
 
 
 def _named(ids: Sequence[str]) -> str:
@@ -493,11 +505,13 @@ class RecommendService:
     from one thread at a time unless `concurrent`."""
 
     def __init__(self, system: ServedSystem, data: ServingData,
-                 limits: ServiceLimits | None = None, proposer: RankerSystem | None = None) -> None:
+                 limits: ServiceLimits | None = None, proposer: RankerSystem | None = None,
+                 retry_after_s: int = 10) -> None:
         self.system = system
         self.data = data
         self.limits = limits or ServiceLimits()
         self.proposer = proposer
+        self.retry_after_s = retry_after_s  # told to clients when no LLM server answers
         cap = system.max_candidates
         self.max_candidates = min(self.limits.max_candidates, cap or self.limits.max_candidates)
 
@@ -580,7 +594,10 @@ class RecommendService:
         if candidates is None:
             candidates, source = self.propose(request), "proposed"
         proposed = time.perf_counter()
-        result = self.system.answer(request.task(candidates), request.mode, request.explain)
+        try:
+            result = self.system.answer(request.task(candidates), request.mode, request.explain)
+        except ServerUnavailable as error:
+            raise self._unavailable(error) from None
         done = time.perf_counter()
         return self._response(request, source, result, Timings(
             total_ms=_ms(done - start), propose_ms=_ms(proposed - start),
@@ -678,9 +695,11 @@ class RecommendService:
         return out
 
     def _batched(self, tasks: list[Task], mode: str,
-                 explain: list[bool]) -> list[SystemAnswer] | None:
+                 explain: list[bool]) -> list[SystemAnswer | Exception] | None:
         try:
             answers = self.system.answer_many(tasks, mode, explain)
+        except ServerUnavailable as error:  # alone, each would wait for the same dead server
+            return [self._unavailable(error) for _ in tasks]
         except Exception:  # noqa: BLE001 - the caller answers them one by one
             log.warning("a batch of %d %s requests failed; answering them one by one",
                         len(tasks), mode, exc_info=True)
@@ -694,8 +713,16 @@ class RecommendService:
     def _alone(self, task: Task, request: PreparedRequest) -> SystemAnswer | Exception:
         try:
             return self.system.answer(task, request.mode, request.explain)
+        except ServerUnavailable as error:
+            return self._unavailable(error)
         except Exception as error:  # noqa: BLE001 - this request's own error
             return error
+
+    def _unavailable(self, error: ServerUnavailable) -> LLMUnavailable:
+        """The client's 503; what failed (servers, attempts) goes to the log only."""
+        log.warning("%s: no LLM server answered: %s", self.name, error,
+                     extra={"event": "llm_unavailable", "system": self.name})
+        return LLMUnavailable(self.retry_after_s)
 
     def recommend(self, request: RecommendRequest) -> RecommendResponse:
         """Check and answer one request in this thread (`star recommend`, tests)."""
@@ -811,4 +838,12 @@ def load_service(system: str, dataset: str | Dataset = "ml-100k", *,
                                  dataset=spec)
     else:
         served = rankers[system]
-    return RecommendService(served, data, limits, rankers[proposer])
+    return RecommendService(served, data, limits, rankers[proposer],
+                            retry_after_s=_retry_after(system, config))
+
+
+def _retry_after(system: str, config: StarConfig) -> int:
+    """Seconds a client waits when no LLM server answered: an endpoint taken out after
+    failures is tried again after its cooldown (`starrec.llm.endpoints`)."""
+    llm = config.mars.llm if system == "mars" else config.student.llm
+    return max(1, math.ceil(llm.endpoint_cooldown_s))

@@ -1,23 +1,24 @@
 """The evidence of a task as numbers: one row of features per candidate, for the learned
 `cst` ranker (`starrec.cst.learned`).
 
-Every feature is read from the same `CandidateEvidence` an LLM reads as sentences, so
-the ranker measures the signal in the evidence, nothing beside it. Raw values sit beside
-their within-task scalings, margins and shares because a ranker over ranks alone cannot
-tell a clear first from a near tie. A value the evidence does not have (no content
-vector, a candidate a latent model cannot score) is NaN, which the ranker treats as
-missing rather than as zero. Each feature belongs to one signal group, the unit of the
-drop-one-group ablation.
+Every feature is read from the same evidence an LLM reads as sentences (`TaskEvidence`,
+written out as `CandidateEvidence` records), so the ranker measures the signal in the
+evidence, nothing beside it. Raw values sit beside their within-task scalings, margins
+and shares because a ranker over ranks alone cannot tell a clear first from a near tie.
+A value the evidence does not have (no content vector, a candidate a latent model cannot
+score) is NaN, which the ranker treats as missing rather than as zero. Each feature
+belongs to one signal group, the unit of the drop-one-group ablation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from starrec.core import Task
-from starrec.cst.evidence import CandidateEvidence, candidate_evidence
+from starrec.cst.evidence import TaskEvidence, task_evidence, task_evidence_many
 from starrec.cst.store import EvidenceStore
 
 
@@ -59,19 +60,15 @@ def _scaled(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else np.zeros_like(values)
 
 
-def _column(evidence: list[CandidateEvidence], name: str) -> np.ndarray:
-    return np.array([np.nan if getattr(e, name) is None else getattr(e, name)
-                     for e in evidence], dtype=np.float64)
-
-
 def _share(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=np.zeros_like(numerator),
                      where=denominator > 0)
 
 
-def evidence_features(evidence: list[CandidateEvidence], n_history: int) -> np.ndarray:
+def evidence_features(evidence: TaskEvidence) -> np.ndarray:
     """(candidates x FEATURES) for one task's evidence, in presented order."""
-    column = lambda name: _column(evidence, name)  # noqa: E731
+    column = evidence.column
+    n_history = evidence.n_history
     cooc, transitions = column("cooc_score"), column("transition_count")
     votes = column("user_votes")
     sequence, factor = column("sequence_score"), column("factor_score")
@@ -97,7 +94,7 @@ def evidence_features(evidence: list[CandidateEvidence], n_history: int) -> np.n
         "factor_score": factor,
         "factor_margin": _margin(factor),
         "factor_rank": column("factor_rank"),
-        "history_length": np.full(len(evidence), np.log1p(n_history)),
+        "history_length": np.full(len(evidence.candidates), np.log1p(n_history)),
     }
     return np.column_stack([values[name] for name in FEATURE_NAMES])
 
@@ -110,4 +107,9 @@ def _margin(scores: np.ndarray) -> np.ndarray:
 
 def task_features(store: EvidenceStore, task: Task) -> np.ndarray:
     """(candidates x FEATURES) of one task, computed from `store` for its own history."""
-    return evidence_features(candidate_evidence(store, task), len(task.history))
+    return evidence_features(task_evidence(store, task))
+
+
+def task_features_many(store: EvidenceStore, tasks: Sequence[Task]) -> list[np.ndarray]:
+    """`task_features` of each task, the evidence of the batch computed together."""
+    return [evidence_features(e) for e in task_evidence_many(store, tasks)]

@@ -12,6 +12,7 @@ the task's own history, as every other task-dependent signal is.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,9 +80,23 @@ class LatentScores:
 
 
 def latent_scores(model: Recommender, task: Task) -> LatentScores:
+    return _latent_view(model, task, model.score(task))
+
+
+def _raw_scores_many(model: Recommender, tasks: Sequence[Task]) -> list[np.ndarray]:
+    """`model.score` of each task; in one call where the model scores a batch at once
+    (SASRec encodes the histories in one forward pass, to the same floats)."""
+    score_many = getattr(model, "score_many", None)
+    if callable(score_many):
+        return list(score_many(list(tasks)))
+    return [model.score(task) for task in tasks]
+
+
+def _latent_view(model: Recommender, task: Task, raw: np.ndarray) -> LatentScores:
+    """The model's raw scores of the task's candidates as evidence."""
     from starrec.latent.sasrec import UNKNOWN_SCORE
 
-    raw = np.asarray(model.score(task), dtype=np.float64)
+    raw = np.asarray(raw, dtype=np.float64)
     scored = raw > UNKNOWN_SCORE / 2
     if not _knows_history(model, task):
         scored[:] = False  # an empty history scores every candidate alike: no evidence
@@ -104,7 +119,10 @@ def _knows_history(model: Recommender, task: Task) -> bool:
     return any(item in vocab for item in task.history)
 
 
-def task_latent_scores(store: EvidenceStore, task: Task) -> dict[str, LatentScores]:
-    """Each stored model's scores of the task's candidates (empty for a store built
-    without latent models)."""
-    return {kind: latent_scores(model, task) for kind, model in store.latent_models.items()}
+def latent_scores_many(store: EvidenceStore,
+                       tasks: Sequence[Task]) -> dict[str, list[LatentScores]]:
+    """Each stored model's scores of each task's candidates, by kind (empty for a store
+    built without latent models); each model is asked once for the batch."""
+    return {kind: [_latent_view(model, task, raw)
+                   for task, raw in zip(tasks, _raw_scores_many(model, tasks))]
+            for kind, model in store.latent_models.items()}

@@ -23,6 +23,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,9 +33,10 @@ import numpy as np
 
 from starrec.config import CSTConfig
 from starrec.core import Task
-from starrec.cst.features import FEATURE_NAMES, FEATURES, GROUPS, task_features
+from starrec.cst.evidence import BATCH_TASKS
+from starrec.cst.features import FEATURE_NAMES, FEATURES, GROUPS, task_features_many
 from starrec.cst.store import RANKER_SETTINGS, EvidenceStore
-from starrec.progress import progress as progress_bar
+from starrec.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,14 @@ class LearnedRanker:
             raise ValueError("the stored ranker was fitted on other features; rebuild it "
                              "(star cst build)")
         return np.asarray(self.booster.predict(features, num_threads=1), dtype=np.float64)
+
+    def score_many(self, features: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """`score` of several tasks' features in one predict call: trees score each row
+        on its own, so each task's scores are those it gets alone."""
+        if not features:
+            return []
+        scores = self.score(np.vstack(features))
+        return np.split(scores, np.cumsum([len(f) for f in features])[:-1])
 
 
 def tasks_digest(tasks: list[Task]) -> str:
@@ -115,9 +125,14 @@ def task_matrix(store: EvidenceStore, tasks: list[Task],
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, labels, group sizes) of `tasks`, candidates in presented order."""
     rows, labels = [], []
-    for task in progress_bar(tasks, "ranker features", unit="task", enabled=progress):
-        rows.append(task_features(store, task))
-        labels.append(np.array([c == task.target for c in task.candidates], dtype=np.float64))
+    bar = progress_bar("ranker features", total=len(tasks), unit="task", enabled=progress)
+    for start in range(0, len(tasks), BATCH_TASKS):
+        batch = tasks[start:start + BATCH_TASKS]
+        rows += task_features_many(store, batch)
+        labels += [np.array([c == t.target for c in t.candidates], dtype=np.float64)
+                   for t in batch]
+        bar.update(len(batch))
+    bar.close()
     sizes = np.array([len(t.candidates) for t in tasks], dtype=np.int64)
     if not rows:
         return np.zeros((0, len(FEATURES))), np.zeros(0), sizes

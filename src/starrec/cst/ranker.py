@@ -10,14 +10,15 @@ of the config (`cst.weight_*`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 
 from starrec.config import CandidateOrder, CSTConfig
 from starrec.core import FitData, Recommender, Task
-from starrec.cst.evidence import candidate_evidence
-from starrec.cst.features import task_features
+from starrec.cst.evidence import TaskEvidence, task_evidence_many
+from starrec.cst.features import evidence_features
 from starrec.cst.learned import LearnedRanker, read_ranker
 from starrec.cst.store import EvidenceStore, ensure_store
 
@@ -27,17 +28,17 @@ def _scaled(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else values
 
 
-def manual_scores(config: CSTConfig, store: EvidenceStore, task: Task) -> np.ndarray:
-    """The hand-set weighted sum over the task's evidence."""
+def manual_scores(config: CSTConfig, evidence: TaskEvidence) -> np.ndarray:
+    """The hand-set weighted sum over a task's evidence (a missing content similarity
+    counts as 0)."""
     c = config
-    evidence = candidate_evidence(store, task)
-    feature = lambda name: np.array([getattr(e, name) or 0.0 for e in evidence], dtype=float)  # noqa: E731
+    content = evidence.column("content_similarity")
     return (
-        c.weight_cooccurrence * _scaled(feature("cooc_score"))
-        + c.weight_transition * _scaled(feature("transition_count"))
-        + c.weight_similar_users * _scaled(feature("user_votes"))
-        + c.weight_popularity * feature("pop_pct") / 100
-        + c.weight_content * feature("content_similarity")
+        c.weight_cooccurrence * _scaled(evidence.column("cooc_score"))
+        + c.weight_transition * _scaled(evidence.column("transition_count"))
+        + c.weight_similar_users * _scaled(evidence.column("user_votes"))
+        + c.weight_popularity * evidence.column("pop_pct") / 100
+        + c.weight_content * np.where(np.isnan(content), 0.0, content)
     )
 
 
@@ -87,9 +88,17 @@ class CSTRanker(Recommender):
         return self
 
     def score(self, task: Task) -> np.ndarray:
+        return self.score_many([task])[0]
+
+    def score_many(self, tasks: Sequence[Task]) -> list[np.ndarray]:
+        """The scores of each task, as `score` gives them alone: the evidence of the batch
+        computed together (`task_evidence_many`), a learned ranker's in one predict call."""
         if self.model is not None:
-            return self.model.score(task_features(self.store, task))
-        return manual_scores(self.config, self.store, task)
+            evidence = task_evidence_many(self.store, tasks)
+            return self.model.score_many([evidence_features(e) for e in evidence])
+        # the hand-set weights read no latent model
+        return [manual_scores(self.config, e)
+                for e in task_evidence_many(self.store, tasks, latent=False)]
 
 
 class ManualCSTRanker(CSTRanker):

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,9 @@ from starrec.cst.signals import (
 )
 from starrec.latent.state import ModelState
 from starrec.paths import star_home
+
+if TYPE_CHECKING:
+    from starrec.cst.evidence import StoreArrays
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,9 @@ KINDS = ("cooccurrence", "transition", "content")
 
 
 # settings that choose how a store is computed, not what it holds: left out of its version,
-# so a store built by one engine is reused by the other
-EXECUTION_SETTINGS = frozenset({"engine", "duckdb_memory_limit", "duckdb_threads"})
+# so a store built by one engine is reused by the others
+EXECUTION_SETTINGS = frozenset({"engine", "duckdb_memory_limit", "duckdb_threads",
+                                "spark_master", "spark_conf"})
 # settings of the learned ranker: it is fitted after the store is built and kept in it
 # under its own key (`starrec.cst.learned`), so they leave the store's signals unchanged
 RANKER_SETTINGS = frozenset({"ranker", "ranker_trees", "ranker_leaves", "ranker_learning_rate",
@@ -219,13 +224,19 @@ def build_store(
     progress: bool = True,
 ) -> Path:
     """Compute every signal and write the store to `path` (atomically), with the engine
-    `config.engine` names: `memory` (sparse matrices, this process) or `duckdb` (SQL out
-    of core, `starrec.cst.sql`); both write the same store."""
+    `config.engine` names: `memory` (sparse matrices, this process), `duckdb` (SQL out
+    of core, `starrec.cst.sql`) or `spark` (the same SQL on Spark, `starrec.cst.spark`);
+    all write the same store."""
     if config.engine == "duckdb":
         from starrec.cst.sql import build_store_duckdb
 
         return build_store_duckdb(interactions, items, path, config, version=version,
                                   dataset=dataset, split=split, progress=progress)
+    if config.engine == "spark":
+        from starrec.cst.spark import build_store_spark
+
+        return build_store_spark(interactions, items, path, config, version=version,
+                                 dataset=dataset, split=split, progress=progress)
     laps = Laps()
     graph = build_graph(interactions, items.index)
     laps("graph")
@@ -338,8 +349,9 @@ class EvidenceStore:
     def close(self) -> None:
         self.db.close()
 
-    @property
+    @cached_property
     def config(self) -> CSTConfig:
+        # read by every task's evidence: validated once
         return CSTConfig.model_validate(self.meta["config"])
 
     def index(self, item: str) -> int | None:
@@ -416,6 +428,14 @@ class EvidenceStore:
     @cached_property
     def item_users(self):
         return self.graph.matrix.T.tocsr()
+
+    @cached_property
+    def arrays(self) -> StoreArrays:
+        """What every task's evidence reads of the store, computed once
+        (`starrec.cst.evidence`)."""
+        from starrec.cst.evidence import StoreArrays
+
+        return StoreArrays.of(self)
 
     def _has_table(self, name: str) -> bool:
         """Whether the store has table `name` (one written before format 4 has no latent
