@@ -1,17 +1,21 @@
 """CST evidence-store build: time and peak memory on ML-100K and on a synthetic log,
-with the memory engine, the DuckDB engine (`cst.engine=duckdb`) or both.
+with the memory engine, the DuckDB engine (`cst.engine=duckdb`), the Spark engine
+(`cst.engine=spark`) or several.
 
 Each case runs in a fresh subprocess so that its peak resident memory is its own (DuckDB
-runs in that process, so its memory is counted too). The memory engine builds the
-synthetic log in its own process as a DataFrame, as before; the DuckDB engine reads the
-same rows from a Parquet file written beforehand by another process, so a log larger
-than memory never enters its process. Prints a table and writes
+runs in that process, so its memory is counted too; Spark's driver JVM is a child of that
+process, sampled while the case runs: `peak_jvm_rss_mb`). The memory engine builds the
+synthetic log in its own process as a DataFrame, as before; the DuckDB and Spark engines
+read the same rows from a Parquet file written beforehand by another process, so a log
+larger than memory never enters their process. Prints a table and writes
 benchmarks/results/cst_build.json (or --out).
 
-    python benchmarks/cst_build.py                 # ML-100K + 10M synthetic rows, both engines
+    python benchmarks/cst_build.py                 # ML-100K + 10M synthetic rows, memory and duckdb
     python benchmarks/cst_build.py --rows 1000000  # a smaller synthetic log
     python benchmarks/cst_build.py --rows 100000000 --engine duckdb --no-ml100k \
         --duckdb-memory-limit 6GB --out benchmarks/results/cst_build-100m.json
+    python benchmarks/cst_build.py --rows 1000000 --engine duckdb spark \
+        --spark-conf spark.driver.memory=4g --out benchmarks/results/cst_build-spark.json
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import platform
 import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +37,42 @@ RESULTS = Path(__file__).parent / "results" / "cst_build.json"
 def rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ChildMemory:
+    """Peak resident memory of this process's children (Spark's driver JVM), sampled
+    every `every` seconds from /proc while the context runs, in MiB (0 without /proc)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every, self.peak = every, 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _children_rss_kib(parent: int) -> int:
+        total = 0
+        for entry in Path("/proc").glob("[0-9]*"):
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields.get("PPid", "0").strip() or 0) == parent:
+                total += int(fields.get("VmRSS", "0 kB").split()[0])
+                total += ChildMemory._children_rss_kib(int(entry.name))
+        return total
+
+    def _sample(self) -> None:
+        while not self.done.wait(self.every):
+            self.peak = max(self.peak, self._children_rss_kib(os.getpid()) / 1024)
+
+    def __enter__(self) -> ChildMemory:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def synthetic_log(rows: int, users: int, items: int, seed: int = 0):
@@ -79,8 +120,7 @@ def write_synthetic_parquet(queue, rows: int, users: int, items: int, path: str,
     queue.put(len(codes))
 
 
-def case_ml100k(queue, engine: str = "memory", memory_limit: str = "4GB",
-                threads: int | None = None) -> None:
+def case_ml100k(queue, engine: str = "memory", settings: dict | None = None) -> None:
     from starrec.config import CSTConfig
     from starrec.cst.evidence import candidate_evidence
     from starrec.cst.store import EvidenceStore, build_store
@@ -92,9 +132,9 @@ def case_ml100k(queue, engine: str = "memory", memory_limit: str = "4GB",
     tasks = build_split_tasks(dataset, "test")
     allowed = task_interactions(dataset, tasks, "test")
     before = rss_mb()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ChildMemory() as jvm:
         start = time.perf_counter()
-        config = CSTConfig(engine=engine, duckdb_memory_limit=memory_limit, duckdb_threads=threads)
+        config = CSTConfig(engine=engine, **(settings or {}))
         path = build_store(allowed, dataset.items, Path(tmp) / "s.sqlite", config, progress=False)
         build = time.perf_counter() - start
         store = EvidenceStore(path)
@@ -111,11 +151,12 @@ def case_ml100k(queue, engine: str = "memory", memory_limit: str = "4GB",
                "users": meta["n_users"], "items": meta["n_items"], "build_s": round(build, 2),
                "stages_s": meta["timings_s"], "store_mb": round(size / 2**20, 1),
                "peak_rss_mb": round(rss_mb(), 0), "rss_before_build_mb": round(before, 0),
+               **({"peak_jvm_rss_mb": round(jvm.peak, 0)} if engine == "spark" else {}),
                "evidence_ms_median": round(1000 * sorted(timings)[len(timings) // 2], 2)})
 
 
 def case_synthetic(queue, engine: str, rows: int, users: int, items: int, parquet: str | None,
-                   memory_limit: str, threads: int | None, workdir: str | None) -> None:
+                   settings: dict, workdir: str | None) -> None:
     import sqlite3
 
     import pandas as pd
@@ -125,22 +166,26 @@ def case_synthetic(queue, engine: str, rows: int, users: int, items: int, parque
 
     # the latent models are the same Python code for both engines (the ML-100K case times
     # them); this case measures the count SQL at scale
-    config = CSTConfig(content=False, latent=False, engine=engine,
-                       duckdb_memory_limit=memory_limit, duckdb_threads=threads)
-    if engine == "duckdb":
-        from starrec.cst.sql import build_store_duckdb
-
-        log = parquet  # read by DuckDB, never loaded here
+    config = CSTConfig(content=False, latent=False, engine=engine, **settings)
+    if engine in ("duckdb", "spark"):
+        log = parquet  # read by DuckDB or Spark, never loaded here
         catalogue = pd.DataFrame({"title": [f"Item {i}" for i in range(items)]},
                                  index=pd.Index([f"i{i}" for i in range(items)], name="item"))
     else:
         log, catalogue = synthetic_log(rows, users, items)
     before = rss_mb()
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, ChildMemory() as jvm:
         start = time.perf_counter()
         if engine == "duckdb":
+            from starrec.cst.sql import build_store_duckdb
+
             path = build_store_duckdb(log, catalogue, Path(tmp) / "s.sqlite", config,
                                       progress=False)
+        elif engine == "spark":
+            from starrec.cst.spark import build_store_spark
+
+            path = build_store_spark(log, catalogue, Path(tmp) / "s.sqlite", config,
+                                     progress=False)
         else:
             path = build_store(log, catalogue, Path(tmp) / "s.sqlite", config, progress=False)
         build = time.perf_counter() - start
@@ -148,7 +193,11 @@ def case_synthetic(queue, engine: str, rows: int, users: int, items: int, parque
         meta = {k: json.loads(v)
                 for k, v in sqlite3.connect(path).execute("SELECT key, value FROM meta")}
     queue.put({"case": f"synthetic {rows:,} rows (content and latent models off)", "engine": engine,
-               "duckdb_memory_limit": memory_limit if engine == "duckdb" else None,
+               "duckdb_memory_limit": (settings["duckdb_memory_limit"] if engine == "duckdb"
+                                       else None),
+               **({"spark_master": settings.get("spark_master") or "local[*]",
+                   "spark_conf": settings.get("spark_conf", {}),
+                   "peak_jvm_rss_mb": round(jvm.peak, 0)} if engine == "spark" else {}),
                "rows": meta["n_interactions"], "users": users,
                "items": items, "build_s": round(build, 1), "stages_s": meta["timings_s"],
                "store_mb": round(size / 2**20, 1), "peak_rss_mb": round(rss_mb(), 0),
@@ -169,23 +218,29 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=50_000)
-    parser.add_argument("--engine", nargs="+", choices=("memory", "duckdb"),
+    parser.add_argument("--engine", nargs="+", choices=("memory", "duckdb", "spark"),
                         default=["memory", "duckdb"], help="engines to run, in this order")
     parser.add_argument("--no-ml100k", action="store_true", help="only the synthetic log")
     parser.add_argument("--duckdb-memory-limit", default="4GB")
     parser.add_argument("--duckdb-threads", type=int, default=None)
+    parser.add_argument("--spark-master", default=None,
+                        help="cst.spark_master (default: what Spark is told, else local[*])")
+    parser.add_argument("--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Spark setting (cst.spark_conf), e.g. spark.driver.memory=4g")
     parser.add_argument("--workdir", default=None,
                         help="folder for the stores, the Parquet log and DuckDB's spill files "
                              "(default: the system's temporary folder)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    duckdb_args = (args.duckdb_memory_limit, args.duckdb_threads)
+    settings = {"duckdb_memory_limit": args.duckdb_memory_limit,
+                "duckdb_threads": args.duckdb_threads, "spark_master": args.spark_master,
+                "spark_conf": dict(item.split("=", 1) for item in args.spark_conf)}
     results = []
     if not args.no_ml100k:
-        results += [run(case_ml100k, engine, *duckdb_args) for engine in args.engine]
+        results += [run(case_ml100k, engine, settings) for engine in args.engine]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         parquet = None
-        if "duckdb" in args.engine:
+        if {"duckdb", "spark"} & set(args.engine):
             parquet = str(Path(tmp) / "log.parquet")
             start = time.perf_counter()
             kept = run(write_synthetic_parquet, args.rows, args.users, args.items, parquet)
@@ -193,7 +248,7 @@ def main() -> None:
                   f"{time.perf_counter() - start:.0f} s", flush=True)
         for engine in args.engine:
             results.append(run(case_synthetic, engine, args.rows, args.users, args.items, parquet,
-                               *duckdb_args, args.workdir))
+                               settings, args.workdir))
             print(json.dumps(results[-1]), flush=True)
     payload = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
                "cases": results}

@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instead of starting llama.cpp servers")
     parser.add_argument("--served-model", help="the name --base-url serves the model under")
     parser.add_argument("--guided", default=None,
-                        help="llm.guided (default: llamacpp for started servers, else none)")
+                        help="guided of the system's llm section (default: llamacpp for "
+                        "started servers, else none)")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--users", default="eval-200", choices=("all", "eval-200", "valid-200"))
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -165,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tasks = starrec.load_task_set(args.dataset, cfg, users=args.users, limit=args.tasks)
     starrec.evidence_store(tasks, cfg)  # built before any level is timed
+    section = "mars" if args.system == "mars" else "student"  # whose llm settings answer
     with tempfile.TemporaryDirectory(prefix="llm-concurrency-") as work, ExitStack() as stack:
         if args.base_url:
             urls, served = args.base_url.split(","), args.served_model
         else:
-            gguf = served_gguf(args.model, cfg.llm.gguf_dtype)
+            gguf = served_gguf(args.model, getattr(cfg, section).llm.gguf_dtype)
             servers = [LlamaServer(gguf, alias=ALIAS, threads=args.threads, n_ctx=args.n_ctx,
                                    log_path=Path(work) / f"server{i}.log")
                        for i in range(args.servers)]
@@ -177,15 +179,16 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(server.stop)
                 server.start()
             urls, served = [s.url for s in servers], ALIAS
-        cfg.llm = cfg.llm.model_copy(update={
+        llm = getattr(cfg, section).llm.model_copy(update={
             "backend": "openai", "base_url": urls, "model": served, "served_model": served,
             "guided": args.guided or ("none" if args.base_url else "llamacpp")})
         spec = args.model if args.system == "star" else served
         print(f"{args.system} on {len(tasks)} tasks of {args.dataset} {args.users}, "
               f"{len(urls)} endpoint(s): {', '.join(urls)}")
         for concurrency in todo:
-            level_cfg = cfg.model_copy(update={"llm": cfg.llm.model_copy(
-                update={"concurrency": concurrency})})
+            level_llm = llm.model_copy(update={"concurrency": concurrency})
+            level_cfg = cfg.model_copy(update={
+                section: getattr(cfg, section).model_copy(update={"llm": level_llm})})
             start = time.perf_counter()
             evaluation = starrec.evaluate(args.system, tasks, level_cfg, model=spec,
                                           records=Path(work) / f"records-c{concurrency}.jsonl")

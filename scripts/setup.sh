@@ -60,4 +60,16 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   fi
 fi
 
+# `star cst build --engine spark` and its tests run Spark in local mode, which needs a Java
+# runtime (17 or 21 for Spark 4); without root or apt-get the Spark tests are skipped.
+if ! command -v java >/dev/null && [ -z "${JAVA_HOME:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        openjdk-17-jre-headless >/dev/null; } \
+      || echo "a Java runtime could not be installed: the Spark tests will be skipped"
+  else
+    echo "java missing (root and apt-get install openjdk-17-jre-headless): the Spark tests will be skipped"
+  fi
+fi
+
 python -c "import starrec, torch; print('starrec', starrec.__version__, '| torch', torch.__version__)"

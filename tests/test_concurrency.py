@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import starrec
-from starrec.config import CSTConfig, LLMConfig, StarConfig
+from starrec.config import CSTConfig, LLMConfig, MarsConfig, StarConfig
 from starrec.core import Recommendation, Task
 from starrec.evaluation.runner import IDENTITY_KEY, results_json, run_tasks
 from starrec.llm.base import LLMError, ServerUnavailable
@@ -181,7 +181,7 @@ def shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_the_teacher_with_a_served_model_answers_tasks_concurrently(shop, tmp_path):
-    cfg = StarConfig(cst=CSTConfig(content=False), llm=LLMConfig(concurrency=3))
+    cfg = StarConfig(cst=CSTConfig(content=False), mars=MarsConfig(llm=LLMConfig(concurrency=3)))
     tasks = starrec.load_task_set(str(shop), cfg, limit=8)
     model = ServedScript(_script())
     runs = tmp_path / "runs.jsonl"
@@ -191,7 +191,7 @@ def test_the_teacher_with_a_served_model_answers_tasks_concurrently(shop, tmp_pa
     ids = _record_ids(tmp_path / "c.jsonl")
     assert sorted(ids) == sorted(t.task_id for t in tasks) and len(set(ids)) == len(ids)
     assert sorted(json.loads(line)["task_id"] for line in runs.read_text().splitlines()) == sorted(ids)
-    sequential = starrec.evaluate("mars", tasks, cfg.model_copy(update={"llm": LLMConfig()}),
+    sequential = starrec.evaluate("mars", tasks, cfg.model_copy(update={"mars": MarsConfig()}),
                                   records=tmp_path / "s.jsonl", chat_model=ServedScript(_script()))
     assert concurrent.result["metrics"] == sequential.result["metrics"]
     assert [r.task_id for r in concurrent.records] == [t.task_id for t in tasks]

@@ -80,12 +80,12 @@ def student(tiny_lm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def _config(urls: list[str]) -> StarConfig:
+    llm = LLMConfig(backend="openai", base_url=urls or None, model=ALIAS, served_model=ALIAS,
+                    guided="llamacpp", concurrency=2, timeout_s=120, max_retries=2,
+                    backoff_s=0.2, endpoint_cooldown_s=1.0)
     return StarConfig(
-        cst=CSTConfig(content=False, token_budget=200), mars=MARS,
-        student=StudentConfig(max_new_tokens=48),
-        llm=LLMConfig(backend="openai", base_url=urls or None, model=ALIAS, served_model=ALIAS,
-                      guided="llamacpp", concurrency=2, timeout_s=120, max_retries=2,
-                      backoff_s=0.2, endpoint_cooldown_s=1.0))
+        cst=CSTConfig(content=False, token_budget=200), mars=MARS.model_copy(update={"llm": llm}),
+        student=StudentConfig(max_new_tokens=48, llm=llm))
 
 
 def _server(gguf: Path, tmp_path: Path, name: str) -> LlamaServer:

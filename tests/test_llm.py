@@ -503,13 +503,17 @@ def test_default_yaml_is_the_dump_of_the_code_defaults():
     assert load_config(path) == StarConfig()
 
 
-def test_llm_config_section_loads_from_yaml():
+def test_llm_config_sections_load_from_yaml():
     config = load_config(Path(__file__).parents[1] / "configs" / "default.yaml",
-                         ["llm.guided=vllm", "llm.concurrency=16"])
-    assert config.llm.guided == "vllm" and config.llm.concurrency == 16
-    assert config.llm.model == "smollm2" and config.llm.backend == "auto"
+                         ["mars.llm.guided=vllm", "mars.llm.concurrency=16",
+                          "student.llm.base_url=http://gpu:8000/v1"])
+    assert config.mars.llm.guided == "vllm" and config.mars.llm.concurrency == 16
+    assert config.mars.llm.model == "smollm2" and config.mars.llm.backend == "auto"
+    # the teacher's and the student's are apart: a served student, a teacher in process
+    assert config.student.llm.guided == "none" and config.student.llm.concurrency == 1
+    assert config.student.llm.base_url == ["http://gpu:8000/v1"] and config.mars.llm.base_url is None
     with pytest.raises(ValueError):
-        load_config(None, ["llm.guided=outlines"])
+        load_config(None, ["mars.llm.guided=outlines"])
 
 
 def test_llamacpp_missing_package_names_the_extra(tmp_path):
@@ -652,8 +656,8 @@ def _cli_world(tmp_path: Path, monkeypatch) -> Path:
     return data
 
 
-TINY_RUN = ["--set", "cst.content=false", "--set", "llm.backend=transformers", "--set",
-            "llm.threads=1", "--set", "mars.reflection_rounds=0", "--set", "mars.max_turns=1",
+TINY_RUN = ["--set", "cst.content=false", "--set", "mars.llm.backend=transformers", "--set",
+            "mars.llm.threads=1", "--set", "mars.reflection_rounds=0", "--set", "mars.max_turns=1",
             "--set", "mars.analysts=[recent]", "--limit", "1"]
 
 

@@ -50,7 +50,8 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
             "--set", "cst.content=false", "--set", f"sft.base_model={tiny_lm_dir}",
             "--set", "sft.max_steps=1", "--set", "sft.max_length=2048",
             "--set", "sft.filter.top_k=20",  # a scripted teacher rarely ranks the target first
-            "--set", "student.max_new_tokens=8", "--set", "llm.backend=transformers",
+            "--set", "student.max_new_tokens=8", "--set", "mars.llm.backend=transformers",
+            "--set", "student.llm.backend=transformers",
             "--set", "grpo.max_completion_length=8", "--set", "grpo.train_tasks=2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -120,9 +121,12 @@ def test_teacher_draws_are_nested_and_whole_users():
 
 
 def test_pipeline_refuses_orders_that_would_drop_every_teacher_run(tmp_path):
+    # one of the two set: the other follows (StarConfig's rule, tests/test_config.py)
     result = CliRunner().invoke(app, ["pipeline", "--out", str(tmp_path),
-                                      "--set", "mars.candidate_order=cst"])
-    assert result.exit_code != 0 and "must agree" in result.output
+                                      "--set", "mars.candidate_order=cst",
+                                      "--set", "sft.format.candidate_order=presented"])
+    assert result.exit_code == 2 and "must agree" in result.output
+    assert not any(tmp_path.iterdir())  # refused before any stage
 
 
 def test_answerer_key_follows_what_decides_the_answers(tmp_path):

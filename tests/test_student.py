@@ -423,7 +423,7 @@ def test_real_tiny_model_single_pass(world, tiny_lm_dir, tmp_path):
     plans = ["a: the user", "b: the items"]
     write_model_card(folder, ModelCard(stage="sft", base_model="tiny", base_model_path=str(tiny_lm_dir),
                                        format=fmt, plan_choices=plans, max_reflection_tokens=5))
-    config = StarConfig(llm=LLMConfig(threads=1), student=StudentConfig(max_new_tokens=12))
+    config = StarConfig(student=StudentConfig(max_new_tokens=12, llm=LLMConfig(threads=1)))
     system = load_star_system(folder, store, config)
     assert system.student.fmt == fmt
     records = run_tasks(system, tasks[:2], progress=False)

@@ -118,12 +118,19 @@ class CSTConfig(Strict):
     ranker_min_data: int = 20  # rows per leaf at least
     ranker_holdout: float = 0.2  # share of the fit users that choose the number of trees
     ranker_seed: int = 0
-    engine: Literal["memory", "duckdb"] = Field("memory", description=(
-        "how the store is computed (not part of its version: both engines write the same "
+    engine: Literal["memory", "duckdb", "spark"] = Field("memory", description=(
+        "how the store is computed (not part of its version: every engine writes the same "
         "store): memory = sparse matrices in this process, fastest while the log fits in "
-        "RAM; duckdb = the counts as SQL over Parquet, out of core (`pip install .[scale]`)"))
+        "RAM; duckdb = the counts as SQL over Parquet, out of core (`pip install .[scale]`); "
+        "spark = the same SQL on Spark, local or a cluster (`.[spark]` and Java; "
+        "docs/scaling.md)"))
     duckdb_memory_limit: str = "4GB"  # DuckDB's memory cap; past it, it spills beside the store
     duckdb_threads: int | None = None  # DuckDB worker threads; None = all cores
+    # Spark's master URL (local[*], spark://host:7077, yarn, k8s://...); None: what Spark is
+    # told (spark-submit --master, $MASTER, spark-defaults.conf), else local[*]
+    spark_master: str | None = None
+    # Spark settings of a session the build starts, e.g. {spark.driver.memory: 8g}
+    spark_conf: dict[str, str | int | float | bool] = {}
 
 
 class EvalConfig(Strict):
@@ -132,37 +139,54 @@ class EvalConfig(Strict):
 
 
 class LLMConfig(Strict):
-    """Which engine answers `ChatModel` calls (see `starrec.llm.models.load_chat_model`)."""
+    """Which engine answers `ChatModel` calls and how it is reached (see
+    `starrec.llm.models.load_chat_model`). The teacher (`mars.llm`) and the student
+    (`student.llm`) each have one, so one can be served while the other runs in process."""
 
-    backend: Literal["auto", "transformers", "llamacpp", "openai"] = "auto"
-    model: str = "smollm2"  # smollm2 | local folder | hub id | .gguf file | http(s)://host:port/v1
-    # OpenAI-compatible server(s), requests spread over them (starrec.llm.endpoints);
-    # `model` is then the served name
-    base_url: list[str] | None = None  # a URL, a list, or "url1,url2"
-    # the name the server serves the model under (`vllm serve runs/student` serves it as
-    # runs/student)
-    served_model: str | None = None  # None: the model spec
-    api_key_env: str = "OPENAI_API_KEY"  # name of the env var holding the key, never the key
-    timeout_s: float = 120.0
-    max_retries: int = 3  # on timeouts, 429, 5xx and connection errors
-    backoff_s: float = 0.5  # first retry's wait, doubled per retry; a server's Retry-After wins
-    endpoint_cooldown_s: float = 10.0  # an endpoint that failed is tried again after this
-    # teach, eval and pipeline with a served model; in-process engines run one task at a time
-    concurrency: int = 1  # tasks in flight at once
-    # server-side constrained decoding: vllm (>=0.12 structured_outputs), vllm-legacy
-    # (guided_*), llamacpp (llama.cpp server grammar/json_schema) or none
-    guided: Literal["none", "vllm", "vllm-legacy", "llamacpp"] = "none"
-    threads: int | None = None  # in-process backends; None = all cores
-    n_ctx: int = 8192  # llama.cpp context (prompt + answer), in tokens
-    # llama.cpp weights of a model folder, exported once next to it (model-<dtype>.gguf)
-    gguf_dtype: Literal["f32", "f16", "q8_0"] = "f16"
-    # a chat template for a model that has none (a base model, a GGUF written without
-    # one) or to replace its own: a Jinja file, or a model folder whose
-    # chat_template.jinja / tokenizer_config.json holds one. In-process backends only; a
-    # server applies its own.
-    chat_template: str | None = None
-    max_tokens: int = 512
-    temperature: float = 0.0
+    backend: Literal["auto", "transformers", "llamacpp", "openai"] = Field("auto", description=(
+        "the engine: auto (a server for a URL or with base_url, else llama.cpp where it is "
+        "installed, else transformers), transformers, llamacpp or openai (any "
+        "OpenAI-compatible server)"))
+    model: str = Field("smollm2", description=(
+        "the model when --model is not given: smollm2, a model folder, a hub id, a .gguf "
+        "file or http(s)://host:port/v1; with a URL as the model, the name the server "
+        "serves it under. A student is always given by --model (its folder holds its format)"))
+    base_url: list[str] | None = Field(None, description=(
+        "OpenAI-compatible server(s) answering the model, requests spread over them "
+        "(starrec.llm.endpoints): a URL, a list, or \"url1,url2\"; `model` is then the "
+        "served name"))
+    served_model: str | None = Field(None, description=(
+        "the name the server serves the model under, where it differs from the model's "
+        "spec (`vllm serve runs/student` serves it as runs/student); None: the spec"))
+    api_key_env: str = Field("OPENAI_API_KEY", description=(
+        "name of the environment variable holding the server's key, never the key itself"))
+    timeout_s: float = Field(120.0, description="seconds a request may take before it is retried")
+    max_retries: int = Field(3, description="retries on timeouts, 429, 5xx and connection errors")
+    backoff_s: float = Field(0.5, description=(
+        "first retry's wait, doubled per retry; a server's Retry-After wins"))
+    endpoint_cooldown_s: float = Field(10.0, description=(
+        "an endpoint taken out after failures is tried again after this"))
+    concurrency: int = Field(1, description=(
+        "tasks in flight at once with a served model (eval, teach, pipeline); in-process "
+        "engines run one task at a time"))
+    guided: Literal["none", "vllm", "vllm-legacy", "llamacpp"] = Field("none", description=(
+        "server-side constrained decoding: vllm (>=0.12 structured outputs), vllm-legacy "
+        "(guided_* fields), llamacpp (llama.cpp server grammars) or none (answers are "
+        "parsed and repaired); in-process engines mask tokens themselves"))
+    threads: int | None = Field(None, description="cores of an in-process engine; None: all")
+    n_ctx: int = Field(8192, description="llama.cpp context (prompt + answer), in tokens")
+    gguf_dtype: Literal["f32", "f16", "q8_0"] = Field("f16", description=(
+        "llama.cpp weights of a model folder, exported once next to it (model-<dtype>.gguf)"))
+    chat_template: str | None = Field(None, description=(
+        "a chat template for a model without one (a base model, a GGUF written without "
+        "one) or to replace its own: a Jinja file, or a model folder holding one. "
+        "In-process engines only: a server applies its own"))
+    max_tokens: int = Field(512, description=(
+        "not read: every call sets its own (mars.max_tokens, student.max_new_tokens); "
+        "kept because records identities hash it"))
+    temperature: float = Field(0.0, description=(
+        "not read: every call sets its own (mars.temperature, student.temperature); kept "
+        "because records identities hash it"))
 
     @field_validator("base_url", mode="before")
     @classmethod
@@ -181,15 +205,32 @@ class LLMConfig(Strict):
             raise ValueError("must be at least 1")
         return value
 
+    @model_validator(mode="after")
+    def _engine_and_server(self) -> LLMConfig:
+        """Settings of a server and of an in-process engine that cannot both hold: each
+        would otherwise be ignored without a word."""
+        if self.backend in ("transformers", "llamacpp"):
+            if self.base_url:
+                raise ValueError(f"base_url is set but backend={self.backend} runs the model "
+                                 "in process: use backend auto or openai, or drop base_url")
+            if self.guided != "none":
+                raise ValueError(f"guided={self.guided} is server-side decoding but "
+                                 f"backend={self.backend} runs the model in process (it masks "
+                                 "tokens itself): use guided none")
+        if self.chat_template and (self.backend == "openai" or self.base_url):
+            raise ValueError("chat_template applies to in-process models; a server applies "
+                             "its own template (e.g. vllm serve --chat-template)")
+        return self
+
 
 class MarsTokens(Strict):
-    """Generated tokens per call, by role: decoding is most of a teacher run's time
-    (SmolLM2-135M, llama.cpp, 2 cores: about 17 tokens/s at a 2.5k-token context)."""
+    """Generated tokens per call, by role: decoding is most of a teacher run's time on a
+    CPU, so each cap is what its role's answer needs."""
 
     planner: int = 96
     analyst: int = 64  # per turn: a tool call or the findings
     reflector: int = 64
-    ranker: int = 120  # <recommend> and a permutation of 20 indices (about 75 tokens)
+    ranker: int = 120  # room for <recommend> and a permutation of 20 labels
 
 
 CandidateOrder = Literal["cst", "presented"]
@@ -204,19 +245,22 @@ class MarsConfig(Strict):
     max_tool_calls: int = 1  # per analyst run; at the cap its next turn must answer
     reflection_rounds: int = 1  # times the Reflector may send analysts back; 0: no Reflector
     max_repairs: int = 2  # re-asks after an unparsable answer, per call
-    # decode plans, verdicts and tool calls as a choice among well-formed options where the
-    # backend can (small models cannot follow those formats); findings stay free text
-    constrain: bool = True
-    temperature: float = 0.0
+    constrain: bool = Field(True, description=(
+        "decode plans, verdicts and tool calls as a choice among well-formed options where "
+        "the backend can (small models cannot follow those formats); findings stay free text"))
+    temperature: float = 0.0  # of every role's calls
     seed: int = 0  # a run's seed is seed + sample unless given
     history_items: int = 10  # most recent history items shown in every prompt
-    # the order in which the model is shown (and labels) the candidates (DESIGN.md 3.7):
-    # "presented" = the task file's shuffled order, the protocol of headline numbers;
-    # "cst" = the cst ranker's order, a secondary setting judged by its lift over cst
-    candidate_order: CandidateOrder = "presented"
+    candidate_order: CandidateOrder = Field("presented", description=(
+        "the order the model is shown (and labels) the candidates in (DESIGN.md 3.7): "
+        "presented = the task file's shuffled order, the protocol of headline numbers; cst "
+        "= the cst ranker's order, a secondary setting judged by its lift over cst. One "
+        "setting with sft.format.candidate_order: set either, the other follows"))
     labels: LabelStyle = "letters"  # candidate labels in prompts and rankings (starrec.labels)
     evidence_budget: int | None = 400  # tokens per tool response; None: the store's cst.token_budget
     max_tokens: MarsTokens = MarsTokens()
+    llm: LLMConfig = Field(default_factory=LLMConfig, description=(
+        "the teacher's LLM: engine, model, server"))
 
 
 class StudentFormatConfig(Strict):
@@ -229,7 +273,9 @@ class StudentFormatConfig(Strict):
     history_items: int = 20  # most recent history titles shown in the prompt
     max_tool_calls: int = 8  # teacher calls kept per sequence (the first ones)
     keep_failed_tools: bool = False  # also keep calls a tool answered with an error
-    candidate_order: CandidateOrder = "presented"  # as mars.candidate_order; must match the teacher's
+    candidate_order: CandidateOrder = Field("presented", description=(
+        "the teacher's: one setting with mars.candidate_order (set either, the other "
+        "follows), since the filters keep only teacher runs shown this order"))
     labels: LabelStyle = "letters"  # as mars.labels; a teacher's rankings are relabelled
 
 
@@ -281,22 +327,23 @@ def check_trl_options(options: dict[str, Any], config_class: str) -> dict[str, A
 class FineTuneSettings(Strict):
     """What every fine-tune of a base model shares: the model and LoRA or full weights."""
 
-    base_model: str = "smollm2"  # model spec, resolved like llm.model (folder, hub id, ...)
+    base_model: str = "smollm2"  # model spec, resolved like mars.llm.model (folder, hub id, ...)
     lora: bool = True  # False: full fine-tune
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    # every linear layer: a few dozen steps on CPU must move the model, not only attention
-    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj"]
+    lora_targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="every linear layer: a few dozen steps on a CPU must move the model, "
+        "not only its attention")
     merge: bool = True  # merge LoRA into the weights: eval/serve load a plain model folder
 
 
 class SFTSettings(FineTuneSettings):
     learning_rate: float | None = None  # None: 1e-3 with LoRA, 2e-5 for a full fine-tune
-    # ML-100K's 19 kept runs: validation loss fell through epoch 6 (0.64, 0.37, 0.29, 0.20,
-    # 0.17, 0.15); after 3 the student had not learned where its plan ends
-    epochs: float = 6.0
+    epochs: float = Field(6.0, description=(
+        "passes over the kept runs: few runs need several for the student to learn where "
+        "each part ends (chosen on the validation loss: docs/experiment-log.md)"))
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     max_length: int = 4096  # longer sequences are dropped, never cut before <recommend>
     batch_size: int = 1
@@ -307,7 +354,7 @@ class SFTSettings(FineTuneSettings):
     save_steps: int = 5  # checkpoint every N steps (resume restarts from the latest)
     save_total_limit: int = 2
     logging_steps: int = 1
-    gradient_checkpointing: bool = False  # GPUs only; always off on CPU (13x slower there)
+    gradient_checkpointing: bool = False  # GPUs only; always off on a CPU (far slower there)
     seed: int = 0
     format: StudentFormatConfig = StudentFormatConfig()
     filter: TrajectoryFilterConfig = TrajectoryFilterConfig()
@@ -323,9 +370,8 @@ class SFTSettings(FineTuneSettings):
     @property
     def lr(self) -> float:
         """The learning rate used: the setting, else a default for LoRA or full. LoRA's is
-        high because its runs here are short: 15 steps at 2e-4 moved the attention weights
-        by about 0.1% of their norm (benchmarks/weight_change.py), and the student still
-        wrote like its base model."""
+        high because runs on a CPU are a few dozen steps, and at the usual 2e-4 those
+        barely moved the weights (docs/architecture.md, Distillation)."""
         if self.learning_rate is not None:
             return self.learning_rate
         return 1e-3 if self.lora else 2e-5
@@ -338,7 +384,7 @@ class GRPOSettings(FineTuneSettings):
 
     The defaults are the CPU preset (`--preset cpu`), sized so that a 135M student moves
     within hours on 2 cores: a step is `prompts_per_step` x `group_size` passes of up to
-    `max_completion_length` tokens decoded one after another, a few minutes here. They are
+    `max_completion_length` tokens decoded one after another. They are
     starting values, each to be chosen by a measurement on train tasks or valid-200, never
     on eval-200 (DESIGN.md 3.2): `group_size` by the share of groups whose rewards all tie
     (TRL's frac_reward_zero_std: such a group teaches nothing) against the seconds per
@@ -465,30 +511,47 @@ class StudentConfig(Strict):
     """Single-pass inference of a distilled student (`star eval --system star`, serve)."""
 
     max_tool_calls: int = 8  # later calls are answered with a "limit reached" message
-    # generated tokens per task, over all continuations (a repair under way may finish past
-    # it): the first ML-100K SFT data held at most 594 tokens of the student's own per
-    # sequence (`max_trained_tokens` of a card's data), so this bounds a pass that rambles
-    max_new_tokens: int = 768
+    max_new_tokens: int = Field(768, description=(
+        "generated tokens per task, over all continuations (a repair under way may finish "
+        "past it): above what a student writes in its training data (a card's "
+        "max_trained_tokens), so it only stops a pass that rambles"))
     temperature: float = 0.0
     seed: int | None = None
-    # where the backend can, the format's structure is decoded under masks (see
-    # inference/student.py): the plan among the card's plan_choices (the plans its teacher
-    # chose among), the part after the plan and after each tool response among those the
-    # format allows there, and a reflection pauses at its end (cut at the card's
-    # max_reflection_tokens) so the ranking follows; a tool call that does not parse, fails
-    # its schema, names an unknown item or rambles past any runnable call is decoded again
-    # among the runnable calls, and a <recommend> list that is not a permutation (or none
-    # at all) is decoded again as one
-    constrain: bool = True
-    # how the ranking is produced: generate = written as a <recommend> list; fast = read from
-    # the label logits of a ranking head after one forward pass over a compact prompt;
-    # reason = plan, tools and reflection generated as in `generate`, then the ranking read
-    # from the same head at the <recommend>[ position; auto = the card's head mode where the
-    # model folder has a head (`star distill rank`), else generate
-    mode: Literal["auto", "generate", "fast", "reason"] = "auto"
-    # head modes: average the label scores over this many seeded shuffles of the candidates
-    # (LLMRank's bootstrapping; the first is the shown order); 1 = no debiasing
-    debias_shuffles: int = 1
+    constrain: bool = Field(True, description=(
+        "where the backend can, decode the format's structure under masks "
+        "(inference/student.py): the plan among the card's plan_choices, the part after "
+        "the plan and after each tool response among those the format allows there, a "
+        "reflection paused at its end (cut at the card's max_reflection_tokens); a tool "
+        "call that does not parse, fails its schema, names an unknown item or rambles is "
+        "decoded again among the runnable calls, and a <recommend> list that is not a "
+        "permutation again as one"))
+    mode: Literal["auto", "generate", "fast", "reason"] = Field("auto", description=(
+        "how the ranking is produced: generate = written as a <recommend> list; fast = "
+        "read from the label logits of a ranking head after one forward pass over a "
+        "compact prompt; reason = plan, tools and reflection generated, then the ranking "
+        "read from the head at the <recommend>[ position; auto = the card's head mode "
+        "where the model folder has a head (`star distill rank`), else generate"))
+    debias_shuffles: int = Field(1, description=(
+        "fast mode: average the label scores over this many seeded shuffles of the "
+        "candidates (LLMRank's bootstrapping; the first is the shown order); 1 = none"))
+    llm: LLMConfig = Field(default_factory=LLMConfig, description=(
+        "the student's LLM: engine, server (the model is --model, a student folder)"))
+
+    @field_validator("debias_shuffles")
+    @classmethod
+    def _shuffles(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 (1: no debiasing)")
+        return value
+
+    @model_validator(mode="after")
+    def _debias_needs_fast(self) -> StudentConfig:
+        if self.debias_shuffles > 1 and self.mode in ("generate", "reason"):
+            raise ValueError(
+                f"debias_shuffles={self.debias_shuffles} applies to the fast mode (mode fast, "
+                f"or auto on a card whose head is fast), not mode={self.mode}: a generated "
+                "ranking or reasoning names the candidates by their labels in one order")
+        return self
 
 
 class PipelineConfig(Strict):
@@ -504,17 +567,81 @@ class PipelineConfig(Strict):
     grpo: bool = Field(True, description="GRPO of the SFT student (the `grpo` section) and its evaluation")
 
 
+class ConfigDeprecationWarning(FutureWarning):
+    """A setting that still works but is going away (FutureWarning: shown by default, as
+    warnings meant for users are). The commands print it as a `warning:` line."""
+
+
+# the old top-level `llm` section, which answered for teacher and student alike: read for
+# one release, then refused
+LEGACY_LLM_TARGETS = ("mars", "student")
+
+
+def _plain_section(value: Any) -> dict[str, Any]:
+    """A section given as a dict or a model, as a dict of what was set in it."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(exclude_unset=True)
+    return dict(value) if isinstance(value, dict) else {}
+
+
 class StarConfig(Strict):
     data: DataConfig = DataConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     cst: CSTConfig = CSTConfig()
     eval: EvalConfig = EvalConfig()
-    llm: LLMConfig = LLMConfig()
     mars: MarsConfig = MarsConfig()
     sft: SFTSettings = SFTSettings()
     grpo: GRPOSettings = GRPOSettings()
     student: StudentConfig = StudentConfig()
     pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_llm(cls, data: Any) -> Any:
+        """The top-level `llm` section of before the split, laid under `mars.llm` and
+        `student.llm` (keys set there win), with a ConfigDeprecationWarning."""
+        if not isinstance(data, dict) or "llm" not in data:
+            return data
+        import warnings
+
+        data = dict(data)
+        legacy = _plain_section(data.pop("llm"))
+        if not legacy:
+            return data
+        keys = ", ".join(f"llm.{key}" for key in legacy)
+        warnings.warn(
+            f"the top-level llm section ({keys}) is deprecated and will be refused in the "
+            "next release: it is applied to both mars.llm (the teacher) and student.llm (the "
+            "student); write those sections instead (e.g. --set mars.llm.base_url=URL)",
+            ConfigDeprecationWarning, stacklevel=2)
+        for target in LEGACY_LLM_TARGETS:
+            section = _plain_section(data.get(target, {}))
+            section["llm"] = {**legacy, **_plain_section(section.get("llm", {}))}
+            data[target] = section
+        return data
+
+    @model_validator(mode="after")
+    def _one_candidate_order(self) -> StarConfig:
+        """The teacher's candidate order and its student's format's are one setting: the
+        SFT filters keep only teacher runs shown the format's order, so a pipeline whose
+        two differ would run the teacher for hours and train on nothing. Set one and the
+        other follows; two different values set explicitly are refused."""
+        teacher, student = self.mars.candidate_order, self.sft.format.candidate_order
+        if teacher == student:
+            return self
+        teacher_set = "candidate_order" in self.mars.model_fields_set
+        student_set = "candidate_order" in self.sft.format.model_fields_set
+        if teacher_set and student_set:
+            raise ValueError(
+                f"mars.candidate_order ({teacher}) and sft.format.candidate_order ({student}) "
+                "must agree: the student is trained on teacher runs shown its format's order "
+                "(set one of them; the other follows)")
+        if teacher_set:
+            fmt = self.sft.format.model_copy(update={"candidate_order": teacher})
+            self.sft = self.sft.model_copy(update={"format": fmt})
+        else:
+            self.mars = self.mars.model_copy(update={"candidate_order": student})
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -292,7 +292,7 @@ def make_system(name: str, task_set: TaskSet, config: StarConfig | None = None,
     if chat_model is None:
         from starrec.llm.models import load_chat_model
 
-        chat_model = load_chat_model(str(model) if model is not None else None, cfg.llm)
+        chat_model = load_chat_model(str(model) if model is not None else None, cfg.mars.llm)
     return MarsSystem(MarsTeacher(chat_model, store, cfg.mars), writer)
 
 
@@ -324,7 +324,7 @@ def evaluate(system: str | System, task_set: TaskSet, config: StarConfig | None 
     resumed from `records` when that file was written by the same system, model,
     configuration and task file (another identity is refused; `fresh` starts it over);
     the teacher also appends its full runs to `trajectories`. A served model answers
-    `llm.concurrency` tasks at once (records written as they finish, results in task
+    `mars.llm.concurrency` (`student.llm.concurrency`) tasks at once (records written as they finish, results in task
     order); an in-process one answers them one by one."""
     cfg = _config(config)
     loaded = task_set.dataset
@@ -389,12 +389,9 @@ def _evaluate_llm(system: str, task_set: TaskSet, cfg: StarConfig, model: str | 
     from starrec.trajectories.recorder import TrajectoryWriter
 
     store_path = evidence_store_path(task_set, cfg)
-    section = cfg.mars if system == "mars" else cfg.student
-    spec = str(model) if model is not None else cfg.llm.model
-    params: dict[str, Any] = {"params": section.model_dump(), "model": spec,
-                              "llm": cfg.llm.model_dump(), "cst_store": store_path.name}
-    if system == "mars":  # what the teacher is shown (DESIGN.md 3.7), for every table
-        params["candidate_order"] = cfg.mars.candidate_order
+    llm = (cfg.mars if system == "mars" else cfg.student).llm
+    params = llm_identity_params(system, cfg, model, store_path.name)
+    spec = params["model"]
     with ExitStack() as stack:  # the trajectories' lock is released however this ends
         writer = (stack.enter_context(TrajectoryWriter(trajectories))
                   if trajectories is not None and system == "mars" else None)
@@ -412,7 +409,7 @@ def _evaluate_llm(system: str, task_set: TaskSet, cfg: StarConfig, model: str | 
         # system of its own (its store connection) around the one loaded model
         served = _chat_model_of(llm_system)
         concurrency = task_concurrency(served if served is not None else llm_system,
-                                       cfg.llm.concurrency)
+                                       llm.concurrency)
 
         def another_system() -> System:
             return make_system(system, task_set, cfg, model, store=EvidenceStore(store_path),
@@ -423,6 +420,25 @@ def _evaluate_llm(system: str, task_set: TaskSet, cfg: StarConfig, model: str | 
                                        dataset_fingerprint=task_set.dataset.fingerprint(),
                                        concurrency=concurrency, make_system=another_system)
     return Evaluation(result, rows)
+
+
+def llm_identity_params(system: str, cfg: StarConfig, model: str | Path | None,
+                        store_name: str) -> dict[str, Any]:
+    """The settings a teacher (`mars`) or student (`star`) run's records identity hashes,
+    before a student's card adds its format: the system's section without its LLM,
+    the model spec, the LLM's settings under "llm" and the evidence store's name. The
+    LLM's settings stay out of "params" and go under "llm" as in the records written
+    before the teacher and the student had an `llm` each, so that an unchanged teacher
+    setup hashes as it did (`starrec.evaluation.identity` leaves out what changes only
+    where or how fast answers come)."""
+    section = cfg.mars if system == "mars" else cfg.student
+    params: dict[str, Any] = {
+        "params": section.model_dump(exclude={"llm"}),
+        "model": str(model) if model is not None else section.llm.model,
+        "llm": section.llm.model_dump(), "cst_store": store_name}
+    if system == "mars":  # what the teacher is shown (DESIGN.md 3.7), for every table
+        params["candidate_order"] = cfg.mars.candidate_order
+    return params
 
 
 def _chat_model_of(llm_system: System) -> ChatModel | None:
@@ -443,7 +459,7 @@ def teach(task_set: TaskSet, config: StarConfig | None = None, *, out: str | Pat
           chat_model: ChatModel | None = None) -> TeachSummary:
     """Teacher runs of a task set appended to `out` (resumed where it exists), each run
     reading the evidence store built from exactly what these tasks may see;
-    `llm.concurrency` runs at once when the model is served. The model is loaded and
+    `mars.llm.concurrency` runs at once when the model is served. The model is loaded and
     preflighted first, so one that cannot answer stops before the store is built or any
     task is run."""
     from dataclasses import replace
@@ -458,13 +474,13 @@ def teach(task_set: TaskSet, config: StarConfig | None = None, *, out: str | Pat
     cfg = _config(config)
     split_of(task_set.tasks)  # one split, before the model loads
     if chat_model is None:
-        chat_model = models.load_chat_model(model, cfg.llm)
+        chat_model = models.load_chat_model(model, cfg.mars.llm)
     store = evidence_store_path(task_set, cfg)
 
     def teacher() -> MarsTeacher:
         return MarsTeacher(chat_model, EvidenceStore(store), cfg.mars)  # a connection per thread
 
     summary = run_teacher(teacher, task_set.tasks, Path(out), samples=samples,
-                          concurrency=task_concurrency(chat_model, cfg.llm.concurrency),
+                          concurrency=task_concurrency(chat_model, cfg.mars.llm.concurrency),
                           retry_errors=retry_errors)
     return replace(summary, model=chat_model.name)

@@ -281,10 +281,14 @@ def answerer_key(system: str, spec: str | None, cfg: StarConfig) -> str:
         card = read_model_card(spec) if spec else None
         read = {"created", "format", "plan_choices", "max_reflection_tokens"}
         identity: Any = {"card": card.model_dump(mode="json", include=read) if card else None,
-                         "student": cfg.student.model_dump()}
+                         "student": cfg.student.model_dump(exclude={"llm"})}
+        llm = cfg.student.llm
     else:
-        identity = {"model": spec or cfg.llm.model, "mars": cfg.mars.model_dump()}
-    identity["llm"] = identity_settings({"llm": cfg.llm.model_dump()})["llm"]
+        identity = {"model": spec or cfg.mars.llm.model,
+                    "mars": cfg.mars.model_dump(exclude={"llm"})}
+        llm = cfg.mars.llm
+    # the answering system's LLM where the one old `llm` section was: unchanged keys
+    identity["llm"] = identity_settings({"llm": llm.model_dump()})["llm"]
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -53,7 +53,10 @@ class MarsTeacher:
         seed = self.config.seed + sample if seed is None else seed
         record = TeacherRun(
             task_id=task.task_id, task=json.loads(task.to_json()), model=self.model.name,
-            config={"mars": self.config.model_dump(), "cst_version": self.store.meta.get("version")},
+            # the teacher's settings as runs have always recorded them: its LLM's engine and
+            # server are not the run's (the model's name is `model`)
+            config={"mars": self.config.model_dump(exclude={"llm"}),
+                    "cst_version": self.store.meta.get("version")},
             sample=sample, seed=seed)
         presented = list(task.candidates)
         shown = task

@@ -17,6 +17,7 @@ import io
 import os
 import shutil
 import sys
+import textwrap
 import tokenize
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -66,6 +67,23 @@ def _scalar(value: Any) -> str:
     return text[:-4].strip() if text.endswith("\n...") else text
 
 
+# a key's comment that would make its line longer than this goes on lines of its own above it
+WIDTH = 100
+
+
+def _commented(pad: str, line: str, note: str | None, lines: list[str]) -> None:
+    """`line` with `note` as its comment: at its end when the two fit in WIDTH, else
+    wrapped into comment lines above it."""
+    if not note:
+        lines.append(line)
+    elif len(line) + 4 + len(note) <= WIDTH:
+        lines.append(f"{line}  # {note}")
+    else:
+        lines.extend(textwrap.wrap(note, WIDTH, initial_indent=f"{pad}# ",
+                                   subsequent_indent=f"{pad}# ", break_on_hyphens=False))
+        lines.append(line)
+
+
 def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
     fields = type(model).model_fields
     comments = _line_comments(type(model))
@@ -74,14 +92,14 @@ def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
         note = info.description or comments.get(name)
         pad = " " * indent
         if isinstance(value, BaseModel) and type(value).model_fields:
-            lines.append(f"{pad}{name}:" + (f"  # {note}" if note else ""))
+            _commented(pad, f"{pad}{name}:", note, lines)
             _emit(value, indent + 2, lines)
             continue
         if isinstance(value, BaseModel):
             text = "{}"
         else:
             text = _scalar(model.model_dump(mode="json", include={name})[name])
-        lines.append(f"{pad}{name}: {text}" + (f"  # {note}" if note else ""))
+        _commented(pad, f"{pad}{name}: {text}", note, lines)
 
 
 def dump_defaults() -> str:

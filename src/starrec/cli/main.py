@@ -23,6 +23,7 @@ from starrec.cli.options import (
     TasksOption,
     UsersOption,
     choice_option,
+    llm_section,
 )
 from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
@@ -135,7 +136,8 @@ def evaluate(
         help="mars: also append every full teacher run to this JSON lines file.")] = None,
     chat_template: Annotated[Optional[Path], typer.Option(
         help="mars / star: a chat template for a model without one (or to replace its own): "
-        "a Jinja file, or a model folder holding one. Sets llm.chat_template.")] = None,
+        "a Jinja file, or a model folder holding one. Sets mars.llm.chat_template or "
+        "student.llm.chat_template.")] = None,
     concurrency: ConcurrencyOption = None,
     columns: ColumnsOption = None,
     config: ConfigOption = None,
@@ -151,7 +153,8 @@ def evaluate(
       star eval --system sasrec --users eval-200 --out runs/sasrec.json
       star eval --system cst --split valid --scenario short_term --out runs/cst.json
       star eval --system star --model runs/student --users eval-200 --limit 50 --out r.json
-      star eval --system mars --model http://gpu1:8000/v1,http://gpu2:8000/v1 --set llm.model=NAME --concurrency 16 --out r.json
+      star eval --system mars --model http://gpu1:8000/v1,http://gpu2:8000/v1 --set mars.llm.model=NAME --concurrency 16 --out r.json
+      star eval --system star --model runs/student --set student.llm.base_url=http://gpu:8000/v1 --set student.llm.served_model=student --out r.json
     """
     from starrec.data.errors import DataError
     from starrec.evaluation.runner import write_records
@@ -163,10 +166,12 @@ def evaluate(
     if system not in SYSTEMS:
         raise typer.BadParameter(f"unknown system {system!r}; expected one of "
                                  f"{', '.join(SYSTEMS)}", param_hint="--system")
-    cfg = _config(config, [*(set_ or []), *([f"llm.concurrency={concurrency}"] if concurrency else [])],
+    section = llm_section(system)  # the settings of the LLM that answers `system`
+    cfg = _config(config, [*(set_ or []),
+                           *([f"{section}.llm.concurrency={concurrency}"] if concurrency else [])],
                   columns)
     if chat_template is not None:
-        cfg.llm.chat_template = str(chat_template)
+        getattr(cfg, section).llm.chat_template = str(chat_template)
     llm = system in LLM_SYSTEMS
     if llm:
         records = records or out.with_suffix(".records.jsonl")
@@ -208,8 +213,10 @@ def cst_build(
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Store file (default: under $STAR_HOME/cst).")] = None,
     engine: Annotated[Optional[str], choice_option(
-        ("memory", "duckdb"), "memory: sparse matrices in RAM; duckdb: SQL over Parquet, out of "
-        "core (extra [scale]). Same store either way. Default: cst.engine.")] = None,
+        ("memory", "duckdb", "spark"), "memory: sparse matrices in RAM; duckdb: SQL over "
+        "Parquet, out of core (the scale extra); spark: the same SQL on Spark, "
+        "cst.spark_master or local (the spark extra and Java). Same store every way. "
+        "Default: cst.engine.")] = None,
     columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -224,6 +231,7 @@ def cst_build(
     Examples:
       star cst build
       star cst build --split train --engine duckdb
+      star cst build --engine spark --set cst.spark_master=spark://head:7077
     """
     from starrec.cst.learned import ranker_lines, read_ranker
     from starrec.cst.store import EvidenceStore

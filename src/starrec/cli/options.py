@@ -79,10 +79,17 @@ TrainSplitOption = split_option("train")  # star teach: teacher runs are made on
 LimitOption = Annotated[Optional[int], typer.Option(help="Only the first N tasks.")]
 ConcurrencyOption = Annotated[Optional[int], typer.Option(
     min=1, help="Tasks in flight at once when the model is served (OpenAI-compatible "
-    "server); an in-process model runs them one by one. Sets llm.concurrency (default 1).")]
+    "server); an in-process model runs them one by one. Sets mars.llm.concurrency (the "
+    "teacher) or student.llm.concurrency (default 1).")]
 ModelOption = Annotated[Optional[str], typer.Option(
     help="smollm2, a model folder, a hub id, a .gguf file or http(s)://host:port/v1. "
-    "Default: llm.model of the config.")]
+    "Default for the teacher: mars.llm.model; a student is its folder.")]
+
+
+def llm_section(system: str) -> str:
+    """The config section whose `llm` answers `system`: `mars` for the teacher, else
+    `student`."""
+    return "mars" if system == "mars" else "student"
 
 
 def config_from(config: Path | None, overrides: list[str] | None,
@@ -90,18 +97,38 @@ def config_from(config: Path | None, overrides: list[str] | None,
     """The configuration (a shipped `preset` under the `--config` file under `--set`),
     with a command's `--columns` merged into `data.columns`, or one `error:` line and
     exit 2 naming the settings at fault."""
+    import warnings
+
     from pydantic import ValidationError
 
+    from starrec.config import ConfigDeprecationWarning
+
     try:
-        cfg = load_config(config, overrides, preset=preset)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConfigDeprecationWarning)
+            cfg = load_config(config, overrides, preset=preset)
+        for warning in caught:  # a deprecated setting: one line, not a Python traceback line
+            if issubclass(warning.category, ConfigDeprecationWarning):
+                typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                       warning.lineno)
         if columns:
             cfg.data.columns = columns_from(columns, cfg)
         return cfg
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        problems = "; ".join(_problem(e) for e in error.errors())
         raise fail(ValueError(f"bad setting in --config/--set: {problems}")) from None
     except (ValueError, FileNotFoundError, OSError) as error:
         raise fail(ValueError(f"--config/--set: {error}")) from None
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as `section.key: message` (a rule between sections has no key:
+    its message names them)."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(map(str, error["loc"]))
+    return f"{where}: {message}" if where else message
 
 
 def columns_from(columns: str | None, cfg: StarConfig) -> dict[str, str]:

@@ -59,7 +59,7 @@ def pipeline(
       star pipeline
       star pipeline --preset full --out runs/full
       star pipeline --no-llm --systems pop,sasrec,cst
-      star pipeline --model http://localhost:8000/v1 --set llm.model=NAME --concurrency 8
+      star pipeline --model http://localhost:8000/v1 --set mars.llm.model=NAME --concurrency 8
     """
     from starrec.data.errors import DataError
     from starrec.evaluation.report import full_report
@@ -69,17 +69,13 @@ def pipeline(
 
     overrides = list(set_ or [])
     if concurrency is not None:
-        overrides.append(f"llm.concurrency={concurrency}")
+        overrides += [f"mars.llm.concurrency={concurrency}",
+                      f"student.llm.concurrency={concurrency}"]
     for key, value in (("systems", f"[{systems}]" if systems is not None else None), ("llm", llm),
                        ("teacher_tasks", teacher_tasks), ("llm_eval_tasks", llm_eval_tasks)):
         if value is not None:
             overrides.append(f"pipeline.{key}={str(value).lower() if isinstance(value, bool) else value}")
     cfg = _config(config, overrides, columns, preset=preset)
-    if cfg.pipeline.llm and cfg.mars.candidate_order != cfg.sft.format.candidate_order:
-        # else hours of teacher runs would all be dropped by the SFT filters
-        raise _fail(ValueError(
-            f"mars.candidate_order ({cfg.mars.candidate_order}) and "
-            f"sft.format.candidate_order ({cfg.sft.format.candidate_order}) must agree"))
     job = Pipeline(dataset or cfg.data.dataset, cfg, out, model=model, echo=typer.echo)
     try:
         job.run()

@@ -38,13 +38,13 @@ if TYPE_CHECKING:
 ChatTemplateOption = Annotated[Optional[Path], typer.Option(
     "--chat-template",
     help="A chat template for a model without one (or to replace its own): a Jinja file, or "
-    "a model folder holding one. Sets llm.chat_template.")]
+    "a model folder holding one. Sets mars.llm.chat_template.")]
 
 
 def with_chat_template(cfg: StarConfig, chat_template: Path | None) -> StarConfig:
     """`cfg` with `--chat-template` applied (an option wins over the config file)."""
     if chat_template is not None:
-        cfg.llm.chat_template = str(chat_template)
+        cfg.mars.llm.chat_template = str(chat_template)
     return cfg
 
 
@@ -53,7 +53,7 @@ def _load_model(spec: str | None, cfg: StarConfig) -> ChatModel:
     a scripted one)."""
     from starrec.llm.models import load_chat_model
 
-    return load_chat_model(spec, cfg.llm)
+    return load_chat_model(spec, cfg.mars.llm)
 
 
 def teach(
@@ -95,7 +95,7 @@ def teach(
     if temperature is not None:
         overrides.append(f"mars.temperature={temperature}")
     if concurrency is not None:
-        overrides.append(f"llm.concurrency={concurrency}")
+        overrides.append(f"mars.llm.concurrency={concurrency}")
     cfg = with_chat_template(_config(config, overrides, columns), chat_template)
     if samples > 1 and cfg.mars.temperature == 0:
         typer.secho("warning: several samples at temperature 0 are identical; pass --temperature",

@@ -21,7 +21,9 @@ from typing import Any
 from starrec.core import Task
 
 # settings that change where or how fast answers come, not what they are: a resume may
-# change them (more threads, a longer timeout); the model itself is identified by its hash
+# change them (more threads, a longer timeout); the model itself is identified by its hash.
+# `llm` is the LLM section of the system that answers (mars.llm or student.llm), which
+# `starrec.experiment.llm_identity_params` puts where the one old `llm` section was
 OPERATIONAL_KEYS = ("model", "fit_s", "llm.model", "llm.api_key_env", "llm.timeout_s",
                     "llm.max_retries", "llm.backoff_s", "llm.endpoint_cooldown_s",
                     "llm.concurrency", "llm.threads",

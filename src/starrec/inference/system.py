@@ -91,7 +91,8 @@ def load_star_system(model: str | Path, store: EvidenceStore,
         if head is None:
             log.warning("%s has no ranking head: reading label logits of an untrained head", model)
         return head_system(str(model), store, head, mode, config.student, fmt,
-                           threads=config.llm.threads, plan_choices=plans, reflection_cap=cap)
-    chat_model = load_chat_model(str(model), config.llm)
+                           threads=config.student.llm.threads, plan_choices=plans,
+                           reflection_cap=cap)
+    chat_model = load_chat_model(str(model), config.student.llm)
     return StarSystem(Student(chat_model, store, fmt, config.student, plan_choices=plans,
                               reflection_cap=cap))

@@ -99,7 +99,8 @@ class NoChatTemplateError(LLMError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"model {name!r} has no chat template; pass --chat-template FILE "
-                         f"(a Jinja file) or a model folder with one (llm.chat_template)")
+                         f"(a Jinja file) or a model folder with one (mars.llm.chat_template or "
+                         f"student.llm.chat_template)")
 
 
 @runtime_checkable

@@ -281,7 +281,7 @@ def _load_chat_model(spec: str, config: LLMConfig) -> ChatModel:
     backend = config.backend
     if backend == "openai" or is_url(spec) or (backend == "auto" and config.base_url):
         if config.chat_template:
-            raise LLMError("llm.chat_template (--chat-template) applies to in-process models; "
+            raise LLMError("chat_template (--chat-template) applies to in-process models; "
                            "a server applies its own template (e.g. vllm serve --chat-template)")
         return _openai(spec, config)
     template = load_chat_template(config.chat_template) if config.chat_template else None
@@ -309,7 +309,8 @@ def _openai(spec: str, config: LLMConfig) -> ChatModel:
 
     urls = spec.split(",") if is_url(spec) else list(config.base_url or [])
     if not urls:
-        raise LLMError(f"the openai backend needs a server URL: set llm.base_url or pass "
+        raise LLMError(f"the openai backend needs a server URL: set base_url (mars.llm or "
+                       f"student.llm) or pass "
                        f"http(s)://host:port/v1 as the model (got {spec!r})")
     served = config.served_model or (config.model if is_url(spec) else spec)
     tokenizer = spec if not is_url(spec) and Path(spec).is_dir() else None

@@ -233,4 +233,4 @@ class OpenAIChatModel:
         return ServerUnavailable(
             f"{self.name}: no answer after {attempts} attempts from {self.base_url} (last "
             f"{endpoint.url}, {cause}); the run resumes where it stopped once a server "
-            "answers (or raise llm.timeout_s / llm.max_retries)")
+            "answers (or raise timeout_s / max_retries of mars.llm or student.llm)")
