@@ -39,7 +39,7 @@ def browser(profile: Path):
 
 def test_a_person_filters_opens_a_run_and_sees_the_target_and_the_tool_calls(files):  # noqa: F811
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     trajectories, records, _ = files
     runs = load_runs([trajectories, records])
@@ -51,11 +51,15 @@ def test_a_person_filters_opens_a_run_and_sees_the_target_and_the_tool_calls(fil
             assert len(driver.find_elements(By.CSS_SELECTOR, "tr.run")) == 5
             Select(driver.find_element(By.NAME, "system")).select_by_visible_text("mars")
             driver.find_element(By.CSS_SELECTOR, "form.filters button").click()
+            # the filter submits the form: wait for the new page, not the old one's rows
+            WebDriverWait(driver, 20).until(
+                lambda d: "3 of 5 runs" in d.find_element(By.ID, "count").text)
             shown = driver.find_elements(By.CSS_SELECTOR, "tr.run")
             assert len(shown) == 3 and "3 of 5 runs" in driver.find_element(By.ID, "count").text
             driver.find_element(By.CSS_SELECTOR, f'tr.run[data-key="{best.key}"] a').click()
 
-            target = driver.find_element(By.CSS_SELECTOR, "#ranking tr.target")
+            target = WebDriverWait(driver, 20).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, "#ranking tr.target"))
             assert best.target in target.text and target.is_displayed()
             calls = driver.find_elements(By.CSS_SELECTOR, ".tool-call .tool-name")
             assert [c.text for c in calls] == ["next_items", "sequence_candidates",
