@@ -194,3 +194,16 @@ def test_serve_runs_as_a_process_and_stops_on_sigterm(shop, tmp_path):
     assert [e["status"] for e in requests] == [401, 200]
     assert any(e["message"] == "Shutting down" for e in logged)
     assert not any("Traceback" in line and not line.startswith("{") for line in seen)
+
+
+def test_recommend_without_a_live_llm_server_is_one_error_line(shop):
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = runner.invoke(app, ["recommend", "--system", "mars", "--dataset", str(shop),
+                                 "--model", f"http://127.0.0.1:{port}/v1", "--user", "u1",
+                                 "--set", "mars.llm.timeout_s=2", "--set", "mars.llm.max_retries=0",
+                                 "--set", "mars.llm.backoff_s=0.1", *NO_CONTENT])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:")
+    assert "Traceback" not in result.output

@@ -44,10 +44,10 @@ def _ids(text: str | None) -> list[str] | None:
 
 def _errors() -> tuple[type[BaseException], ...]:
     """What the commands turn into one `error:` line and exit code 2 (DataError, LeakError
-    and ServiceError are ValueErrors)."""
-    from starrec.llm.base import LLMError
+    and ServiceError are ValueErrors; ServerUnavailable: no LLM endpoint answers)."""
+    from starrec.llm.base import LLMError, ServerUnavailable
 
-    return (ValueError, LLMError, OSError)
+    return (ValueError, LLMError, ServerUnavailable, OSError)
 
 
 def _load(system: str, model: str | None, dataset: str | None, proposer: str | None,
