@@ -172,11 +172,36 @@ class HFChatModel:
     def _generate(self, text: str, add_special: bool, max_tokens: int, temperature: float,
                   stop: list[str] | None, constraint: Constraint | None,
                   seed: int | None) -> Completion:
+        start = time.perf_counter()
+        new_ids, prompt_len, constraint = self._new_ids(text, add_special, max_tokens,
+                                                        temperature, stop, constraint, seed)
+        text_out = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        finish = "stop" if new_ids and new_ids[-1] in self.eos_ids else "length"
+        if finish == "stop":
+            new_ids.pop()  # the end-of-sequence token is not counted (as llama.cpp reports)
+        cut = min((i for i in (text_out.find(s) for s in stop or []) if i >= 0), default=-1)
+        if cut >= 0:
+            text_out, finish = text_out[:cut], "stop"
+        return Completion(text=text_out, prompt_tokens=prompt_len, completion_tokens=len(new_ids),
+                          seconds=time.perf_counter() - start, finish_reason=finish,
+                          constrained=constraint is not None)
+
+    def _decoding(self) -> contextlib.AbstractContextManager:
+        """The autograd context `generate` runs in (a trainer's live model overrides it)."""
         import torch
 
-        start = time.perf_counter()
+        return torch.inference_mode()
+
+    def _new_ids(self, text: str, add_special: bool, max_tokens: int, temperature: float,
+                 stop: list[str] | None, constraint: Constraint | None,
+                 seed: int | None) -> tuple[list[int], int, Constraint | None]:
+        """One `generate` call on `text`: the new token ids (end-of-sequence included),
+        the prompt's length in tokens, and the constraint applied (None where this backend
+        cannot mask it: free text, which the caller parses and repairs, see base.py)."""
+        import torch
+
         if constraint is not None and not self.supports(constraint):
-            constraint = None  # free text; the caller parses and repairs (see base.py)
+            constraint = None
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         prompt_len = enc["input_ids"].shape[1]
@@ -195,7 +220,7 @@ class HFChatModel:
         # A seed draws from a private generator state; without one, calls go on drawing from
         # the global one, so two unseeded samples differ (as with llama.cpp).
         rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
-        with self._lock, rng, torch.inference_mode():
+        with self._lock, rng, self._decoding():
             if seed is not None:
                 torch.manual_seed(seed)
             try:
@@ -203,14 +228,4 @@ class HFChatModel:
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 raise LLMError(f"{self.name}: out of memory generating {max_tokens} tokens "
                                f"after {prompt_len} prompt tokens") from exc
-        new_ids = out[0, prompt_len:].tolist()
-        text_out = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-        finish = "stop" if new_ids and new_ids[-1] in self.eos_ids else "length"
-        if finish == "stop":
-            new_ids.pop()  # the end-of-sequence token is not counted (as llama.cpp reports)
-        cut = min((i for i in (text_out.find(s) for s in stop or []) if i >= 0), default=-1)
-        if cut >= 0:
-            text_out, finish = text_out[:cut], "stop"
-        return Completion(text=text_out, prompt_tokens=prompt_len, completion_tokens=len(new_ids),
-                          seconds=time.perf_counter() - start, finish_reason=finish,
-                          constrained=constraint is not None)
+        return out[0, prompt_len:].tolist(), prompt_len, constraint

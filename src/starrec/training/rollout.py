@@ -183,38 +183,21 @@ class PolicyModel(HFChatModel):
         add_special = not (bos and prompt.startswith(bos))
         return self._sample(prompt, add_special, max_tokens, temperature, stop, constraint, seed)
 
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """No gradients and no dropout while sampling; the training mode comes back after
+        (inference-mode tensors could not meet the trainer's autograd later)."""
+        import torch
+
+        with torch.no_grad(), eval_mode(self.model):
+            yield
+
     def _sample(self, text: str, add_special: bool, max_tokens: int, temperature: float,
                 stop: list[str] | None, constraint: Constraint | None,
                 seed: int | None) -> tuple[Completion, Segment]:
-        import torch
-
-        from starrec.llm.constraints import hf_logits_processor
-
         start = time.perf_counter()
-        if constraint is not None and not self.supports(constraint):
-            constraint = None
-        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
-        prompt_len = enc["input_ids"].shape[1]
-        pad = self.tokenizer.pad_token_id
-        kwargs: dict = {"max_new_tokens": max_tokens, "eos_token_id": list(self.eos_ids),
-                        "pad_token_id": self.eos_ids[0] if pad is None else pad}
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        else:
-            kwargs.update(do_sample=False)
-        if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
-        if constraint is not None:
-            kwargs["logits_processor"] = [hf_logits_processor(constraint, self.vocab, prompt_len)]
-        devices = [self.model.device.index or 0] if self.model.device.type == "cuda" else []
-        rng = (torch.random.fork_rng(devices=devices) if seed is not None
-               else contextlib.nullcontext())
-        with self._lock, rng, torch.no_grad(), eval_mode(self.model):
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = self.model.generate(**enc, **kwargs)
-        new_ids = out[0, prompt_len:].tolist()
+        new_ids, prompt_len, constraint = self._new_ids(text, add_special, max_tokens,
+                                                        temperature, stop, constraint, seed)
         eos = bool(new_ids) and new_ids[-1] in self.eos_ids
         if eos:
             new_ids.pop()
