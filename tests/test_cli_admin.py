@@ -53,3 +53,15 @@ def test_every_command_help_shows_an_example() -> None:
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Example" in result.output, command
+
+
+def test_doctor_install_hints_name_the_extra_that_brings_the_package() -> None:
+    from starrec.cli.admin import PACKAGES, install_hint
+    from starrec.core.extras import EXTRA_OF
+
+    assert install_hint("trl") == "pip install 'starrec[train]'"
+    assert install_hint("torch") == "pip install starrec"
+    assert "Java" in install_hint("pyspark") and "starrec[spark]" in install_hint("pyspark")
+    for _, module, _ in PACKAGES:
+        extra = EXTRA_OF.get(module)
+        assert (f"starrec[{extra}]" if extra else "pip install starrec") in install_hint(module)

@@ -141,29 +141,41 @@ def config_dump(
     typer.echo(f"wrote {out}")
 
 
-# (what, import name, distribution, install hint)
+# (what, import name, distribution); the install hint comes from the extra that brings
+# the package (starrec.core.extras), or the core install
 PACKAGES = (
-    ("torch", "torch", "torch", "pip install starrec"),
-    ("transformers", "transformers", "transformers", "pip install starrec"),
-    ("lightgbm (the learned cst ranker)", "lightgbm", "lightgbm", "pip install starrec"),
-    ("TRL (SFT, GRPO)", "trl", "trl", "pip install 'starrec[train]'"),
-    ("PEFT (LoRA)", "peft", "peft", "pip install 'starrec[train]'"),
-    ("datasets (training data)", "datasets", "datasets", "pip install 'starrec[train]'"),
-    ("llama-cpp-python", "llama_cpp", "llama-cpp-python",
-     "bash scripts/setup.sh (compiles it), or pip install 'starrec[llamacpp]'"),
-    ("openai client", "openai", "openai", "pip install 'starrec[llm]'"),
-    ("gguf (GGUF models)", "gguf", "gguf", "pip install 'starrec[llm]'"),
-    ("duckdb (cst --engine duckdb)", "duckdb", "duckdb", "pip install 'starrec[scale]'"),
-    ("pyspark", "pyspark", "pyspark", "pip install 'starrec[spark]' (and a Java runtime)"),
-    ("fastapi (star serve)", "fastapi", "fastapi", "pip install 'starrec[serve]'"),
-    ("uvicorn (star serve)", "uvicorn", "uvicorn", "pip install 'starrec[serve]'"),
-    ("llamaserver: sse-starlette", "sse_starlette", "sse-starlette",
-     "pip install 'starrec[llamaserver]'"),
-    ("llamaserver: starlette-context", "starlette_context", "starlette-context",
-     "pip install 'starrec[llamaserver]'"),
-    ("llamaserver: pydantic-settings", "pydantic_settings", "pydantic-settings",
-     "pip install 'starrec[llamaserver]'"),
+    ("torch", "torch", "torch"),
+    ("transformers", "transformers", "transformers"),
+    ("lightgbm (the learned cst ranker)", "lightgbm", "lightgbm"),
+    ("TRL (SFT, GRPO)", "trl", "trl"),
+    ("PEFT (LoRA)", "peft", "peft"),
+    ("datasets (training data)", "datasets", "datasets"),
+    ("llama-cpp-python", "llama_cpp", "llama-cpp-python"),
+    ("openai client", "openai", "openai"),
+    ("gguf (GGUF models)", "gguf", "gguf"),
+    ("duckdb (cst --engine duckdb)", "duckdb", "duckdb"),
+    ("pyspark", "pyspark", "pyspark"),
+    ("fastapi (star serve)", "fastapi", "fastapi"),
+    ("uvicorn (star serve)", "uvicorn", "uvicorn"),
+    ("llamaserver: sse-starlette", "sse_starlette", "sse-starlette"),
+    ("llamaserver: starlette-context", "starlette_context", "starlette-context"),
+    ("llamaserver: pydantic-settings", "pydantic_settings", "pydantic-settings"),
 )
+# what an extra's pip install does not bring by itself
+INSTALL_NOTES = {"llama_cpp": "bash scripts/setup.sh compiles it for a portable CPU, or",
+                 "pyspark": "needs a Java runtime too:"}
+
+
+def install_hint(module: str) -> str:
+    """How to install the package imported as `module`."""
+    from starrec.core.extras import EXTRA_OF
+
+    extra = EXTRA_OF.get(module)
+    command = f"pip install 'starrec[{extra}]'" if extra else "pip install starrec"
+    note = INSTALL_NOTES.get(module)
+    return f"{note} {command}" if note else command
+
+
 # data wheels: installed with --no-deps by scripts/setup.sh, never imported as libraries
 DATA_WHEELS = (
     ("recbole (ML-100K files)", "recbole"),
@@ -197,7 +209,7 @@ def doctor_report() -> list[tuple[str, bool, str]]:
 
     rows: list[tuple[str, bool, str]] = [
         ("python", sys.version_info >= (3, 10), sys.version.split()[0])]
-    for what, module, distribution, hint in PACKAGES:
+    for what, module, distribution in PACKAGES:
         version = _version(distribution)
         found = version is not None and importlib.util.find_spec(module) is not None
         if found and module in IMPORT_CHECKED:
@@ -206,7 +218,7 @@ def doctor_report() -> list[tuple[str, bool, str]]:
             except Exception as error:  # a broken build fails in many ways
                 rows.append((what, False, f"{version} installed but does not import: {error}"))
                 continue
-        rows.append((what, found, version if found else f"missing: {hint}"))
+        rows.append((what, found, version if found else f"missing: {install_hint(module)}"))
     java = shutil.which("java")
     rows.append(("java (pyspark)", java is not None, java or "missing: install a Java runtime"))
     for what, distribution in DATA_WHEELS:
