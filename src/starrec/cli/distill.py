@@ -19,6 +19,13 @@ from starrec.cli.options import config_from as _config
 from starrec.cli.options import fail as _fail
 from starrec.config import GRPO_PRESETS
 
+# options the three trainers share
+FullOption = Annotated[bool, typer.Option(help="Full fine-tune instead of LoRA.")]
+NoValidOption = Annotated[bool, typer.Option(
+    help="No valid-200 AvgHR curve (faster; nothing to choose a checkpoint by).")]
+ResumeOption = Annotated[bool, typer.Option(
+    help="Continue from the latest checkpoint in OUT/checkpoints.")]
+
 app = typer.Typer(help="Distil teacher trajectories into a single student model.",
                   no_args_is_help=True)
 
@@ -51,15 +58,14 @@ def sft(
     no_plan: Annotated[bool, typer.Option(help="Ablation: no <plan>.")] = False,
     no_tools: Annotated[bool, typer.Option(help="Ablation: no tool calls and responses.")] = False,
     no_reflection: Annotated[bool, typer.Option(help="Ablation: no <reflection>.")] = False,
-    full: Annotated[bool, typer.Option(help="Full fine-tune instead of LoRA.")] = False,
+    full: FullOption = False,
     merge: Annotated[Optional[bool], typer.Option(
         "--merge/--no-merge", help="Merge LoRA into the weights (default: sft.merge).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Default: sft.epochs.")] = None,
     lr: Annotated[Optional[float], typer.Option(
         help="Learning rate. Default: sft.learning_rate.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
-    resume: Annotated[bool, typer.Option(
-        help="Continue from the latest checkpoint in OUT/checkpoints.")] = False,
+    resume: ResumeOption = False,
     columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -129,11 +135,9 @@ def rank(
     dataset: Annotated[Optional[str], typer.Option(
         help="Dataset whose train positions are the training tasks. Default: data.dataset.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps. Default: rank.steps.")] = None,
-    full: Annotated[bool, typer.Option(help="Full fine-tune instead of LoRA.")] = False,
-    no_valid: Annotated[bool, typer.Option(
-        help="No valid-200 AvgHR curve (faster; nothing to choose a checkpoint by).")] = False,
-    resume: Annotated[bool, typer.Option(
-        help="Continue from the latest checkpoint in OUT/checkpoints.")] = False,
+    full: FullOption = False,
+    no_valid: NoValidOption = False,
+    resume: ResumeOption = False,
     columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -201,11 +205,9 @@ def grpo(
         help="Named grpo values, applied over --config and under --set: cpu (the defaults) "
         "or gpu (the paper's: group 8, lr 1e-6, KL 0.001, temperature 0.7, full fine-tune, "
         "vLLM generation).")] = None,
-    full: Annotated[bool, typer.Option(help="Full fine-tune instead of LoRA.")] = False,
-    no_valid: Annotated[bool, typer.Option(
-        help="No valid-200 AvgHR curve (faster; nothing to choose a checkpoint by).")] = False,
-    resume: Annotated[bool, typer.Option(
-        help="Continue from the latest checkpoint in OUT/checkpoints.")] = False,
+    full: FullOption = False,
+    no_valid: NoValidOption = False,
+    resume: ResumeOption = False,
     columns: ColumnsOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
