@@ -367,7 +367,7 @@ def rollout_pass(sampler: Sampler, task: Task, store: EvidenceStore, fmt: Studen
     answer = runner.answer(task)
     tokenizer = sampler.tokenizer
     assembled, owners = assemble(tokenizer, prompt, answer.text, model.segments, learn_masked,
-                                 getattr(answer, "inserted", ()))
+                                 answer.inserted)
     closed = runtime_closed(answer.text, owners, model.segments, answer.chosen_plan)
     if answer.stop in ("recommend", "end"):
         last = model.segments[-1] if model.segments else None
