@@ -9,7 +9,8 @@ from starrec.config import CSTConfig
 from starrec.cst.evidence import candidate_evidence
 from starrec.cst.signals import build_graph, cooccurrence_neighbours, percentile_ranks, transition_neighbours
 from starrec.cst.store import EvidenceStore, build_store, ensure_store, inputs_hash
-from starrec.cst.tools import ToolExecutor, tool_names, tool_specs
+from starrec.cst import toolbox
+from starrec.cst.tools import ToolExecutor, task_tool_calls, tool_names, tool_specs
 from starrec.cst.verbalize import approx_tokens, fit_budget
 from starrec.data.schema import Dataset
 from starrec.data.splits import target_mask, task_interactions
@@ -142,6 +143,43 @@ def test_tool_specs_are_valid_openai_functions():
     for spec in tool_specs():
         assert spec["type"] == "function" and spec["function"]["description"]
         jsonschema.Draft202012Validator.check_schema(spec["function"]["parameters"])
+
+
+def test_each_tool_is_one_object_described_in_the_resources(monkeypatch):
+    for name, tool in toolbox.TOOLS.items():
+        assert tool.name == name and tool.spec["function"]["name"] == name
+        assert tool.description and tool.parameters["type"] == "object"
+    # a tool without a description (or a description without a tool) is an error, not a
+    # tool the models are never told about
+    monkeypatch.setitem(toolbox.TOOLS, "ghost", toolbox.SequenceCandidates())
+    tool_specs.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="ghost"):
+            tool_specs()
+    finally:
+        monkeypatch.undo()
+        tool_specs.cache_clear()
+    assert len(tool_specs()) == len(toolbox.TOOLS)
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_every_call_a_tool_offers_runs(tiny, tmp_path, latent):
+    tasks = build_split_tasks(tiny, "test")
+    store = store_for(tiny, tasks, tmp_path, config=CSTConfig(content=False, latent=latent))
+    task = tasks[0]
+    executor = ToolExecutor(store, task)
+    calls = task_tool_calls(tool_specs(), task, store, history_items=3)
+    offered = {call.name for call in calls}
+    # a call that could only return an error is not offered: content without embeddings,
+    # latent models on a store built without them
+    missing = {"content_neighbours"} | (set() if latent else {"sequence_model", "factor_model"})
+    assert offered == set(tool_names()) - missing
+    assert [c.arguments for c in calls if c.name == "item_neighbours"] == \
+        [{"item_id": i} for i in reversed(task.history[-3:])]
+    for call in calls:
+        result = executor.call(call.name, call.arguments)
+        assert result.ok, (call, result.text)
+    assert sum(executor.stats.errors.values()) == 0
 
 
 def test_executor_returns_errors_never_raises(tiny, tmp_path):

@@ -1,4 +1,5 @@
-"""CST signals as tools an LLM can call, and one executor that never raises.
+"""CST signals as tools an LLM can call (one `Tool` object each, in
+`starrec.cst.toolbox`), their schemas, and one executor that never raises.
 
 The executor is bound to a task (its user, history and candidates), validates arguments
 against each tool's JSON schema, and answers every call with text: evidence, or an error
@@ -18,34 +19,28 @@ from functools import lru_cache
 from typing import Any
 
 import jsonschema
-import yaml
 
 from starrec.core import Task, ToolCall
-from starrec.core.resources import resource_text
-from starrec.cst.evidence import candidate_evidence, similar_users
-from starrec.cst.latent import FACTORS, SEQUENCE, latent_scores
 from starrec.cst.store import EvidenceStore
-from starrec.cst.verbalize import (
-    TokenCounter,
-    approx_tokens,
-    candidate_line,
-    fit_budget,
-    latent_lines,
-    neighbour_lines,
-    popularity_line,
-    render,
-)
-from starrec.labels import LabelStyle, candidate_labels
+from starrec.cst.toolbox import TOOLS, Tool, ToolError, described
+from starrec.cst.verbalize import TokenCounter, approx_tokens, fit_budget, render
+from starrec.labels import LabelStyle
 
 ITEM_FIELDS = ("item_id", "user_id")
 ITEM_LIST_FIELDS = ("item_ids",)
+
+__all__ = ["TOOLS", "Tool", "ToolError", "ToolExecutor", "ToolResult", "ToolStats",
+           "task_tool_calls", "tool_line", "tool_names", "tool_specs"]
 
 
 @lru_cache(maxsize=1)
 def tool_specs() -> tuple[dict[str, Any], ...]:
     """The tools in OpenAI function-calling format (`tools=` of a chat request)."""
-    text = resource_text("cst/tools.yaml")
-    return tuple({"type": "function", "function": spec} for spec in yaml.safe_load(text))
+    names = list(described())
+    if sorted(names) != sorted(TOOLS):
+        raise RuntimeError(f"cst/tools.yaml describes {sorted(names)}, the toolbox has "
+                           f"{sorted(TOOLS)}")
+    return tuple(TOOLS[name].spec for name in names)
 
 
 def tool_names() -> list[str]:
@@ -64,52 +59,29 @@ def tool_line(spec: dict[str, Any]) -> str:
     return f"- {function['name']}({', '.join(args)}): {' '.join(function['description'].split())}"
 
 
-# tools that take one item id, and the items worth offering each: the ones the prompt shows
-_HISTORY_TOOLS = ("item_neighbours", "next_items")
-_ANY_ITEM_TOOLS = ("content_neighbours",)
-# task-bound tools that read a latent model of the store, by the model kind they read
-_LATENT_TOOLS = {"sequence_model": SEQUENCE, "factor_model": FACTORS}
-
-
 def task_tool_calls(specs: Sequence[dict[str, Any]], task: Task, store: EvidenceStore,
                     history_items: int, executor: ToolExecutor | None = None) -> list[ToolCall]:
     """Every distinct call of the tools `specs` on what a prompt of `task` shows (the
-    recent `history_items`, the candidates, the user): the options when a model's choice
-    of call is decoded under a mask, the teacher's and the student's alike.
+    recent `history_items`, the candidates, the user), as each tool offers them: the
+    options when a model's choice of call is decoded under a mask, the teacher's and the
+    student's alike.
 
     Default arguments are left out, as the teacher's prompts show its tools; with
     `executor`, the arguments are those it runs the call with (defaults filled in, as the
     student was trained on the teacher's recorded calls) and a call its schema rejects (a
     list over its length limit) is left out."""
     shown = task.history[-history_items:] if history_items > 0 else []
-    calls: list[tuple[str, dict[str, Any]]] = []
+    distinct: dict[str, ToolCall] = {}
     for spec in specs:
         name = spec["function"]["name"]
-        if name in _HISTORY_TOOLS:
-            calls += [(name, {"item_id": i}) for i in reversed(shown)]
-        elif name in _ANY_ITEM_TOOLS:
-            if store.embeddings is not None:  # the tool only errors on a store without them
-                calls += [(name, {"item_id": i}) for i in [*reversed(shown), *task.candidates]]
-        elif name == "popularity":
-            calls.append((name, {"item_ids": list(task.candidates)}))
-            if shown:
-                calls.append((name, {"item_ids": list(shown)}))
-        elif name == "similar_users":
-            calls.append((name, {"user_id": task.user_id}))
-        elif name in _LATENT_TOOLS:
-            if _LATENT_TOOLS[name] in store.latent_states:  # else the tool only errors
-                calls.append((name, {}))
-        elif not spec["function"]["parameters"].get("required"):
-            calls.append((name, {}))  # task-bound: sequence_candidates, candidate_evidence
-    distinct: dict[str, ToolCall] = {}
-    for name, arguments in calls:
-        if executor is not None:
-            try:
-                arguments = executor.arguments_for(name, arguments)
-            except ToolError:
-                continue
-        call = ToolCall(name, arguments)
-        distinct.setdefault(call.json(), call)
+        for arguments in TOOLS[name].offers(task, store, shown):
+            if executor is not None:
+                try:
+                    arguments = executor.arguments_for(name, arguments)
+                except ToolError:
+                    continue
+            call = ToolCall(name, arguments)
+            distinct.setdefault(call.json(), call)
     return list(distinct.values())
 
 
@@ -133,10 +105,6 @@ class ToolStats:
                 "seconds": round(self.seconds, 4)}
 
 
-class ToolError(Exception):
-    """A call the model got wrong; its message goes back to the model."""
-
-
 class ToolExecutor:
     def __init__(self, store: EvidenceStore, task: Task | None = None,
                  budget: int | None = None, count_tokens: TokenCounter = approx_tokens,
@@ -156,7 +124,7 @@ class ToolExecutor:
         parsed: dict[str, Any] = {}
         try:
             parsed = self.arguments_for(name, arguments)
-            lines = getattr(self, f"_tool_{name}")(**parsed)
+            lines = TOOLS[name].run(self, **parsed)
             text = "\n".join(fit_budget(lines, self.budget, self.count_tokens))
             ok = True
         except ToolError as error:
@@ -206,110 +174,14 @@ class ToolExecutor:
         ids += [i for key in ITEM_LIST_FIELDS for i in arguments.get(key) or []]
         return [i for i in ids if i not in self.store.items.index]
 
-    def _item(self, item: str) -> str:
+    def item(self, item: str) -> str:
+        """`item` if the store holds it; ToolError (its message for the model) otherwise."""
         if item not in self.store.items.index:
             raise ToolError(render("unknown_item", item=item))
         return item
 
-    def _require_task(self, name: str) -> Task:
+    def require_task(self, name: str) -> Task:
+        """The bound task; ToolError for a task-bound tool called without one."""
         if self.task is None:
             raise ToolError(f"{name} needs a task context")
         return self.task
-
-    def _tool_item_neighbours(self, item_id: str, k: int) -> list[str]:
-        rows = self.store.neighbours("cooccurrence", self._item(item_id), k)
-        return neighbour_lines(self.store, "cooccurrence", item_id, rows) or [
-            f"No user consumed {self.store.title(item_id)} together with another item."]
-
-    def _tool_next_items(self, item_id: str, k: int) -> list[str]:
-        rows = self.store.neighbours("transition", self._item(item_id), k)
-        return neighbour_lines(self.store, "transition", item_id, rows) or [
-            f"No recorded next step after {self.store.title(item_id)}."]
-
-    def _tool_content_neighbours(self, item_id: str, k: int) -> list[str]:
-        rows = self.store.neighbours("content", self._item(item_id), k)
-        if not rows and self.store.embeddings is None:
-            raise ToolError("this store was built without content signals")
-        return neighbour_lines(self.store, "content", item_id, rows)
-
-    def _tool_popularity(self, item_ids: list[str]) -> list[str]:
-        cutoff_time = self.task.cutoff_time if self.task is not None else None
-        return [popularity_line(self.store, self._item(i), cutoff_time) for i in item_ids]
-
-    def _tool_similar_users(self, user_id: str, k: int, candidates_only: bool) -> list[str]:
-        task = self.task
-        if task is not None and user_id == task.user_id:
-            history = task.history
-        elif self.store.knows_user(user_id):
-            history = self.store.user_history(user_id)
-        else:
-            raise ToolError(f"unknown user id {user_id!r}")
-        rows, overlaps = similar_users(self.store, history, user_id, k)
-        if len(rows) == 0:
-            return [render("similar_users_none")]
-        graph = self.store.graph
-        lines = [render("similar_users_header", n=len(rows), min_overlap=int(overlaps.min()),
-                        max_overlap=int(overlaps.max()))]
-        counts = graph.matrix[rows].sum(axis=0).A1
-        seen = set(history)
-        if candidates_only and task is not None:
-            pool = [c for c in task.candidates if c not in seen]
-        else:
-            pool = [graph.items[i] for i in counts.argsort()[::-1][:50] if graph.items[i] not in seen][:10]
-        columns = graph.items.get_indexer(pool)
-        ranked = sorted(((int(counts[c]), item) for item, c in zip(pool, columns) if c >= 0 and counts[c] > 0),
-                        key=lambda pair: -pair[0])
-        lines += [render("similar_users_item", votes=v, title=self.store.title(i)) for v, i in ranked]
-        return lines
-
-    def _tool_sequence_candidates(self, recent: int) -> list[str]:
-        task = self._require_task("sequence_candidates")
-        recent_items = [i for i in reversed(task.history) if i in self.store.items.index][:recent]
-        graph = self.store.graph
-        candidates = [c for c in task.candidates if c in self.store.items.index]
-        columns = graph.items.get_indexer(candidates)
-        lines = []
-        for base in recent_items:
-            row = graph.transitions[graph.item_column(base)]
-            total = row.sum()
-            counts = row[:, columns].toarray().ravel()
-            for count, item in sorted(zip(counts, candidates), key=lambda pair: -pair[0]):
-                if count > 0:
-                    lines.append(render("sequence_item", title=self.store.title(item),
-                                        base=self.store.title(base), count=int(count),
-                                        share=f"{100 * count / max(total, 1):.0f}%"))
-        return lines or ["No candidate was consumed right after the recent history items."]
-
-    def _latent(self, name: str, k: int) -> list[str]:
-        task = self._require_task(name)
-        model = self.store.latent_models.get(_LATENT_TOOLS[name])
-        if model is None:
-            raise ToolError("this store was built without latent models")
-        scores = latent_scores(model, task)
-        labels = candidate_labels(len(task.candidates), self.label_style)
-        order = sorted((rank, j) for j, rank in enumerate(scores.ranks.tolist()) if rank > 0)
-        ranked = [(rank, render("candidate", label=labels[j], title=self.store.title(task.candidates[j]),
-                                item=task.candidates[j]),
-                   float(scores.scores[j]), float(scores.shares[j])) for rank, j in order[:k]]
-        kind = "sequence" if _LATENT_TOOLS[name] == SEQUENCE else "factors"
-        return latent_lines(kind, scores.n_scored, ranked)
-
-    def _tool_sequence_model(self, k: int) -> list[str]:
-        return self._latent("sequence_model", k)
-
-    def _tool_factor_model(self, k: int) -> list[str]:
-        return self._latent("factor_model", k)
-
-    def _tool_candidate_evidence(self, item_ids: list[str] | None = None) -> list[str]:
-        task = self._require_task("candidate_evidence")
-        wanted = set(item_ids) if item_ids else None
-        if wanted is not None:
-            unknown = wanted - set(task.candidates)
-            if unknown:
-                raise ToolError(f"not candidates of this task: {sorted(unknown)}")
-        labels = candidate_labels(len(task.candidates), self.label_style)
-        return [
-            candidate_line(label, evidence, len(task.history), self.store.title)
-            for label, evidence in zip(labels, candidate_evidence(self.store, task))
-            if wanted is None or evidence.item in wanted
-        ]
