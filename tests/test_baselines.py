@@ -140,3 +140,43 @@ def test_sasrec_learns_an_obvious_sequential_pattern():
 def test_presented_order_keeps_the_task_file_order():
     t = task([], ["z", "y", "x", "w"])
     assert make_recommender("presented").fit(None).rank(t) == ["z", "y", "x", "w"]
+
+
+def test_sasrec_trimmed_batches_compute_what_full_width_ones_do():
+    """Cutting the columns that are padding in every row changes nothing at the kept
+    positions (positions stay right-aligned), so short-sequence logs train and score on
+    a fraction of the width."""
+    import torch
+
+    from starrec.latent.sasrec import PAD, _SASRecNet, trim
+
+    torch.manual_seed(0)
+    net = _SASRecNet(n_tokens=30, max_len=12, hidden=16, blocks=2, heads=2, dropout=0.2).eval()
+    seq = torch.full((3, 12), PAD, dtype=torch.long)
+    seq[0, -4:] = torch.tensor([3, 5, 7, 9])
+    seq[1, -2:] = torch.tensor([2, 4])
+    seq[2, -5:] = torch.tensor([1, 8, 6, 4, 2])
+    cut = trim(seq)
+    assert cut.shape == (3, 5) and torch.equal(cut, seq[:, -5:])
+    with torch.no_grad():
+        full, short = net(seq)[:, -5:], net(cut)
+    real = (cut != PAD)
+    assert torch.allclose(full[real], short[real], atol=1e-5)
+    assert trim(torch.full((2, 6), PAD)).shape == (2, 1)  # nothing to keep: one column
+
+
+def test_sasrec_length_batches_cover_every_row_once_grouped_by_length():
+    from starrec.latent.sasrec import length_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, size=1000)
+    batches = length_batches(lengths, batch_size=32, rng=np.random.default_rng(1), pool=10)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(1000))
+    assert all(len(b) <= 32 for b in batches)
+    # within a batch, lengths are close (sorted in pools of 320 rows of 50 lengths)
+    spread = np.median([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread <= 10
+    # the batch order is shuffled, not sorted by length
+    firsts = [lengths[b].min() for b in batches]
+    assert firsts != sorted(firsts)

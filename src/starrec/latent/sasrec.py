@@ -16,7 +16,10 @@ Training data: every user's fit sequence is cut, from its end, into windows of
 `max_len + 1` items (the last window may be shorter and is left-padded), so long
 histories are used in full rather than only their last `max_len` items. Sequences are
 left-padded and right-aligned, so the newest item always sits at position `max_len - 1`
-both in training and in scoring.
+both in training and in scoring. Batches group windows of similar length and drop the
+columns that are padding in every row, which changes nothing the network computes at
+the kept positions; on a log of short sequences (Amazon Games: 8.7 items per user) it
+saves most of the work.
 
 Scoring a task encodes the last `max_len` known items of `task.history` (items unknown to
 the vocabulary are skipped) and scores each candidate by the dot product of the final
@@ -83,6 +86,29 @@ class _Block(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+def trim(seq: torch.Tensor) -> torch.Tensor:
+    """`seq` (left-padded rows) without the leading columns that are padding in every row:
+    the network's output at the kept positions is the same, at a fraction of the cost
+    when most sequences are short."""
+    filled = (seq != PAD).any(dim=0).nonzero()
+    start = int(filled[0]) if len(filled) else seq.shape[1] - 1
+    return seq[:, start:]
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                   pool: int = 50) -> list[np.ndarray]:
+    """Row indices in batches of `batch_size`: shuffled, then sorted by length within
+    pools of `pool` batches so that a batch holds rows of similar length (and `trim`
+    cuts most of its padding), the batches in random order."""
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = order[start:start + batch_size * pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 class _SASRecNet(nn.Module):
     def __init__(self, n_tokens: int, max_len: int, hidden: int, blocks: int, heads: int,
                  dropout: float) -> None:
@@ -102,7 +128,9 @@ class _SASRecNet(nn.Module):
         """(batch, length) token ids, left-padded -> (batch, length, hidden) states."""
         length = seq.shape[1]
         keep = (seq != PAD).unsqueeze(-1)
-        positions = torch.arange(length, device=seq.device)
+        # right-aligned: a batch cut to its longest row (`trim`) keeps every item's position
+        width = self.position.num_embeddings
+        positions = torch.arange(width - length, width, device=seq.device)
         x = self.item(seq) * math.sqrt(self.hidden) + self.position(positions)
         x = self.drop(x) * keep
         # Query i may attend to key j <= i that is not padding; always to itself, so a
@@ -215,6 +243,7 @@ class SASRec(Recommender):
             optimizer = torch.optim.Adam(net.parameters(), lr=self.lr,
                                          weight_decay=self.weight_decay)
             data_tensor = torch.from_numpy(windows)
+            lengths = (windows != PAD).sum(axis=1)
             n_batches = math.ceil(len(windows) / self.batch_size) if len(windows) else 0
             self.losses = []
             net.train()
@@ -223,11 +252,9 @@ class SASRec(Recommender):
             for _ in bar:
                 if n_batches == 0:
                     break
-                order = torch.from_numpy(rng.permutation(len(windows)))
                 total = 0.0
-                for b in range(n_batches):
-                    batch = data_tensor[order[b * self.batch_size:(b + 1) * self.batch_size]]
-                    batch = batch.to(self.device)
+                for rows in length_batches(lengths, self.batch_size, rng):
+                    batch = trim(data_tensor[torch.from_numpy(rows)]).to(self.device)
                     inputs, targets = batch[:, :-1], batch[:, 1:]
                     valid = (inputs != PAD) & (targets != PAD)
                     states = net(inputs)[valid]
@@ -284,7 +311,8 @@ class SASRec(Recommender):
         results: list[np.ndarray] = []
         for start in range(0, len(tasks), batch_size):
             chunk = tasks[start:start + batch_size]
-            seqs = torch.from_numpy(np.stack([self._encode_history(t.history) for t in chunk]))
+            seqs = trim(torch.from_numpy(np.stack([self._encode_history(t.history)
+                                                   for t in chunk])))
             with torch.no_grad():
                 final = self.net(seqs.to(self.device))[:, -1, :]
                 weight = self.net.item.weight
