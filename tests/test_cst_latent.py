@@ -124,6 +124,23 @@ def test_stored_models_score_as_the_fitted_ones(data, stores):
                                        atol=1e-6)
 
 
+def test_batched_scores_are_each_tasks_own(stores):
+    """score_many (one forward pass, one solver call for the batch) gives every task the
+    scores it gets alone, also a task with no known history item and unknown candidates."""
+    tasks, store = stores["test"]
+    odd = [dataclasses.replace(tasks[0], history=[]),
+           dataclasses.replace(tasks[1], history=["nowhere", *tasks[1].history[-2:]],
+                               candidates=["unseen", *tasks[1].candidates[1:]])]
+    batch = [*tasks[:8], *odd]
+    for kind, model in store.latent_models.items():
+        many = model.score_many(batch)
+        assert len(many) == len(batch)
+        for task, scores in zip(batch, many):
+            np.testing.assert_allclose(scores, model.score(task), rtol=1e-5, atol=1e-6)
+        assert not many[-2].any()  # no known history item: no evidence
+        assert many[-1][0] <= -1e8  # an unknown candidate scores lowest
+
+
 def test_latent_scores_rank_among_the_scored_candidates(stores):
     tasks, store = stores["test"]
     task = tasks[0]

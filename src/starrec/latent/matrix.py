@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,18 @@ class InteractionMatrix:
     def columns(self, items: list[str]) -> np.ndarray:
         """Column of each item, -1 for items outside the matrix."""
         return np.array([self.item_index.get(item, -1) for item in items], dtype=np.int64)
+
+    def history_rows(self, histories: Sequence[Sequence[str]]) -> sp.csr_matrix:
+        """One row per history (`history_row` of each, stacked), built at once."""
+        indptr, indices = [0], []
+        for history in histories:
+            cols = self.columns(list(history))
+            cols = np.unique(cols[cols >= 0])
+            indices.append(cols)
+            indptr.append(indptr[-1] + len(cols))
+        flat = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        return sp.csr_matrix((np.ones(len(flat), dtype=np.float32), flat, np.array(indptr)),
+                             shape=(len(histories), self.matrix.shape[1]))
 
     def history_row(self, history: list[str]) -> sp.csr_matrix:
         """A one-row matrix of a history, for models that fold in a user from a task."""
