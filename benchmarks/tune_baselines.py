@@ -163,7 +163,7 @@ def write_config(chosen: dict[str, Any], result: dict[str, Any], path: Path) -> 
                     encoding="utf-8")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
@@ -171,11 +171,14 @@ def main() -> None:
                         help="Score only the first N valid tasks (a quick check, not a result).")
     parser.add_argument("--config", type=Path, default=None,
                         help="Base settings (default: the built-in defaults).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="a config override of the base settings, as star --set "
+                        "section.key=value")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="Where the JSON and the YAML go (default: benchmarks/results/<dataset>/ "
                         "and configs/).")
-    args = parser.parse_args()
-    config = load_config(args.config)
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
     result = tune(config, args.dataset, args.grid, args.limit)
     slug = result["dataset"]
     if args.out_dir is None:

@@ -158,12 +158,12 @@ def lightgbm_params(config: CSTConfig) -> dict[str, Any]:
     }
 
 
-def _holdout(tasks: list[Task], share: float, seed: int) -> np.ndarray:
+def _holdout_positions(n_tasks: int, share: float, seed: int) -> np.ndarray:
     """Positions of the tasks whose users choose the number of trees (none when too few)."""
-    n = int(round(share * len(tasks)))
-    if n < 5 or len(tasks) - n < 5:
+    n = int(round(share * n_tasks))
+    if n < 5 or n_tasks - n < 5:
         return np.zeros(0, dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(len(tasks))
+    order = np.random.default_rng(seed).permutation(n_tasks)
     return np.sort(order[:n])
 
 
@@ -173,19 +173,19 @@ def _rows(sizes: np.ndarray, picked: np.ndarray) -> np.ndarray:
         if len(picked) else np.zeros(0, dtype=np.int64)
 
 
-def fit_ranker(fit_store: EvidenceStore, fit_tasks: list[Task], config: CSTConfig, *,
-               progress: bool = False) -> tuple[str, dict[str, Any]]:
-    """(LightGBM model text, what the fit reported): trees grown on the fit tasks'
-    features, their number chosen by NDCG@5 on held-out fit users, then refitted on all."""
+def fit_booster(x: np.ndarray, y: np.ndarray, sizes: np.ndarray, config: CSTConfig):
+    """(LightGBM booster, held-out NDCG@5 or None, held-out task count): trees grown on
+    the feature rows `x` of tasks of `sizes` candidates (labels `y`), their number chosen
+    by NDCG@5 on held-out tasks' users, then refitted on all. A feature column that is
+    all NaN is one the trees cannot use: how the ablation drops a signal group."""
     import lightgbm
 
-    started = time.perf_counter()
-    x, y, sizes = task_matrix(fit_store, fit_tasks, progress)
     params = lightgbm_params(config)
-    held = _holdout(fit_tasks, config.ranker_holdout, config.ranker_seed)
+    n_tasks = len(sizes)
+    held = _holdout_positions(n_tasks, config.ranker_holdout, config.ranker_seed)
     trees, held_ndcg = config.ranker_trees, None
     if len(held):
-        kept = np.setdiff1d(np.arange(len(fit_tasks)), held)
+        kept = np.setdiff1d(np.arange(n_tasks), held)
         train_rows, held_rows = _rows(sizes, kept), _rows(sizes, held)
         train = lightgbm.Dataset(x[train_rows], y[train_rows], group=sizes[kept],
                                  feature_name=list(FEATURE_NAMES), free_raw_data=False)
@@ -197,7 +197,18 @@ def fit_ranker(fit_store: EvidenceStore, fit_tasks: list[Task], config: CSTConfi
         trees = max(int(probe.best_iteration or config.ranker_trees), 1)
         held_ndcg = round(float(probe.best_score["held"]["ndcg@5"]), 4)
     full = lightgbm.Dataset(x, y, group=sizes, feature_name=list(FEATURE_NAMES))
-    booster = lightgbm.train(params, full, num_boost_round=trees)
+    return lightgbm.train(params, full, num_boost_round=trees), held_ndcg, len(held)
+
+
+def fit_ranker(fit_store: EvidenceStore, fit_tasks: list[Task], config: CSTConfig, *,
+               progress: bool = False) -> tuple[str, dict[str, Any]]:
+    """(LightGBM model text, what the fit reported): `fit_booster` on the fit tasks'
+    features from the store serving them."""
+    import lightgbm
+
+    started = time.perf_counter()
+    x, y, sizes = task_matrix(fit_store, fit_tasks, progress)
+    booster, held_ndcg, n_held = fit_booster(x, y, sizes, config)
     gain = booster.feature_importance("gain").astype(np.float64)
     share = gain / gain.sum() if gain.sum() > 0 else gain
     by_feature = {f.name: round(float(s), 4) for f, s in zip(FEATURES, share)}
@@ -211,7 +222,7 @@ def fit_ranker(fit_store: EvidenceStore, fit_tasks: list[Task], config: CSTConfi
         "fit_tasks_digest": tasks_digest(fit_tasks),
         "fit_store": fit_store.meta.get("version"),
         "trees": booster.num_trees(),
-        "held_out_tasks": int(len(held)),
+        "held_out_tasks": int(n_held),
         "held_out_ndcg@5": held_ndcg,
         "settings": ranker_settings(config),
         "features": list(FEATURE_NAMES),

@@ -1,0 +1,107 @@
+"""The benchmark scripts whose outputs the README cites, run end to end on tiny data: a
+script that breaks is found here, not in the middle of an hour-long run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from starrec.cst.features import FEATURES, GROUPS
+from tests.conftest import write_dataset_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["baselines.sasrec.epochs=2", "baselines.als.iterations=2", "cst.latent_sasrec.epochs=1",
+        "cst.latent_als.iterations=2", "eval.bootstrap_resamples=20", "cst.content=false"]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def shop(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAR_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "shop"
+    write_dataset_folder(folder, n_users=40, n_items=50, per_user=10)
+    return folder
+
+
+def overrides(values: list[str]) -> list[str]:
+    return [part for value in values for part in ("--set", value)]
+
+
+def test_baseline_table_writes_every_system_and_pairs_it_to_sasrec(shop, tmp_path, capsys):
+    bench = script("baseline_table")
+    out = tmp_path / "results"
+    argv = ["--dataset", str(shop), "--users", "eval-200", "--out-dir", str(out), *overrides(FAST)]
+    assert bench.main(argv) == 0
+    names = [name for name, *_ in bench.SYSTEMS]
+    for name in names:
+        result = json.loads((out / f"shop-{name}-test-eval-200.json").read_text())
+        assert result["n_tasks"] == 40
+        assert (out / f"shop-{name}-test-eval-200.tasks.jsonl").exists()
+    # the variant without latent signals ran with them off, on its own store
+    without = json.loads((out / "shop-cst-nolatent-test-eval-200.json").read_text())["config"]
+    with_latent = json.loads((out / "shop-cst-test-eval-200.json").read_text())["config"]
+    assert without["params"]["latent"] is False and with_latent["params"]["latent"] is True
+    assert without["cst_store"] != with_latent["cst_store"]
+    table = (out / "shop-table.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "test eval-200" in line]
+    assert len(lines) == len(names)
+    assert "(the reference)" in next(line for line in lines if line.startswith("| sasrec |"))
+    others = [line for line in lines if not line.startswith("| sasrec |")]
+    assert all(" / " in line.split("|")[9] for line in others)  # W / T / L to sasrec
+    # a rerun evaluates nothing again
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert capsys.readouterr().out.count(": kept ") == len(names)
+
+
+def test_cst_ablation_drops_each_signal_group_on_valid(shop, tmp_path):
+    bench = script("cst_ablation")
+    out = tmp_path / "ablation.json"
+    assert bench.main(["--dataset", str(shop), "--out", str(out), *overrides(FAST)]) == 0
+    result = json.loads(out.read_text())
+    assert result["fit_split"] == "train" and result["scored_split"] == "valid"
+    variants = result["variants"]
+    assert [v["dropped"] for v in variants] == [None, *GROUPS]
+    for variant in variants[1:]:
+        assert variant["features_dropped"] == sum(f.group == variant["dropped"] for f in FEATURES)
+        wins, ties, losses = variant["wins_ties_losses"]
+        assert wins + ties + losses == result["scored_tasks"] == 40
+        low, high = variant["paired_ci95"]
+        assert low <= variant["paired_AvgHR_vs_all"] <= high
+    assert all(0 <= v["AvgHR"] <= 100 for v in variants)
+
+
+def test_target_ranks_keep_the_presented_order_on_ties():
+    import numpy as np
+
+    bench = script("cst_ablation")
+    scores = np.array([1.0, 3.0, 3.0, 0.0, 0.0, 0.0])
+    labels = np.array([0, 0, 1, 1, 0, 0])
+    assert bench.target_ranks(scores, labels, np.array([3, 3])) == [2, 1]
+
+
+def test_tune_baselines_writes_the_chosen_settings(shop, tmp_path):
+    bench = script("tune_baselines")
+    out = tmp_path / "tuned"
+    bench.main(["--dataset", str(shop), "--grid", "smoke", "--out-dir", str(out),
+                *overrides(["eval.bootstrap_resamples=20"])])
+    result = json.loads((out / "tuned_baselines.json").read_text())
+    chosen = yaml.safe_load((out / "baselines-tuned-shop.yaml").read_text())["baselines"]
+    assert result["split"] == "valid" and result["n_tasks"] == 40
+    for name in ("itemknn", "als", "sasrec"):
+        scores = result["scores"][name]
+        best = max(scores, key=lambda r: r["AvgHR"])
+        assert {k: chosen[name][k] for k in best["params"]} == best["params"]
+    assert {r["params"]["epochs"] for r in result["scores"]["sasrec"]} == {1, 2}
