@@ -5,15 +5,16 @@ Systems: random, presented, pop, itemknn, als, sasrec, cst-manual (hand-set weig
 cst (weights learned on the valid tasks, latent signals on) and cst without the latent
 signals (`cst.latent=false`, its own store). With `--config` (the output of
 `benchmarks/tune_baselines.py`) the baselines run with the settings chosen on the valid
-tasks. Each system is evaluated on all test users and on eval-200 through
-`starrec.evaluate`, written as a results JSON with its per-task file under
+tasks. Each system is fitted once and run on all test users, and eval-200 is the same run
+restricted to its users (`starrec.evaluate_with_subset`, as `star pipeline` does); both
+are written as results JSON with their per-task files under
 benchmarks/results/<dataset>/, and kept: a rerun evaluates only what is missing
 (`--fresh` all again). The table goes to benchmarks/results/<dataset>/<dataset>-table.md.
 
     python benchmarks/baseline_table.py --dataset ml-100k --config configs/baselines-tuned-ml-100k.yaml
     python benchmarks/baseline_table.py --dataset amazon-games \\
         --config configs/baselines-tuned-amazon-games.yaml
-    python benchmarks/baseline_table.py --dataset tiny-folder --users eval-200 --out-dir /tmp/t
+    python benchmarks/baseline_table.py --dataset tiny-folder --out-dir /tmp/t
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from starrec.config import load_config
 from starrec.data.registry import dataset_slug
 from starrec.evaluation.paired import compare_rows, read_task_rows
 from starrec.evaluation.report import load_result
-from starrec.experiment import evaluate, load_task_set
+from starrec.experiment import evaluate_with_subset, load_task_set
 
 ROOT = Path(__file__).resolve().parents[1]
 # (file name, system, config overrides, what the table calls it)
@@ -43,6 +44,7 @@ SYSTEMS = (
     ("cst-nolatent", "cst", ["cst.latent=false"], "cst (learned on valid, no latent signals)"),
 )
 REFERENCE = "sasrec"
+USERS = ("all", "eval-200")  # the test tasks of every user; eval-200 is part of them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a config file (the tuned baselines' settings)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a config override, as star --set section.key=value")
-    parser.add_argument("--users", nargs="+", default=["all", "eval-200"],
-                        choices=("all", "eval-200"))
     parser.add_argument("--systems", nargs="+", default=[s[0] for s in SYSTEMS],
                         choices=[s[0] for s in SYSTEMS])
     parser.add_argument("--out-dir", type=Path, default=None,
@@ -97,23 +97,28 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, Path]] = []
     references: dict[str, Path] = {}
-    for users in args.users:
-        for file_name, system, overrides, label in SYSTEMS:
-            if file_name not in args.systems:
-                continue
-            path = out_dir / f"{slug}-{file_name}-test-{users}.json"
-            if args.fresh or not path.exists():
-                config = load_config(args.config, [*args.overrides, *overrides])
-                tasks = load_task_set(args.dataset, config, users=users)
-                started = time.perf_counter()
-                evaluate(system, tasks, config).write(path)
-                print(f"{file_name} test {users}: {load_result(path)['metrics']['AvgHR']:.1f} "
-                      f"AvgHR ({time.perf_counter() - started:.0f} s)", flush=True)
-            else:
-                print(f"{file_name} test {users}: kept {path.name}", flush=True)
+    for file_name, system, overrides, label in SYSTEMS:
+        if file_name not in args.systems:
+            continue
+        paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in USERS}
+        if args.fresh or not all(path.exists() for path in paths.values()):
+            config = load_config(args.config, [*args.overrides, *overrides])
+            sets = [load_task_set(args.dataset, config, users=users) for users in USERS]
+            started = time.perf_counter()
+            for evaluation, path in zip(evaluate_with_subset(system, *sets, config),
+                                        paths.values()):
+                evaluation.write(path)
+            print(f"{file_name}: " + ", ".join(
+                f"test {users} AvgHR {load_result(path)['metrics']['AvgHR']:.1f}"
+                for users, path in paths.items())
+                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+        else:
+            print(f"{file_name}: kept {', '.join(p.name for p in paths.values())}", flush=True)
+        for users, path in paths.items():
             rows.append((label, users, path))
             if file_name == REFERENCE:
                 references[users] = path
+    rows.sort(key=lambda row: USERS.index(row[1]))  # all users first, then eval-200
     text = table(rows, references)
     config = args.config
     shown = (config.resolve().relative_to(ROOT) if config and config.resolve().is_relative_to(ROOT)

@@ -42,13 +42,14 @@ def overrides(values: list[str]) -> list[str]:
 def test_baseline_table_writes_every_system_and_pairs_it_to_sasrec(shop, tmp_path, capsys):
     bench = script("baseline_table")
     out = tmp_path / "results"
-    argv = ["--dataset", str(shop), "--users", "eval-200", "--out-dir", str(out), *overrides(FAST)]
+    argv = ["--dataset", str(shop), "--out-dir", str(out), *overrides(FAST)]
     assert bench.main(argv) == 0
     names = [name for name, *_ in bench.SYSTEMS]
     for name in names:
-        result = json.loads((out / f"shop-{name}-test-eval-200.json").read_text())
-        assert result["n_tasks"] == 40
-        assert (out / f"shop-{name}-test-eval-200.tasks.jsonl").exists()
+        for users in ("all", "eval-200"):
+            result = json.loads((out / f"shop-{name}-test-{users}.json").read_text())
+            assert result["n_tasks"] == 40 and result["config"]["users"] == users
+            assert (out / f"shop-{name}-test-{users}.tasks.jsonl").exists()
     # the variant without latent signals ran with them off, on its own store
     without = json.loads((out / "shop-cst-nolatent-test-eval-200.json").read_text())["config"]
     with_latent = json.loads((out / "shop-cst-test-eval-200.json").read_text())["config"]
@@ -64,6 +65,11 @@ def test_baseline_table_writes_every_system_and_pairs_it_to_sasrec(shop, tmp_pat
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert capsys.readouterr().out.count(": kept ") == len(names)
+    # one fit serves both rows: on a set of 40 users, eval-200 is every one of them
+    for name in names:
+        both = [json.loads((out / f"shop-{name}-test-{users}.json").read_text())["metrics"]
+                for users in ("all", "eval-200")]
+        assert both[0] == both[1]
 
 
 def test_cst_ablation_drops_each_signal_group_on_valid(shop, tmp_path):
@@ -96,7 +102,7 @@ def test_tune_baselines_writes_the_chosen_settings(shop, tmp_path):
     bench = script("tune_baselines")
     out = tmp_path / "tuned"
     bench.main(["--dataset", str(shop), "--grid", "smoke", "--out-dir", str(out),
-                *overrides(["eval.bootstrap_resamples=20"])])
+                "--sasrec-epochs", "2", *overrides(["eval.bootstrap_resamples=20"])])
     result = json.loads((out / "tuned_baselines.json").read_text())
     chosen = yaml.safe_load((out / "baselines-tuned-shop.yaml").read_text())["baselines"]
     assert result["split"] == "valid" and result["n_tasks"] == 40
@@ -104,4 +110,5 @@ def test_tune_baselines_writes_the_chosen_settings(shop, tmp_path):
         scores = result["scores"][name]
         best = max(scores, key=lambda r: r["AvgHR"])
         assert {k: chosen[name][k] for k in best["params"]} == best["params"]
-    assert {r["params"]["epochs"] for r in result["scores"]["sasrec"]} == {1, 2}
+    # --sasrec-epochs replaces the grid's epoch counts (the smoke grid's are 1 and 2)
+    assert {r["params"]["epochs"] for r in result["scores"]["sasrec"]} == {2}

@@ -67,6 +67,25 @@ def test_bad_names_and_contradictions_are_value_errors(shop: Path) -> None:
         starrec.evaluate("star", tasks, CONFIG)
 
 
+def test_one_fit_serves_all_users_and_a_subset(shop: Path) -> None:
+    everyone = starrec.load_task_set(str(shop), CONFIG)
+    first = experiment.TaskSet(everyone.dataset, everyone.tasks[:7], everyone.spec,
+                               users="eval-200")
+    whole, part = starrec.evaluate_with_subset("itemknn", everyone, first, CONFIG)
+    assert whole.result["n_tasks"] == 30 and part.result["n_tasks"] == 7
+    assert [r.task_id for r in part.records] == [t.task_id for t in first.tasks]
+    # the subset's rows are the whole run's rows, not a second run
+    by_id = {r.task_id: r for r in whole.records}
+    assert all(r is by_id[r.task_id] for r in part.records)
+    assert part.result["config"]["users"] == "eval-200" and whole.result["config"]["users"] == "all"
+    stranger = experiment.TaskSet(everyone.dataset, [starrec.load_task_set(
+        str(shop), CONFIG, split="valid").tasks[0]], everyone.spec)
+    with pytest.raises(ValueError, match="not tasks of the set"):
+        starrec.evaluate_with_subset("pop", everyone, stranger, CONFIG)
+    with pytest.raises(ValueError, match="not a ranker"):
+        starrec.evaluate_with_subset("mars", everyone, first, CONFIG)
+
+
 def load_quickstart():
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
     module = importlib.util.module_from_spec(spec)

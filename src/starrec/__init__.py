@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # the names of `starrec.experiment` offered at the top level
 _API = ("TaskSet", "Evaluation", "prepare_tasks", "load_task_set", "evidence_store",
-        "make_system", "evaluate")
+        "make_system", "evaluate", "evaluate_with_subset")
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         Evaluation,
         TaskSet,
         evaluate,
+        evaluate_with_subset,
         evidence_store,
         load_task_set,
         make_system,

@@ -353,6 +353,34 @@ def evaluate(system: str | System, task_set: TaskSet, config: StarConfig | None 
                          Path(trajectories) if trajectories else None, chat_model)
 
 
+def evaluate_with_subset(system: str, task_set: TaskSet, subset: TaskSet,
+                         config: StarConfig | None = None) -> tuple[Evaluation, Evaluation]:
+    """A ranker (baseline or cst) fitted and run once on `task_set` (all test users), and
+    the same run restricted to the tasks of `subset` (eval-200): one fit and one pass serve
+    both numbers, so they cannot disagree about the model. The subset's results carry its
+    own task file in their provenance."""
+    from starrec.evaluation.identity import file_sha256
+    from starrec.evaluation.runner import subset_result
+
+    if system not in RANKER_SYSTEMS:
+        raise ValueError(f"{system!r} is not a ranker; an LLM system is evaluated per task set")
+    cfg = _config(config)
+    ids = {t.task_id for t in subset.tasks}
+    by_id = {t.task_id: t for t in task_set.tasks}
+    missing = [t.task_id for t in subset.tasks if by_id.get(t.task_id) != t]
+    if missing:
+        raise ValueError(f"{len(missing)} task(s) of the subset are not tasks of the set, "
+                         f"e.g. {missing[0]}")
+    everyone = evaluate(system, task_set, cfg)
+    everyone.result["config"].update(
+        tasks=task_set.path.name if task_set.path else None, users=task_set.users,
+        scenario=task_set.scenario)
+    result = subset_result(everyone.result, everyone.records, ids, cfg,
+                           tasks_sha256=file_sha256(subset.path) if subset.path else None)
+    result["config"].update(tasks=subset.path.name if subset.path else None, users=subset.users)
+    return everyone, Evaluation(result, [r for r in everyone.records if r.task_id in ids])
+
+
 def _evaluate_cst(system: str, task_set: TaskSet, cfg: StarConfig) -> Evaluation:
     """A cst ranker over the task set's store, as `make_system` makes it (the learned one
     needs the split before, which a baseline's fit data does not carry), evaluated with

@@ -138,32 +138,25 @@ class Pipeline:
         """Each system fitted once, evaluated on all test users and on eval-200; a system
         whose two results files exist is read back, not refitted."""
         from starrec.data.tasks import load_tasks
-        from starrec.evaluation.identity import file_sha256
         from starrec.evaluation.report import load_results
-        from starrec.evaluation.runner import subset_result, write_results
-        from starrec.experiment import TaskSet, evaluate
+        from starrec.experiment import TaskSet, evaluate_with_subset
 
         folder = self.tasks_folder()
-        test = load_tasks(folder / "test.jsonl")
         # the cst rankers need the task set (their store, and the split before it to learn on)
-        task_set = TaskSet(self.dataset(), test, self.spec, folder / "test.jsonl")
-        eval_ids = {t.task_id for t in load_tasks(folder / "eval-200.jsonl")}
+        everyone = TaskSet(self.dataset(), load_tasks(folder / "test.jsonl"), self.spec,
+                           folder / "test.jsonl")
+        eval_200 = TaskSet(everyone.dataset, load_tasks(folder / "eval-200.jsonl"), self.spec,
+                           folder / "eval-200.jsonl", users="eval-200")
         for name in self.cfg.pipeline.systems:
             paths = [self.out / f"{self.slug}-{name}-test-{users}.json"
                      for users in ("all", "eval-200")]
             if all(p.exists() for p in paths):
                 self.run_state.results += load_results(paths)
                 continue
-            evaluation = evaluate(name, task_set, self.cfg)
-            everyone, records = evaluation.result, evaluation.records
-            everyone["config"].update(tasks="test.jsonl", users="all", scenario="classic")
-            subset = subset_result(everyone, records, eval_ids, self.cfg,
-                                   tasks_sha256=file_sha256(folder / "eval-200.jsonl"))
-            subset["config"].update(tasks="eval-200.jsonl", users="eval-200")
-            kept = [r for r in records if r.task_id in eval_ids]
-            for result, rows, path in zip((everyone, subset), (records, kept), paths):
-                write_results(result, rows, path)  # with its per-task file beside it
-                self.run_state.results.append(result)
+            for evaluation, path in zip(evaluate_with_subset(name, everyone, eval_200, self.cfg),
+                                        paths):
+                evaluation.write(path)  # with its per-task file beside it
+                self.run_state.results.append(evaluation.result)
 
     def llm_stages(self) -> None:
         """Teacher runs on train tasks, SFT, GRPO, then the students and the teacher
