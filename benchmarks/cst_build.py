@@ -12,7 +12,9 @@ benchmarks/results/cst_build.json (or --out).
 
     python benchmarks/cst_build.py                 # ML-100K + 10M synthetic rows, memory and duckdb
     python benchmarks/cst_build.py --rows 1000000  # a smaller synthetic log
-    python benchmarks/cst_build.py --rows 100000000 --engine duckdb --no-ml100k \
+    python benchmarks/cst_build.py --dataset amazon-games --no-synthetic --engine memory \
+        --out benchmarks/results/cst_build-amazon-games.json
+    python benchmarks/cst_build.py --rows 100000000 --engine duckdb --no-dataset \
         --duckdb-memory-limit 6GB --out benchmarks/results/cst_build-100m.json
     python benchmarks/cst_build.py --rows 1000000 --engine duckdb spark \
         --spark-conf spark.driver.memory=4g --out benchmarks/results/cst_build-spark.json
@@ -120,15 +122,17 @@ def write_synthetic_parquet(queue, rows: int, users: int, items: int, path: str,
     queue.put(len(codes))
 
 
-def case_ml100k(queue, engine: str = "memory", settings: dict | None = None) -> None:
+def case_dataset(queue, engine: str = "memory", settings: dict | None = None,
+                 spec: str = "ml-100k") -> None:
+    """The test store of a real dataset (`spec` as `--dataset` names it), every signal on."""
     from starrec.config import CSTConfig
     from starrec.cst.evidence import candidate_evidence
     from starrec.cst.store import EvidenceStore, build_store
-    from starrec.data.movielens import load_movielens_100k
     from starrec.data.splits import task_interactions
     from starrec.data.tasks import build_split_tasks
+    from starrec.experiment import open_dataset
 
-    dataset = load_movielens_100k("recbole")
+    dataset, _ = open_dataset(spec)
     tasks = build_split_tasks(dataset, "test")
     allowed = task_interactions(dataset, tasks, "test")
     before = rss_mb()
@@ -146,10 +150,11 @@ def case_ml100k(queue, engine: str = "memory", settings: dict | None = None) -> 
             t0 = time.perf_counter()
             candidate_evidence(store, task)
             timings.append(time.perf_counter() - t0)
-    queue.put({"case": "ml-100k (test store, content and latent models on)", "engine": engine,
+    queue.put({"case": f"{spec} (test store, content and latent models on)", "engine": engine,
                "rows": meta["n_interactions"],
                "users": meta["n_users"], "items": meta["n_items"], "build_s": round(build, 2),
-               "stages_s": meta["timings_s"], "store_mb": round(size / 2**20, 1),
+               "stages_s": meta["timings_s"], "stages_peak_rss_mb": meta.get("peak_rss_mb"),
+               "store_mb": round(size / 2**20, 1),
                "peak_rss_mb": round(rss_mb(), 0), "rss_before_build_mb": round(before, 0),
                **({"peak_jvm_rss_mb": round(jvm.peak, 0)} if engine == "spark" else {}),
                "evidence_ms_median": round(1000 * sorted(timings)[len(timings) // 2], 2)})
@@ -220,7 +225,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--engine", nargs="+", choices=("memory", "duckdb", "spark"),
                         default=["memory", "duckdb"], help="engines to run, in this order")
-    parser.add_argument("--no-ml100k", action="store_true", help="only the synthetic log")
+    parser.add_argument("--dataset", action="append", default=None,
+                        help="a real dataset's test store to build (ml-100k, amazon-games, ...; "
+                        "repeatable; default ml-100k)")
+    parser.add_argument("--no-ml100k", "--no-dataset", dest="no_dataset", action="store_true",
+                        help="no real dataset: only the synthetic log")
+    parser.add_argument("--no-synthetic", action="store_true", help="no synthetic log")
     parser.add_argument("--duckdb-memory-limit", default="4GB")
     parser.add_argument("--duckdb-threads", type=int, default=None)
     parser.add_argument("--spark-master", default=None,
@@ -236,17 +246,21 @@ def main() -> None:
                 "duckdb_threads": args.duckdb_threads, "spark_master": args.spark_master,
                 "spark_conf": dict(item.split("=", 1) for item in args.spark_conf)}
     results = []
-    if not args.no_ml100k:
-        results += [run(case_ml100k, engine, settings) for engine in args.engine]
+    if not args.no_dataset:
+        for spec in args.dataset or ["ml-100k"]:
+            for engine in args.engine:
+                results.append(run(case_dataset, engine, settings, spec))
+                print(json.dumps(results[-1]), flush=True)
+    synthetic_engines = [] if args.no_synthetic else args.engine
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         parquet = None
-        if {"duckdb", "spark"} & set(args.engine):
+        if {"duckdb", "spark"} & set(synthetic_engines):
             parquet = str(Path(tmp) / "log.parquet")
             start = time.perf_counter()
             kept = run(write_synthetic_parquet, args.rows, args.users, args.items, parquet)
             print(f"synthetic log: {kept:,} rows written to Parquet in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
-        for engine in args.engine:
+        for engine in synthetic_engines:
             results.append(run(case_synthetic, engine, args.rows, args.users, args.items, parquet,
                                settings, args.workdir))
             print(json.dumps(results[-1]), flush=True)

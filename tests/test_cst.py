@@ -281,3 +281,20 @@ def test_store_has_no_global_recent_columns(world):
     assert "recent_pct" not in store.items.columns
     columns = [row[1] for row in store.db.execute("PRAGMA table_info(items)")]
     assert "recent" not in columns and "recent_pct" not in columns
+
+
+def test_build_laps_keep_each_stages_own_peak_memory():
+    from starrec.cst.store import Laps, _peak_rss_mb
+
+    if _peak_rss_mb() is None:
+        pytest.skip("no /proc/self/status here")
+    laps = Laps()
+    laps("before")
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, freed within the stage
+    del big
+    laps("large")
+    laps("after")
+    assert list(laps.peak_mb) == ["before", "large", "after"]
+    assert laps.peak_mb["large"] >= laps.peak_mb["before"] + 32
+    # the peak is set back after each stage: the next stage does not inherit it
+    assert laps.peak_mb["after"] <= laps.peak_mb["large"] - 32

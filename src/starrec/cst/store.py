@@ -90,17 +90,39 @@ def default_store_path(dataset: str, split: str, version: str) -> Path:
     return star_home() / "cst" / f"{dataset}-{split}-{version}.sqlite"
 
 
+def _peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident memory (VmHWM) in MiB, and with `reset` the peak set
+    back to the current use (Linux: /proc/self/clear_refs), so that the next reading is
+    the peak of what ran in between; None where /proc does not say."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        peak = next(int(line.split()[1]) for line in status.splitlines()
+                    if line.startswith("VmHWM:"))
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, StopIteration, ValueError):
+        return None
+    return round(peak / 1024, 1)
+
+
 class Laps:
-    """Wall time of a build's stages, logged as they end and kept for the store's meta."""
+    """Wall time and peak resident memory of a build's stages, logged as they end and kept
+    for the store's meta (the memory of a stage run in this process: DuckDB's, not a Spark
+    JVM's)."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.tick = self.started
         self.timings: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+        _peak_rss_mb(reset=True)
 
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
         self.timings[name] = round(now - self.tick, 3)
+        peak = _peak_rss_mb(reset=True)
+        if peak is not None:
+            self.peak_mb[name] = peak
         log.info("cst: %s in %.2fs", name, now - self.tick)
         self.tick = now
 
@@ -294,6 +316,7 @@ def store_meta(version: str, dataset: str, split: str, config: CSTConfig, *, n_u
         "n_items": n_items,
         "n_interactions": n_interactions,
         "timings_s": laps.timings,
+        "peak_rss_mb": laps.peak_mb,
         "build_s": laps.total(),
     }
 
