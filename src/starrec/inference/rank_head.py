@@ -25,13 +25,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from string import Template
 from typing import Any
 
 import numpy as np
 
 from starrec.config import StudentConfig, StudentFormatConfig
 from starrec.core import Recommendation, Task
-from starrec.core.resources import scenarios
+from starrec.core.resources import prompt_text, scenarios
 from starrec.cst.evidence import CandidateEvidence, candidate_evidence
 from starrec.cst.ranker import CSTRanker
 from starrec.cst.store import EvidenceStore
@@ -42,8 +43,10 @@ from starrec.llm.card import HeadSpec
 
 TokenCounter = Callable[[str], int]
 
-HEAD_SYSTEM = ("You rank candidate items for a user. The label of the item the user most "
-               "likely consumes next comes first.")
+def head_templates() -> tuple[str, Template]:
+    """The fast mode's system message and user-message template (resources/prompts)."""
+    return (prompt_text("head_system.md").strip(),
+            Template(prompt_text("head_task.md").rstrip("\n")))
 
 
 class LabelTokenError(ValueError):
@@ -126,12 +129,12 @@ def head_messages(task: Task, store: EvidenceStore, spec: HeadSpec, labels: Sequ
             parts.append(f"cst rank {cst_rank[j]}")
         lines.append(f"{label}: " + " | ".join(parts))
     scenario = scenarios().get(task.scenario, "")
-    history = "; ".join(store.title(item) for item in shown) or "(none)"
-    user = (f"{scenario}\n" if scenario else "") + (
-        f"History (last {len(shown)} of {len(task.history)}): {history}\n"
-        "Candidates (label: title | evidence):\n" + "\n".join(lines) +
-        "\nAnswer with the candidate labels, most likely first.")
-    return [{"role": "system", "content": HEAD_SYSTEM}, {"role": "user", "content": user}]
+    system, template = head_templates()
+    user = template.substitute(
+        scenario=f"{scenario}\n" if scenario else "", shown=len(shown), total=len(task.history),
+        history="; ".join(store.title(item) for item in shown) or "(none)",
+        candidates="\n".join(lines))
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def render_prompt(tokenizer: Any, messages: list[Message], answer_prefix: str) -> str:
