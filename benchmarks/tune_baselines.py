@@ -117,13 +117,13 @@ def best(results: list[dict[str, Any]]) -> dict[str, Any]:
     return max(results, key=lambda r: r["AvgHR"])["params"]
 
 
-def tune(config: StarConfig, dataset: str, grid_name: str, limit: int | None) -> dict[str, Any]:
+def tune(config: StarConfig, dataset: str, grid: dict[str, dict[str, list[Any]]], grid_name: str,
+         limit: int | None) -> dict[str, Any]:
     task_set = load_task_set(dataset, config, split="valid", limit=limit)
     tasks = task_set.tasks
     interactions = fit_interactions(task_set.dataset, "valid")
     check_no_leak(tasks, interactions, where="the fit data of the tuned baselines")
     fit = FitData(interactions, task_set.dataset.items, "valid")
-    grid = GRIDS[grid_name]
     b = config.baselines
 
     from starrec.baselines.itemknn import ItemKNN
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Score only the first N valid tasks (a quick check, not a result).")
     parser.add_argument("--config", type=Path, default=None,
                         help="Base settings (default: the built-in defaults).")
+    parser.add_argument("--sasrec-epochs", type=lambda text: [int(x) for x in text.split(",")],
+                        default=None, help="the SASRec epoch counts scored, e.g. 10,20,30 "
+                        "(default: the grid's); a larger log affords fewer")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a config override of the base settings, as star --set "
                         "section.key=value")
@@ -179,7 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                         "and configs/).")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    result = tune(config, args.dataset, args.grid, args.limit)
+    grid = {**GRIDS[args.grid]}
+    if args.sasrec_epochs:
+        grid["sasrec"] = {**grid["sasrec"], "epochs": sorted(args.sasrec_epochs)}
+    result = tune(config, args.dataset, grid, args.grid, args.limit)
     slug = result["dataset"]
     if args.out_dir is None:
         json_path = ROOT / "benchmarks" / "results" / slug / "tuned_baselines.json"
