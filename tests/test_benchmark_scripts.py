@@ -112,3 +112,23 @@ def test_tune_baselines_writes_the_chosen_settings(shop, tmp_path):
         assert {k: chosen[name][k] for k in best["params"]} == best["params"]
     # --sasrec-epochs replaces the grid's epoch counts (the smoke grid's are 1 and 2)
     assert {r["params"]["epochs"] for r in result["scores"]["sasrec"]} == {2}
+
+
+def test_load_api_smoke_run_against_real_servers(shop, tmp_path):
+    """The load benchmark end to end at a smoke size: a real `star serve` process per case,
+    the aiohttp generator, the prefill limit of a tiny student, and the report."""
+    bench = script("load_api")
+    out = tmp_path / "load.json"
+    assert bench.main(["--smoke", "--systems", "pop,cst,star", "--student", "tiny",
+                       "--dataset", str(shop), "--out", str(out), *overrides(FAST)]) == 0
+    report = json.loads(out.read_text())
+    cases = {(level["system"], level["batching"]) for level in report["levels"]}
+    # cst and the student are measured with and without micro-batching, pop without
+    assert cases == {("pop", False), ("cst", True), ("cst", False), ("star", True),
+                     ("star", False)}
+    for level in report["levels"]:
+        assert level["statuses"].get("200", 0) > 0 and level["errors"] == 0
+        assert level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
+    prefill = report["prefill"]
+    assert prefill["prompt_tokens_mean"] > 0 and prefill["limit_rps"] > 0
+    assert report["targets"]["errors_other_than_503"]["met"] is True
