@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from queue import Empty
 
 RESULTS = Path(__file__).parent / "results" / "cst_build.json"
 
@@ -123,9 +124,10 @@ def write_synthetic_parquet(queue, rows: int, users: int, items: int, path: str,
 
 
 def case_dataset(queue, engine: str = "memory", settings: dict | None = None,
-                 spec: str = "ml-100k") -> None:
-    """The test store of a real dataset (`spec` as `--dataset` names it), every signal on."""
-    from starrec.config import CSTConfig
+                 spec: str = "ml-100k", overrides: list[str] | None = None) -> None:
+    """The test store of a real dataset (`spec` as `--dataset` names it), every signal on,
+    under the `cst.*` config `overrides`."""
+    from starrec.config import load_config
     from starrec.cst.evidence import candidate_evidence
     from starrec.cst.store import EvidenceStore, build_store
     from starrec.data.splits import task_interactions
@@ -138,7 +140,8 @@ def case_dataset(queue, engine: str = "memory", settings: dict | None = None,
     before = rss_mb()
     with tempfile.TemporaryDirectory() as tmp, ChildMemory() as jvm:
         start = time.perf_counter()
-        config = CSTConfig(engine=engine, **(settings or {}))
+        config = load_config(None, overrides).cst.model_copy(
+            update={"engine": engine, **(settings or {})})
         path = build_store(allowed, dataset.items, Path(tmp) / "s.sqlite", config, progress=False)
         build = time.perf_counter() - start
         store = EvidenceStore(path)
@@ -151,6 +154,7 @@ def case_dataset(queue, engine: str = "memory", settings: dict | None = None,
             candidate_evidence(store, task)
             timings.append(time.perf_counter() - t0)
     queue.put({"case": f"{spec} (test store, content and latent models on)", "engine": engine,
+               "overrides": overrides or [],
                "rows": meta["n_interactions"],
                "users": meta["n_users"], "items": meta["n_items"], "build_s": round(build, 2),
                "stages_s": meta["timings_s"], "stages_peak_rss_mb": meta.get("peak_rss_mb"),
@@ -210,15 +214,25 @@ def case_synthetic(queue, engine: str, rows: int, users: int, items: int, parque
 
 
 def run(target, *args) -> dict:
-    queue = mp.get_context("spawn").Queue()
-    process = mp.get_context("spawn").Process(target=target, args=(queue, *args))
+    """`target(queue, *args)` in a fresh process, and what it put on the queue; a process
+    that dies before reporting (killed for memory, an error) is an error here, not a hang."""
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(queue, *args))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{target.__name__} exited with code {process.exitcode} "
+                                   "before reporting a result") from None
     process.join()
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--users", type=int, default=200_000)
@@ -231,6 +245,9 @@ def main() -> None:
     parser.add_argument("--no-ml100k", "--no-dataset", dest="no_dataset", action="store_true",
                         help="no real dataset: only the synthetic log")
     parser.add_argument("--no-synthetic", action="store_true", help="no synthetic log")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="a cst.* config override for the real datasets' stores, e.g. "
+                        "cst.latent_sasrec.epochs=5")
     parser.add_argument("--duckdb-memory-limit", default="4GB")
     parser.add_argument("--duckdb-threads", type=int, default=None)
     parser.add_argument("--spark-master", default=None,
@@ -241,7 +258,7 @@ def main() -> None:
                         help="folder for the stores, the Parquet log and DuckDB's spill files "
                              "(default: the system's temporary folder)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     settings = {"duckdb_memory_limit": args.duckdb_memory_limit,
                 "duckdb_threads": args.duckdb_threads, "spark_master": args.spark_master,
                 "spark_conf": dict(item.split("=", 1) for item in args.spark_conf)}
@@ -249,7 +266,7 @@ def main() -> None:
     if not args.no_dataset:
         for spec in args.dataset or ["ml-100k"]:
             for engine in args.engine:
-                results.append(run(case_dataset, engine, settings, spec))
+                results.append(run(case_dataset, engine, settings, spec, args.overrides))
                 print(json.dumps(results[-1]), flush=True)
     synthetic_engines = [] if args.no_synthetic else args.engine
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
