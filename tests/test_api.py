@@ -9,6 +9,8 @@ import contextlib
 import json
 import logging
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -563,6 +565,7 @@ def test_metrics_readiness_openapi_and_request_ids(pop, caplog):
         assert ready["ready"] and ready["system"] == "pop" and ready["kind"] == "ranker"
         assert ready["modes"] == ["score"] and ready["proposer"] == "pop"
         assert ready["limits"]["max_queue"] == 32 and ready["limits"]["max_candidates"] == 100
+        assert ready["compute_threads"] == 1  # a ranker: parallel requests, 1 thread each
         response = client.get("/metrics")
         assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
         text = response.text
@@ -605,3 +608,21 @@ def test_log_lines_are_json():
         record = logging.LogRecord("starrec", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     line = json.loads(formatter.format(record))
     assert "ValueError: boom" in line["exception"] and "\n" not in formatter.format(record)
+
+
+def test_compute_threads_default_by_kind_and_apply_process_wide(pop):
+    from starrec.api.app import compute_threads_for
+    from starrec.paths import available_cores
+
+    assert compute_threads_for(ServerSettings(), pop) == 1
+    assert compute_threads_for(ServerSettings(compute_threads=3), pop) == 3
+
+    class OneAtATime:  # an LLM system answers one request at a time
+        concurrent = False
+
+    assert compute_threads_for(ServerSettings(), OneAtATime()) == available_cores()
+    code = ("import torch, numpy; from threadpoolctl import threadpool_info; "
+            "from starrec.api.app import limit_compute_threads; limit_compute_threads(1); "
+            "assert torch.get_num_threads() == 1, torch.get_num_threads(); "
+            "assert all(p['num_threads'] == 1 for p in threadpool_info()), threadpool_info()")
+    subprocess.run([sys.executable, "-c", code], check=True)

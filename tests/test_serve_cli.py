@@ -133,6 +133,8 @@ def test_serve_bad_input_is_one_error_line(shop, tmp_path):
                    "--max-batch-size", "0"), "--max-batch-size")
     one_error(star("serve", "--system", "pop", "--dataset", str(shop), "--port", "0",
                    "--max-wait-ms", "-1"), "--max-wait-ms")
+    one_error(star("serve", "--system", "pop", "--dataset", str(shop), "--port", "0",
+                   "--compute-threads", "0"), "--compute-threads")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

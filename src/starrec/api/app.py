@@ -71,6 +71,7 @@ from starrec.api.schemas import (
     RecommendResponse,
 )
 from starrec.api.service import PreparedRequest, RecommendService, ServiceError
+from starrec.paths import available_cores
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("starrec.api.access")
@@ -96,6 +97,32 @@ class ServerSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most requests answered in one batch.")
     max_wait_ms: float = Field(2.0, ge=0, description="Longest a batch waits for more requests "
                                "after its first, while more are arriving.")
+    compute_threads: int | None = Field(None, ge=1, description=(
+        "torch and BLAS threads of the process's computations. None: 1 for a ranker, whose "
+        "requests run on `workers` threads side by side (one multi-threaded kernel per "
+        "request oversubscribes the cores the HTTP loop also needs); every core for an LLM "
+        "system, which answers one request at a time."))
+
+
+def compute_threads_for(settings: ServerSettings, service: RecommendService) -> int:
+    """The compute threads a service runs with (`ServerSettings.compute_threads`)."""
+    if settings.compute_threads is not None:
+        return settings.compute_threads
+    return 1 if service.concurrent else available_cores()
+
+
+def limit_compute_threads(threads: int) -> None:
+    """Set this process's torch intra-op threads and its BLAS / OpenMP pools to `threads`
+    (process-wide: call it where the process is the service)."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)
+    threadpool_limits(threads)
 
 
 def read_api_keys(path: Path | None = None, environ: dict[str, str] | None = None) -> list[str]:
@@ -357,6 +384,7 @@ def create_app(service: RecommendService, settings: ServerSettings | None = None
     )
     app.state.service = service
     app.state.settings = settings
+    app.state.compute_threads = compute_threads_for(settings, service)
     app.state.runner = runner
     app.state.metrics = metrics
     require_key = api_key_dependency(settings.api_keys)
@@ -419,6 +447,7 @@ def create_app(service: RecommendService, settings: ServerSettings | None = None
             responses={503: {"model": Readiness, "description": "Not (yet) ready."}})
     async def ready() -> JSONResponse:
         body = service.readiness(state["status"], limits, state["message"])
+        body.compute_threads = app.state.compute_threads
         return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 
     @v1.post("/recommend", response_model=RecommendResponse, responses=ERROR_RESPONSES,
@@ -519,5 +548,7 @@ def make_server(app: FastAPI, *, log_level: str = "info", json_logs: bool = True
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
           log_level: str = "info", sock: socket.socket | None = None) -> None:
-    """Run `app` until SIGINT / SIGTERM, then shut down gracefully."""
+    """Run `app` until SIGINT / SIGTERM, then shut down gracefully, with the compute
+    threads its settings give its service (`compute_threads_for`)."""
+    limit_compute_threads(app.state.compute_threads)
     make_server(app, log_level=log_level).run(sockets=[sock or bind_socket(host, port)])

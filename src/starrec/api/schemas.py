@@ -192,4 +192,6 @@ class Readiness(Wire):
     catalogue_items: int
     known_users: int
     limits: Limits
+    compute_threads: int | None = Field(None, description="torch / BLAS threads the process "
+                                        "computes with.")
     message: str | None = None

@@ -85,6 +85,10 @@ def serve(
     workers: Annotated[Optional[int], typer.Option(
         help="Threads answering a ranker's requests (an LLM system uses one). Default: the "
         "cores, at most 4.")] = None,
+    compute_threads: Annotated[Optional[int], typer.Option(
+        help="torch / BLAS threads of the service's computations. Default: 1 for rankers "
+        "(their requests run on --workers threads side by side), every core for LLM "
+        "systems.")] = None,
     batching: Annotated[bool, typer.Option(
         help="Micro-batching for a system that answers several requests faster at once (a "
         "student's fast ranking head, SASRec): requests are gathered for up to --max-wait-ms "
@@ -139,6 +143,7 @@ def serve(
             api_keys=keys, max_queue=max_queue, max_body_bytes=max_body_bytes,
             batching=batching, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             timeout_s=timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S[kind],
+            compute_threads=compute_threads,
             **({"workers": workers} if workers is not None else {}))
         sock = bind_socket(host, port)
     except ValidationError as error:
