@@ -112,7 +112,8 @@ def test_ml100k_baselines_are_ordered_as_expected(ml100k):
     assert avg["itemknn"] > avg["pop"]
 
 
-def test_sasrec_learns_an_obvious_sequential_pattern():
+@pytest.mark.parametrize("negatives", [None, 4])
+def test_sasrec_learns_an_obvious_sequential_pattern(negatives):
     """Every user walks the same cycle a0 -> a1 -> ... -> a9 -> a0 from a random start, so
     the next item is fully determined by the last one; co-occurrence alone cannot tell
     which of the cycle's items comes next, order can."""
@@ -125,8 +126,9 @@ def test_sasrec_learns_an_obvious_sequential_pattern():
         rows += [(f"u{u}", f"a{(start + k) % 10}", k) for k in range(8)]
     frame = pd.DataFrame(rows, columns=["user", "item", "timestamp"])
     items = pd.DataFrame({"title": [f"A {i}" for i in range(10)]}, index=[f"a{i}" for i in range(10)])
+    # full softmax, or a sampled one against 4 of the 10 items per batch
     model = SASRec(max_len=8, hidden=32, blocks=1, heads=1, dropout=0.0, lr=5e-3, epochs=40,
-                   batch_size=32, progress=False)
+                   batch_size=32, progress=False, negatives=negatives)
     model.fit(FitData(frame, items, "test"))
     hits = 0
     for last in range(10):
@@ -180,3 +182,16 @@ def test_sasrec_length_batches_cover_every_row_once_grouped_by_length():
     # the batch order is shuffled, not sorted by length
     firsts = [lengths[b].min() for b in batches]
     assert firsts != sorted(firsts)
+
+
+def test_sasrec_sampled_softmax_settings():
+    from starrec.config import CSTConfig
+    from starrec.cst.store import versioned_settings
+    from starrec.latent.sasrec import SASRec
+
+    with pytest.raises(ValueError, match="negatives"):
+        SASRec(negatives=0)
+    # off, the setting leaves the stores' version as it was before it existed; on, it counts
+    off = versioned_settings(CSTConfig())
+    assert b"negatives" not in off
+    assert versioned_settings(CSTConfig(latent_sasrec={"negatives": 64})) != off

@@ -61,7 +61,7 @@ def assert_same_store(left, right, *, same_version: bool = True) -> None:
                     assert math.isclose(u, v, rel_tol=1e-9, abs_tol=0.0), (name, x, y)
                 else:
                     assert u == v, (name, x, y)
-    skip = {"timings_s", "build_s", "config", *(() if same_version else ("version",))}
+    skip = {"timings_s", "peak_rss_mb", "build_s", "config", *(() if same_version else ("version",))}
     meta_a = {k: v for k, v in a["meta"] if k not in skip}
     meta_b = {k: v for k, v in b["meta"] if k not in skip}
     assert meta_a == meta_b

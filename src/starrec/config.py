@@ -76,6 +76,10 @@ class SASRecConfig(Strict):
         "passes over the training sequences; the baseline's were chosen on validation "
         "tasks (benchmarks/sasrec_epochs.py)"))
     seed: int = 0
+    negatives: int | None = Field(None, ge=1, description=(
+        "None: full softmax over the catalogue at every position; N: sampled softmax, each "
+        "position's next item against N items drawn uniformly per batch (for large "
+        "catalogues, where the full softmax is most of the training time)"))
 
 
 class BaselinesConfig(Strict):

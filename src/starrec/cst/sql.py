@@ -52,7 +52,6 @@ import pandas as pd
 from starrec.config import CSTConfig
 from starrec.cst.store import (
     FORMAT_VERSION,
-    UNVERSIONED,
     Laps,
     StoreWriter,
     catalogue_texts,
@@ -60,6 +59,7 @@ from starrec.cst.store import (
     inputs_hash,
     neighbour_rows,
     store_meta,
+    versioned_settings,
     write_latent_models,
 )
 from starrec.progress import progress as progress_bar
@@ -412,7 +412,7 @@ def parquet_inputs_hash(engine: Engine, items: pd.DataFrame, config: CSTConfig) 
     digest = hashlib.sha256(f"cst-v{FORMAT_VERSION}-parquet".encode())
     digest.update(f"{rows}:{digest_of_rows}".encode())
     digest.update(pd.util.hash_pandas_object(items.reset_index(), index=False).values.tobytes())
-    digest.update(config.model_dump_json(exclude=set(UNVERSIONED)).encode())
+    digest.update(versioned_settings(config))
     return digest.hexdigest()[:16]
 
 

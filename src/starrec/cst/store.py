@@ -82,8 +82,18 @@ def inputs_hash(interactions: pd.DataFrame, items: pd.DataFrame, config: CSTConf
     frame = interactions[["user", "item", "timestamp"]]
     digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
     digest.update(pd.util.hash_pandas_object(items.reset_index(), index=False).values.tobytes())
-    digest.update(config.model_dump_json(exclude=set(UNVERSIONED)).encode())
+    digest.update(versioned_settings(config))
     return digest.hexdigest()[:16]
+
+
+def versioned_settings(config: CSTConfig) -> bytes:
+    """The CST settings a store's version covers: all but how it is computed and the
+    ranker fitted on it. A setting added later is left out while it is off, so existing
+    stores keep their version."""
+    exclude: dict[str, object] = {name: True for name in UNVERSIONED}
+    if config.latent_sasrec.negatives is None:
+        exclude["latent_sasrec"] = {"negatives"}
+    return config.model_dump_json(exclude=exclude).encode()
 
 
 def default_store_path(dataset: str, split: str, version: str) -> Path:
