@@ -396,7 +396,8 @@ def cases(args: argparse.Namespace, student: str | None) -> list[Case]:
     """(system, batching, `star serve` arguments, concurrency levels) per server."""
     common = ["--dataset", args.dataset, "--max-queue", str(args.max_queue),
               "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-              *[a for s in args.set for a in ("--set", s)]]
+              *[a for s in args.set for a in ("--set", s)],
+              *(["--compute-threads", str(args.compute_threads)] if args.compute_threads else [])]
     out = []
     for system in args.systems:
         if system == "star":
@@ -496,6 +497,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--prefill-prompts", type=int, default=16)
+    parser.add_argument("--compute-threads", type=int, default=None,
+                        help="star serve --compute-threads (default: the server's own)")
     parser.add_argument("--sasrec-epochs", type=int, default=5,
                         help="SASRec's training epochs in the served model (its answer cost "
                         "does not depend on them)")
