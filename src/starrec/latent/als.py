@@ -15,6 +15,11 @@ from starrec.latent.matrix import InteractionMatrix
 from starrec.latent.state import ModelState
 
 
+# Folding a task's user in is one small solve per user: a second thread only adds the
+# cost of waking it, which on busy cores is most of the call (docs/experiment-log.md).
+FOLD_IN_THREADS = 1
+
+
 class ALS(Recommender):
     """Users are folded in from the task's history (one least-squares solve), so the
     score reflects exactly what the task shows, including shortened scenario histories."""
@@ -44,6 +49,7 @@ class ALS(Recommender):
         with threadpool_limits(1, "blas"):
             self.model = self._solver()
             self.model.fit(self.ui.matrix, show_progress=False)
+        self.model.num_threads = FOLD_IN_THREADS
         return self
 
     def state(self) -> ModelState:
@@ -62,6 +68,7 @@ class ALS(Recommender):
         model.ui = InteractionMatrix.for_items(state.items)
         with threadpool_limits(1, "blas"):  # as in `fit`: the solver checks it when made
             model.model = model._solver()
+        model.model.num_threads = FOLD_IN_THREADS
         model.model.item_factors = np.ascontiguousarray(state.arrays["item_factors"],
                                                         dtype=np.float32)
         return model
