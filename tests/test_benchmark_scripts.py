@@ -146,3 +146,14 @@ def test_cst_build_benchmark_on_a_real_dataset_folder(shop, tmp_path):
     # wall time and peak memory of each stage, the latent models among them
     assert set(case["stages_s"]) == set(case["stages_peak_rss_mb"])
     assert any("latent" in stage for stage in case["stages_s"])
+
+
+def test_sasrec_epochs_curve_on_valid(shop, tmp_path):
+    bench = script("sasrec_epochs")
+    out = tmp_path / "curve.json"
+    assert bench.main(["--dataset", str(shop), "--epochs", "3", "--every", "2", "--out", str(out),
+                       "--set", "baselines.sasrec.negatives=8"]) == 0
+    result = json.loads(out.read_text())
+    assert [p["epoch"] for p in result["curve"]] == [2, 3]  # every 2nd, and the last
+    assert result["params"]["negatives"] == 8 and result["n_valid_tasks"] == 40
+    assert result["best"] in result["curve"]
