@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 # 2: recent popularity is computed per task from the interactions (no global columns)
 # 3: ties at the k-th neighbour keep the lowest index (both engines)
-FORMAT_VERSION = 4  # 4: latent models (SASRec, ALS) and the learned ranker
+# 4: latent models (SASRec, ALS) and the learned ranker
+# 5: the latent SASRec trains on batches of similar-length windows (other weights than 4's)
+FORMAT_VERSION = 5
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE items (idx INTEGER PRIMARY KEY, item TEXT NOT NULL UNIQUE, title TEXT NOT NULL,
