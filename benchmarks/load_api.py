@@ -51,6 +51,13 @@ from pydantic import BaseModel, Field
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks/results/load_api.json"
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the checkout where it is inside it (results name no machine's
+    folders)."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 # issue 17's targets
 CST_RPS, CST_P95_MS, STUDENT_SHARE = 300.0, 50.0, 0.8
 SERVING = re.compile(r"serving \S+ on (http://[\d.]+:\d+)")
@@ -530,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     payloads = payloads_of(args.dataset, args.set, None)
     report = Report(created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     machine=machine(), settings={
-                        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+                        k: shown_path(v) if isinstance(v, Path) else v
+                        for k, v in vars(args).items()})
     with student_folder(args.student if "star" in args.systems else None) as student:
         if student is not None:
             print(f"prefill of {args.student} ...", file=sys.stderr)
