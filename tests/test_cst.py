@@ -288,10 +288,15 @@ def test_build_laps_keep_each_stages_own_peak_memory():
 
     if _peak_rss_mb() is None:
         pytest.skip("no /proc/self/status here")
+    import mmap
+
     laps = Laps()
     laps("before")
-    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched, freed within the stage
-    del big
+    # 64 MiB of fresh pages, touched, then returned: a map of its own, since a heap
+    # allocation may reuse pages a long test session already holds
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\1" * len(block))
+    block.close()
     laps("large")
     laps("after")
     assert list(laps.peak_mb) == ["before", "large", "after"]
