@@ -90,12 +90,8 @@ def inputs_hash(interactions: pd.DataFrame, items: pd.DataFrame, config: CSTConf
 
 def versioned_settings(config: CSTConfig) -> bytes:
     """The CST settings a store's version covers: all but how it is computed and the
-    ranker fitted on it. A setting added later is left out while it is off, so existing
-    stores keep their version."""
-    exclude: dict[str, object] = {name: True for name in UNVERSIONED}
-    if config.latent_sasrec.negatives is None:
-        exclude["latent_sasrec"] = {"negatives"}
-    return config.model_dump_json(exclude=exclude).encode()
+    ranker fitted on it."""
+    return config.model_dump_json(exclude=set(UNVERSIONED)).encode()
 
 
 def default_store_path(dataset: str, split: str, version: str) -> Path:
