@@ -85,7 +85,56 @@ def test_store_is_versioned_and_reused(tiny, tmp_path, monkeypatch):
                          dataset="tiny", split="test")
     assert other != first
     assert EvidenceStore(first).meta["version"] == inputs_hash(allowed, tiny.items, NO_CONTENT)
-    assert not list(tmp_path.rglob("*.tmp")), "no half-written store is left behind"
+    assert not list(tmp_path.rglob("*.tmp*")), "no half-written store is left behind"
+
+
+def test_two_processes_asking_for_one_store_build_it_once(tiny, tmp_path, monkeypatch):
+    """Two runs sharing a cache (a server and a benchmark) ask for the same store at
+    once: one builds it, the other waits and reuses it; neither sees the other's half."""
+    import threading
+    import time
+
+    from starrec.cst import store as store_module
+
+    monkeypatch.setenv("STAR_HOME", str(tmp_path))
+    tasks = build_split_tasks(tiny, "test")
+    allowed = task_interactions(tiny, tasks, "test")
+    builds, real_build = [], store_module.build_store
+
+    def slow_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # the other asker arrives while this one builds
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(store_module, "build_store", slow_build)
+    start, paths, errors = threading.Barrier(2), [], []
+
+    def ask():
+        start.wait()
+        try:
+            paths.append(ensure_store(allowed, tiny.items, NO_CONTENT, dataset="tiny",
+                                      split="test"))
+        except Exception as error:  # noqa: BLE001 - the test reports it
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(builds) == 1
+    assert paths[0] == paths[1] and EvidenceStore(paths[0]).meta["n_interactions"] == len(allowed)
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_private_temporary_names_never_repeat(tmp_path):
+    from starrec.core.files import private_temp, write_text_atomic
+
+    target = tmp_path / "a.json"
+    assert len({private_temp(target) for _ in range(100)}) == 100
+    write_text_atomic(target, "one")
+    write_text_atomic(target, "two")
+    assert target.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
 def test_store_holds_no_target_and_nothing_after_it(tiny, tmp_path):

@@ -33,6 +33,7 @@ import numpy as np
 
 from starrec.config import CSTConfig
 from starrec.core import Task
+from starrec.core.files import building
 from starrec.cst.evidence import BATCH_TASKS
 from starrec.cst.features import FEATURE_NAMES, FEATURES, GROUPS, task_features_many
 from starrec.cst.store import RANKER_SETTINGS, EvidenceStore
@@ -255,21 +256,23 @@ def ensure_learned_ranker(path: Path, fit_store: EvidenceStore, fit_tasks: list[
     """The ranker of the store at `path`, fitted on `fit_tasks` (the split before the
     store's, with features from `fit_store`, the store serving them) unless the store
     already holds one fitted from the same inputs with the same settings."""
-    store = EvidenceStore(path)
-    try:
-        split = check_fit_tasks(store, fit_store, fit_tasks)
-        key = ranker_key(fit_store, fit_tasks, config)
-        existing = read_ranker(store)
-    finally:
-        store.close()
-    if existing is not None and existing.key == key:
-        log.info("cst: reusing the ranker %s of %s", key, path.name)
-        return existing
-    log.info("cst: fitting the ranker of %s on %d %s tasks", path.name, len(fit_tasks), split)
-    text, meta = fit_ranker(fit_store, fit_tasks, config, progress=progress)
-    ranker = LearnedRanker(key, meta, text)
-    write_ranker(path, ranker)
-    return ranker
+    with building(path):  # one process fits it; another waiting for it then reuses it
+        store = EvidenceStore(path)
+        try:
+            split = check_fit_tasks(store, fit_store, fit_tasks)
+            key = ranker_key(fit_store, fit_tasks, config)
+            existing = read_ranker(store)
+        finally:
+            store.close()
+        if existing is not None and existing.key == key:
+            log.info("cst: reusing the ranker %s of %s", key, path.name)
+            return existing
+        log.info("cst: fitting the ranker of %s on %d %s tasks", path.name, len(fit_tasks),
+                 split)
+        text, meta = fit_ranker(fit_store, fit_tasks, config, progress=progress)
+        ranker = LearnedRanker(key, meta, text)
+        write_ranker(path, ranker)
+        return ranker
 
 
 def ranker_lines(ranker: LearnedRanker | None, config: CSTConfig, served: str) -> list[str]:

@@ -23,6 +23,7 @@ import pandas as pd
 
 from starrec.config import CSTConfig
 from starrec.core import Recommender
+from starrec.core.files import building, private_temp
 from starrec.cst.signals import (
     Graph,
     Neighbours,
@@ -174,8 +175,7 @@ class StoreWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.tmp.unlink(missing_ok=True)
+        self.tmp = private_temp(path)
         self.db = sqlite3.connect(self.tmp)
         self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
 
@@ -342,12 +342,21 @@ def ensure_store(
     """The store for these inputs, built only if no store of the same version exists."""
     version = inputs_hash(interactions, items, config)
     path = path or default_store_path(dataset, split, version)
-    if path.exists() and EvidenceStore(path).meta.get("version") == version:
-        log.info("cst: reusing %s", path)
-        return path
-    log.info("cst: building %s", path)
-    return build_store(interactions, items, path, config, version=version, dataset=dataset,
-                       split=split, progress=progress)
+    with building(path):  # a second process asking for the same store waits, then reuses it
+        if path.exists() and _version_of(path) == version:
+            log.info("cst: reusing %s", path)
+            return path
+        log.info("cst: building %s", path)
+        return build_store(interactions, items, path, config, version=version,
+                           dataset=dataset, split=split, progress=progress)
+
+
+def _version_of(path: Path) -> str | None:
+    store = EvidenceStore(path)
+    try:
+        return store.meta.get("version")
+    finally:
+        store.close()
 
 
 @dataclass(frozen=True)

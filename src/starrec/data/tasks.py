@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from starrec.core.files import write_text_atomic
 from starrec.core.task import SHORT_SCENARIOS, Task
 from starrec.data.errors import DataError
 from starrec.data.schema import Dataset
@@ -172,9 +173,7 @@ def write_tasks(tasks: Iterable[Task], path: Path) -> tuple[int, str]:
     """Write JSON lines; return (count, sha256 of the file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(t.to_json() + "\n" for t in tasks)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return text.count("\n"), hashlib.sha256(text.encode()).hexdigest()
 
 

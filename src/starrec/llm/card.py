@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from starrec.config import StudentFormatConfig
+from starrec.core.files import write_text_atomic
 from starrec.core.resources import PROMPT_VERSION
 from starrec.labels import LabelStyle
 
@@ -67,9 +68,7 @@ class ModelCard(BaseModel):
 def write_model_card(folder: Path, card: ModelCard) -> Path:
     card.created = card.created or datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = folder / CARD_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, card.model_dump_json(indent=2) + "\n")
     return path
 
 
