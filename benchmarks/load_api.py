@@ -19,6 +19,7 @@ requests/s is reported as a share of it.
 
     python benchmarks/load_api.py --student smollm2          # the full run (idle cores)
     python benchmarks/load_api.py --smoke --student tiny --out /tmp/load_api.json
+    python benchmarks/load_api.py --systems cst,pop --processes 2   # forked workers, one port
 
 Writes benchmarks/results/load_api.json and prints a table.
 """
@@ -167,10 +168,22 @@ class Server:
         raise RuntimeError(f"star serve {what}: {' '.join(self.command[3:])}\n{tail}")
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server process (Linux /proc), else None."""
+        """User + system CPU time of the server process and its live workers
+        (`--processes`; Linux /proc), else None."""
+        def stat(pid: int | str) -> list[str]:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            pids = [self.process.pid]
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        if int(stat(entry.name)[1]) == self.process.pid:
+                            pids.append(int(entry.name))
+                    except (OSError, IndexError, ValueError):
+                        continue
+            ticks = sum(int(f[11]) + int(f[12]) for f in map(stat, pids))
+            return ticks / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             return None
 
@@ -404,7 +417,8 @@ def cases(args: argparse.Namespace, student: str | None) -> list[Case]:
     common = ["--dataset", args.dataset, "--max-queue", str(args.max_queue),
               "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
               *[a for s in args.set for a in ("--set", s)],
-              *(["--compute-threads", str(args.compute_threads)] if args.compute_threads else [])]
+              *(["--compute-threads", str(args.compute_threads)] if args.compute_threads else []),
+              *(["--processes", str(args.processes)] if args.processes > 1 else [])]
     out = []
     for system in args.systems:
         if system == "star":
@@ -506,6 +520,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-prompts", type=int, default=16)
     parser.add_argument("--compute-threads", type=int, default=None,
                         help="star serve --compute-threads (default: the server's own)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="star serve --processes: server processes on the one port")
     parser.add_argument("--sasrec-epochs", type=int, default=5,
                         help="SASRec's training epochs in the served model (its answer cost "
                         "does not depend on them)")
@@ -526,8 +542,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                      f"{', '.join(sorted(known))}")
     if "star" in args.systems and args.student is None:
         print("note: star is skipped without --student DIR|smollm2|tiny", file=sys.stderr)
-    if min([*args.concurrency, *args.student_concurrency, args.max_batch_size]) < 1:
-        parser.error("--concurrency, --student-concurrency and --max-batch-size must be >= 1")
+    if min([*args.concurrency, *args.student_concurrency, args.max_batch_size,
+            args.processes]) < 1:
+        parser.error("--concurrency, --student-concurrency, --max-batch-size and --processes "
+                     "must be >= 1")
+    if args.processes > 1 and "star" in args.systems:
+        parser.error("--processes applies to rankers; leave star out of --systems")
     return args
 
 

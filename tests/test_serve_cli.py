@@ -135,6 +135,10 @@ def test_serve_bad_input_is_one_error_line(shop, tmp_path):
                    "--max-wait-ms", "-1"), "--max-wait-ms")
     one_error(star("serve", "--system", "pop", "--dataset", str(shop), "--port", "0",
                    "--compute-threads", "0"), "--compute-threads")
+    one_error(star("serve", "--system", "pop", "--dataset", str(shop), "--port", "0",
+                   "--processes", "0"), "--processes")
+    one_error(star("serve", "--system", "mars", "--dataset", str(shop), "--port", "0",
+                   "--processes", "2"), "only rankers")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -209,3 +213,93 @@ def test_recommend_without_a_live_llm_server_is_one_error_line(shop):
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in result.output
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_serve_with_several_processes_answers_as_one_service(shop):
+    """`--processes 2`: two forked workers on one port; /metrics from either counts the
+    requests of both; a worker killed is replaced; SIGTERM stops them all."""
+    command = [str(Path(sys.executable).parent / "star"), "serve", "--system", "cst",
+               "--dataset", str(shop), "--port", "0", "--processes", "2", *NO_CONTENT]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
+    seen: list[str] = []
+    try:
+        while True:
+            line = lines.get(timeout=120)
+            assert line is not None, "".join(seen)
+            seen.append(line)
+            match = re.search(r"serving cst on (http://127\.0\.0\.1:\d+) .*2 processes", line)
+            if match:
+                break
+        base = match.group(1)
+
+        def service_metrics() -> str:
+            with httpx.Client(base_url=base, timeout=10) as client:
+                return client.get("/metrics").text
+
+        def wait_for(condition, what: str) -> None:
+            for _ in range(300):
+                try:
+                    if condition():
+                        return
+                except httpx.TransportError:
+                    pass
+                threading.Event().wait(0.05)
+            raise AssertionError(f"{what}: {service_metrics()}")
+
+        wait_for(lambda: _metric(service_metrics(), "star_processes") == 2
+                 and _metric(service_metrics(), "star_ready") == 1, "two ready workers")
+        workers = _children(process.pid)
+        assert len(workers) == 2
+        sent = 40
+        for n in range(sent):  # a connection each: the kernel spreads them over the workers
+            with httpx.Client(base_url=base, timeout=10) as client:
+                answer = client.post("/v1/recommend",
+                                     json={"user_id": f"u{n % 12}", "candidates": ["i1", "i2", "i3"]})
+                assert answer.status_code == 200 and answer.json()["system"] == "cst"
+
+        def answered() -> float:
+            text = service_metrics()
+            return sum(float(v) for v in re.findall(
+                r'^star_http_requests_total\{method="POST",path="/v1/recommend",status="200"\} (\S+)$',
+                text, re.M))
+
+        # every scrape, whichever worker answers it, counts both workers' requests (the
+        # other's as of its last snapshot, at most a second old)
+        wait_for(lambda: answered() == sent, "all requests counted")
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: workers[0] not in _children(process.pid)
+                 and len(_children(process.pid)) == 2
+                 and _metric(service_metrics(), "star_processes") == 2, "a replaced worker")
+        assert answered() == sent, "a dead worker's requests still count"
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert process.returncode == 0
+    assert not _children(process.pid)

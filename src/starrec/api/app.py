@@ -399,7 +399,9 @@ def create_app(service: RecommendService, settings: ServerSettings | None = None
     metrics.gauge("requests_in_flight", "Admitted requests, running or waiting.",
                   lambda: runner.admitted)
     metrics.gauge("ready", "1 when the service is warmed up and answering.",
-                  lambda: 1 if state["status"] == "ready" else 0)
+                  lambda: 1 if state["status"] == "ready" else 0, combine="min")
+    metrics.gauge("processes", "Server processes answering (star serve --processes).",
+                  lambda: 1)
 
     def error(request: Request, status: int, code: str, message: str,
               headers: dict[str, str] | None = None, **fields: Any) -> JSONResponse:

@@ -97,6 +97,9 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(
         help="Longest a batch waits for more requests after its first (only while more are "
         "arriving).")] = 2.0,
+    processes: Annotated[int, typer.Option(
+        help="Server processes answering on the one port (rankers only): the service is "
+        "loaded once, then forked; one process uses little more than one core.")] = 1,
     proposer: ProposerOption = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     runs: Annotated[Optional[list[Path]], typer.Option(
@@ -117,6 +120,7 @@ def serve(
     Examples:
       star serve --system cst
       star serve --system sasrec --port 8080 --api-keys keys.txt --max-queue 64
+      star serve --system cst --processes 2
       star serve --system star --model runs/ranker --set student.mode=fast --max-batch-size 8
       star serve --system star --model runs/student --timeout-s 120
       star serve --system cst --runs runs/teacher/trajectories.jsonl
@@ -135,6 +139,11 @@ def serve(
     if log_level not in ("debug", "info", "warning", "error"):
         raise _fail(ValueError(f"--log-level {log_level!r}: expected debug, info, warning or error"))
     kind = "llm" if system in LLM_SYSTEMS else "ranker"
+    if processes < 1:
+        raise _fail(ValueError(f"--processes {processes}: expected at least 1"))
+    if processes > 1 and kind == "llm":
+        raise _fail(ValueError(f"--processes {processes}: only rankers are served by several "
+                               f"processes; {system} answers one request at a time with every core"))
     # settings, keys and the port are checked before the data is read (which takes a while)
     try:
         keys = read_api_keys(api_keys)
@@ -162,6 +171,12 @@ def serve(
         except (ValueError, OSError, RuntimeError) as error:
             sock.close()
             raise _fail(ValueError(str(error))) from None
+    if processes > 1:
+        # the workers are forked from this process: loading with the workers' threads
+        # starts no thread pool that a fork would leave broken
+        from starrec.api.app import limit_compute_threads
+
+        limit_compute_threads(settings.compute_threads or 1)
     try:
         service = _load(system, model, dataset, proposer, cfg, limits)
     except _errors() as error:
@@ -169,12 +184,23 @@ def serve(
         raise _fail(error) from None
     batched = (f"micro-batching up to {settings.max_batch_size}" if settings.batching
                and service.batchable else "no micro-batching")
+    shared = f"; {processes} processes" if processes > 1 else ""
     typer.echo(f"serving {service.name} on http://{host}:{sock.getsockname()[1]} "
-               f"({'API keys required' if keys else 'no API key asked for'}; {batched})", err=True)
+               f"({'API keys required' if keys else 'no API key asked for'}; {batched}{shared})",
+               err=True)
     if not keys and not _loopback(host):
         typer.secho(f"warning: {host} is reachable from other machines and no API key is set "
                     "(--api-keys FILE or $STAR_API_KEYS)", fg=typer.colors.RED, err=True)
-    run_server(create_app(service, settings, routers=routers), host, port, log_level=log_level, sock=sock)
+    if processes == 1:
+        run_server(create_app(service, settings, routers=routers), host, port,
+                   log_level=log_level, sock=sock)
+        return
+    from starrec.api.processes import serve_processes
+
+    status = serve_processes(lambda: create_app(service, settings, routers=routers), sock,
+                             processes, log_level=log_level)
+    if status:
+        raise typer.Exit(status)
 
 
 def _loopback(host: str) -> bool:

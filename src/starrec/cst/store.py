@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -368,6 +370,18 @@ class Neighbour:
     strength: float
 
 
+def _reopen_after_fork() -> None:
+    """A forked process (`star serve --processes N`) gets connections of its own: SQLite
+    connections must not cross a fork. The inherited ones are left unused, not closed."""
+    for store in list(_OPEN_STORES):
+        store.db = store._connect()
+
+
+_OPEN_STORES: weakref.WeakSet[EvidenceStore] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reopen_after_fork)
+
+
 class EvidenceStore:
     """Read access to a built store. Look-ups of precomputed neighbours are SQL queries;
     the signals that depend on a task's history are computed from the graph, which is
@@ -377,7 +391,8 @@ class EvidenceStore:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no evidence store (run `star cst build`)")
-        self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        self.db = self._connect()
+        _OPEN_STORES.add(self)
         self.meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
         frame = pd.read_sql_query(
             "SELECT idx, item, title, pop, pop_pct FROM items ORDER BY idx", self.db
@@ -386,7 +401,11 @@ class EvidenceStore:
         self.item_ids = pd.Index(frame["item"])
         self._recent: dict[float | None, np.ndarray] = {}
 
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
     def close(self) -> None:
+        _OPEN_STORES.discard(self)
         self.db.close()
 
     @cached_property
