@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from starrec.config import load_config
+from starrec.core import score_order
 from starrec.cst.features import FEATURES, GROUPS
 from starrec.cst.learned import fit_booster, task_matrix
 from starrec.data.registry import dataset_slug
@@ -42,7 +43,7 @@ def target_ranks(scores: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> l
     ranks, start = [], 0
     for size in sizes:
         task_scores, task_labels = scores[start:start + size], labels[start:start + size]
-        order = np.argsort(-task_scores, kind="stable")
+        order = score_order(task_scores)
         ranks.append(int(np.flatnonzero(task_labels[order] == 1)[0]) + 1)
         start += size
     return ranks

@@ -17,10 +17,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from starrec.config import load_config
-from starrec.core import FitData
+from starrec.core import FitData, target_rank
 from starrec.data.registry import dataset_slug
 from starrec.data.splits import check_no_leak, fit_interactions
 from starrec.evaluation.metrics import summarize
@@ -67,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         began = time.perf_counter()
         ranks = []
         for task, scores in zip(tasks, fitted.score_many(tasks)):
-            order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
-            ranks.append([task.candidates[i] for i in order].index(task.target) + 1)
+            ranks.append(target_rank(task.candidates, task.target, scores))
         metrics, _ = summarize(ranks, [True] * len(ranks), n_resamples=10)
         scoring += time.perf_counter() - began
         point = {"epoch": epoch, "valid_AvgHR": metrics["AvgHR"],

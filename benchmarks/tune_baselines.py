@@ -33,6 +33,7 @@ import yaml
 
 from starrec.config import StarConfig, load_config
 from starrec.core import FitData, Recommender, Task
+from starrec.core import target_rank as core_target_rank
 from starrec.data.registry import dataset_slug
 from starrec.data.splits import check_no_leak, fit_interactions
 from starrec.evaluation.metrics import summarize
@@ -65,8 +66,7 @@ def points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 def target_rank(task: Task, scores: np.ndarray) -> int:
     """1-based rank of the target when the scores order the candidates (ties keep the
     presented order, as every evaluation ranks)."""
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
-    return [task.candidates[i] for i in order].index(task.target) + 1
+    return core_target_rank(task.candidates, task.target, scores)
 
 
 def score_point(ranks: Sequence[int], params: dict[str, Any], seconds: float) -> dict[str, Any]:

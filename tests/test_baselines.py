@@ -194,3 +194,14 @@ def test_sasrec_sampled_softmax_settings():
     # the store's own SASRec trained another way is another store
     assert versioned_settings(CSTConfig(latent_sasrec={"negatives": 64})) != \
         versioned_settings(CSTConfig())
+
+
+def test_one_rule_turns_scores_into_a_ranking():
+    """Descending score, ties in the order given: every ranker, the service and the
+    benchmarks rank through `starrec.core.score_order`."""
+    from starrec.core import ranked, score_order, target_rank
+
+    assert score_order([1.0, 2.0, 2.0, 0.5]).tolist() == [1, 2, 0, 3]
+    assert ranked(["a", "b", "c", "d"], [1.0, 2.0, 2.0, 0.5]) == ["b", "c", "a", "d"]
+    assert target_rank(["a", "b", "c", "d"], "a", [1.0, 2.0, 2.0, 0.5]) == 3
+    assert ranked(["a", "b"], [float("-inf"), 0.0]) == ["b", "a"]

@@ -55,7 +55,7 @@ from starrec.api.schemas import (
     Usage,
 )
 from starrec.config import StarConfig
-from starrec.core import Task
+from starrec.core import Task, ranked, score_order
 from starrec.data.splits import fit_interactions
 from starrec.data.tasks import MIN_CANDIDATES
 from starrec.experiment import BASELINE_SYSTEMS, CST_SYSTEMS, LLM_SYSTEMS, RANKER_SYSTEMS, SYSTEMS
@@ -298,7 +298,7 @@ class RankerSystem:
         return [self._checked(task, s) for task, s in zip(tasks, scored)]
 
     def _answer(self, task: Task, scores: np.ndarray, explain: bool) -> SystemAnswer:
-        order = np.argsort(-scores, kind="stable")  # ties keep the request's order
+        order = score_order(scores)  # ties keep the request's order
         evidence = None
         if explain and self.store is not None:
             from starrec.labels import candidate_labels
@@ -325,7 +325,7 @@ class RankerSystem:
         return self.top_many([task], [n])[0]
 
     def top_many(self, tasks: Sequence[Task], ns: Sequence[int]) -> list[list[str]]:
-        return [[task.candidates[i] for i in np.argsort(-scores, kind="stable")[:n]]
+        return [ranked(task.candidates, scores)[:n]
                 for task, n, scores in zip(tasks, ns, self.scores_many(tasks))]
 
     def warm_up(self) -> None:

@@ -12,6 +12,9 @@ from starrec.core.systems import (
     Recommender,
     System,
     complete_ranking,
+    ranked,
+    score_order,
+    target_rank,
 )
 from starrec.core.task import SHORT_SCENARIOS, Task
 from starrec.core.tool_calls import ParseError, ToolCall, parse_tool_call, render_tool_call
@@ -27,6 +30,9 @@ __all__ = [
     "Task",
     "ToolCall",
     "complete_ranking",
+    "ranked",
+    "score_order",
+    "target_rank",
     "parse_tool_call",
     "render_tool_call",
 ]

@@ -89,8 +89,24 @@ class Recommender(ABC):
         scores = np.asarray(self.score(task), dtype=float)
         if scores.shape != (len(task.candidates),):
             raise ValueError(f"{self.name}: expected {len(task.candidates)} scores, got {scores.shape}")
-        order = np.argsort(-scores, kind="stable")
-        return [task.candidates[i] for i in order]
+        return ranked(task.candidates, scores)
+
+
+def score_order(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Positions by descending score; ties keep the order given (DESIGN.md 7). The one
+    rule every ranker, the service and the benchmarks turn scores into a ranking by."""
+    return np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+
+
+def ranked(candidates: Sequence[str], scores: Sequence[float] | np.ndarray) -> list[str]:
+    """`candidates` best first by `scores` (`score_order`)."""
+    return [candidates[i] for i in score_order(scores)]
+
+
+def target_rank(candidates: Sequence[str], target: str,
+                scores: Sequence[float] | np.ndarray) -> int:
+    """1-based rank of `target` when `scores` order `candidates` (`score_order`)."""
+    return ranked(candidates, scores).index(target) + 1
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from starrec.config import CSTConfig
-from starrec.core import FitData, Recommender, Task
+from starrec.core import FitData, Recommender, Task, score_order
 from starrec.latent.state import ModelState
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def _latent_view(model: Recommender, task: Task, raw: np.ndarray) -> LatentScore
     shares = np.full(len(raw), np.nan)
     if scored.any():
         index = np.flatnonzero(scored)
-        order = index[np.argsort(-raw[index], kind="stable")]  # ties keep presented order
+        order = index[score_order(raw[index])]  # ties keep presented order
         ranks[order] = np.arange(1, len(order) + 1)
         weights = np.exp(raw[index] - raw[index].max())
         shares[index] = weights / weights.sum()

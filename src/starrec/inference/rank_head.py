@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from starrec.config import StudentConfig, StudentFormatConfig
-from starrec.core import Recommendation, Task
+from starrec.core import Recommendation, Task, score_order
 from starrec.core.resources import prompt_text, scenarios
 from starrec.cst.evidence import CandidateEvidence, candidate_evidence
 from starrec.cst.ranker import CSTRanker
@@ -56,7 +56,7 @@ class LabelTokenError(ValueError):
 
 def rank_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
     """Indices by descending score; ties keep the order given (DESIGN.md 7)."""
-    return np.argsort(-np.asarray(scores, dtype=float), kind="stable").tolist()
+    return score_order(scores).tolist()
 
 
 def label_token_ids(tokenizer: Any, labels: Sequence[str], answer_prefix: str) -> list[int]:
