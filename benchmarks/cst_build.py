@@ -213,18 +213,41 @@ def case_synthetic(queue, engine: str, rows: int, users: int, items: int, parque
                "rss_before_build_mb": round(before, 0)})
 
 
-def run(target, *args) -> dict:
+class OverCap(RuntimeError):
+    """A case's process went over the resident-memory cap and was stopped."""
+
+
+def resident_mb(pid: int) -> float:
+    """Resident memory of process `pid` now, in MiB (0 without /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run(target, *args, rss_cap_mb: float | None = None) -> dict:
     """`target(queue, *args)` in a fresh process, and what it put on the queue; a process
-    that dies before reporting (killed for memory, an error) is an error here, not a hang."""
+    that dies before reporting (killed for memory, an error) is an error here, not a hang.
+    With `rss_cap_mb`, the process is sampled every 0.2 s and stopped (OverCap) once its
+    resident memory passes the cap, as a memory-limited container would stop it."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=target, args=(queue, *args))
+    start = time.perf_counter()
     process.start()
     while True:
         try:
-            result = queue.get(timeout=1.0)
+            result = queue.get(timeout=0.2)
             break
         except Empty:
+            if rss_cap_mb is not None and (used := resident_mb(process.pid)) > rss_cap_mb:
+                process.kill()
+                process.join()
+                raise OverCap(f"resident memory passed {rss_cap_mb:,.0f} MiB ({used:,.0f}) after "
+                              f"{time.perf_counter() - start:.0f} s; stopped") from None
             if not process.is_alive():
                 raise RuntimeError(f"{target.__name__} exited with code {process.exitcode} "
                                    "before reporting a result") from None
@@ -257,17 +280,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=None,
                         help="folder for the stores, the Parquet log and DuckDB's spill files "
                              "(default: the system's temporary folder)")
+    parser.add_argument("--rss-cap-mb", type=float, default=None,
+                        help="stop a synthetic case whose process passes this resident memory "
+                        "and record it as over the cap (e.g. 8192: what a machine with 8 GiB "
+                        "for the build allows)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     settings = {"duckdb_memory_limit": args.duckdb_memory_limit,
                 "duckdb_threads": args.duckdb_threads, "spark_master": args.spark_master,
                 "spark_conf": dict(item.split("=", 1) for item in args.spark_conf)}
-    results = []
+    results: list[dict] = []
+
+    def save() -> None:  # after every case: a long run that stops keeps what it measured
+        payload = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                              f"{platform.system()}", "cases": results}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
     if not args.no_dataset:
         for spec in args.dataset or ["ml-100k"]:
             for engine in args.engine:
                 results.append(run(case_dataset, engine, settings, spec, args.overrides))
                 print(json.dumps(results[-1]), flush=True)
+                save()
     synthetic_engines = [] if args.no_synthetic else args.engine
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         parquet = None
@@ -278,16 +313,22 @@ def main(argv: list[str] | None = None) -> None:
             print(f"synthetic log: {kept:,} rows written to Parquet in "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
         for engine in synthetic_engines:
-            results.append(run(case_synthetic, engine, args.rows, args.users, args.items, parquet,
-                               settings, args.workdir))
+            try:
+                results.append(run(case_synthetic, engine, args.rows, args.users, args.items,
+                                   parquet, settings, args.workdir, rss_cap_mb=args.rss_cap_mb))
+            except OverCap as over:
+                results.append({"case": f"synthetic {args.rows:,} rows drawn (content and "
+                                        "latent models off)", "engine": engine,
+                                "rss_cap_mb": args.rss_cap_mb, "failed": str(over)})
             print(json.dumps(results[-1]), flush=True)
-    payload = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
-               "cases": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+            save()
+    save()
     print("| case | engine | rows | build s | peak RSS MiB | store MiB |")
     print("|---|---|---|---|---|---|")
     for r in results:
+        if "failed" in r:
+            print(f"| {r['case']} | {r['engine']} | - | {r['failed']} | - | - |")
+            continue
         print(f"| {r['case']} | {r['engine']} | {r['rows']:,} | {r['build_s']} | "
               f"{r['peak_rss_mb']:.0f} | {r['store_mb']} |")
     print(json.dumps(results, indent=2))

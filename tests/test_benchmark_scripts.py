@@ -148,6 +148,22 @@ def test_cst_build_benchmark_on_a_real_dataset_folder(shop, tmp_path):
     assert any("latent" in stage for stage in case["stages_s"])
 
 
+def test_cst_build_benchmark_on_a_synthetic_log_and_over_a_memory_cap(tmp_path):
+    """Both engines build the same synthetic store; a case whose process passes the
+    resident-memory cap is stopped and recorded as over it, and the run goes on."""
+    bench = script("cst_build")
+    out = tmp_path / "build.json"
+    small = ["--rows", "20000", "--users", "500", "--items", "300", "--no-dataset",
+             "--duckdb-memory-limit", "500MB", "--out", str(out)]
+    bench.main([*small, "--engine", "memory", "duckdb"])
+    memory, duckdb = json.loads(out.read_text())["cases"]
+    assert (memory["engine"], duckdb["engine"]) == ("memory", "duckdb")
+    assert memory["rows"] == duckdb["rows"] > 0 and memory["store_mb"] == duckdb["store_mb"]
+    bench.main([*small, "--engine", "memory", "--rss-cap-mb", "30"])
+    (over,) = json.loads(out.read_text())["cases"]
+    assert over["engine"] == "memory" and "passed 30 MiB" in over["failed"]
+
+
 def test_sasrec_epochs_curve_on_valid(shop, tmp_path):
     bench = script("sasrec_epochs")
     out = tmp_path / "curve.json"
