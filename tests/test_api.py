@@ -626,3 +626,34 @@ def test_compute_threads_default_by_kind_and_apply_process_wide(pop):
             "assert torch.get_num_threads() == 1, torch.get_num_threads(); "
             "assert all(p['num_threads'] == 1 for p in threadpool_info()), threadpool_info()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_metrics_of_several_processes_add_up(tmp_path):
+    """`Metrics.share`: counters and histograms of every process are summed (an exited
+    one's too), gauges only over live processes, `ready` as their minimum."""
+    from starrec.api.metrics import Metrics, merge_snapshots
+
+    own = Metrics()
+    own.gauge("ready", "ready", lambda: 1, combine="min")
+    own.gauge("processes", "processes", lambda: 1)
+    own.observe_request("POST", "/v1/recommend", 200, 0.004)
+    own.observe_batch(3)
+    other = own.snapshot() | {"pid": own.snapshot()["pid"] + 10**7}  # no such process
+    other["gauges"] = [["ready", "ready", 0.0, "min"], ["processes", "processes", 1.0, "sum"]]
+    merged = merge_snapshots([own.snapshot(), other])
+    assert {tuple(r[:3]): r[3] for r in merged["requests"]}[("POST", "/v1/recommend", "200")] == 2
+    assert merged["batches"][1:] == [2, 6.0]
+    # the dead process's gauges are left out: 1 live process, ready
+    assert {g[0]: g[2] for g in merged["gauges"]} == {"ready": 1.0, "processes": 1.0}
+    live = dict(other, pid=own.snapshot()["pid"])
+    gauges = {g[0]: g[2] for g in merge_snapshots([own.snapshot(), live])["gauges"]}
+    assert gauges == {"ready": 0.0, "processes": 2.0}
+
+    shared = Metrics()
+    shared.observe_request("GET", "/v1/health", 200, 0.001)
+    (tmp_path / "123456789.json").write_text(json.dumps(other))
+    shared.share(tmp_path)
+    text = shared.render()
+    assert 'star_http_requests_total{method="POST",path="/v1/recommend",status="200"} 1' in text
+    assert 'star_http_requests_total{method="GET",path="/v1/health",status="200"} 1' in text
+    assert (tmp_path / f"{shared.snapshot()['pid']}.json").exists()

@@ -63,13 +63,19 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     names = {p.name for p in out.glob("*.json")}
     assert {"shop-pop-test-all.json", "shop-cst-test-eval-200.json",
             "shop-mars-test-eval-200-first2.json", "shop-star-test-eval-200-first2.json",
-            "shop-star-grpo-test-eval-200-first2.json"} <= names
+            "shop-star-grpo-test-eval-200-first2.json",
+            "shop-star-sft-unconstrained-test-eval-200-first2.json"} <= names
     assert (out / "student-grpo" / "star_model.json").exists()
     grpo = json.loads((out / "shop-star-grpo-test-eval-200-first2.json").read_text())
     assert grpo["config"]["variant"] == "grpo" and grpo["config"]["preset"] == "quick"
     stages = json.loads((out / "stages.json").read_text())
     assert {"tasks", "baselines and cst", "teacher (train tasks)", "sft", "grpo",
-            "eval star (sft)", "eval star (grpo)", "eval mars (teacher)"} <= set(stages)
+            "eval star (sft)", "eval star (grpo)", "eval star (sft, unconstrained)",
+            "eval mars (teacher)"} <= set(stages)
+    # the same student without the decoding props, on the same tasks
+    free = json.loads((out / "shop-star-sft-unconstrained-test-eval-200-first2.json").read_text())
+    assert free["config"]["variant"] == "sft, unconstrained" and free["n_tasks"] == 2
+    assert free["config"]["params"]["constrain"] is False
     assert all(s["seconds"] >= 0 and s["status"] == "ran" for s in stages.values())
     assert "stage wall times" in result.output and "| grpo |" in result.output
     star = json.loads((out / "shop-star-test-eval-200-first2.json").read_text())
@@ -90,7 +96,7 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path, monkeypatch, tiny_lm_d
     assert len(read_runs(teacher_runs)) == 2
     report = (out / "shop-report.md").read_text()
     assert all(f"| {name} |" in report for name in ("pop", "cst", "mars", "star (sft)",
-                                                     "star (grpo)"))
+                                                     "star (grpo)", "star (sft, unconstrained)"))
     assert sorted(fitted) == ["cst", "pop"]
     assert sum(len(t.calls) for t in teachers) > 0
 

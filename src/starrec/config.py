@@ -569,6 +569,9 @@ class PipelineConfig(Strict):
     teacher_tasks: int = Field(60, description="train tasks of this many users the teacher runs for the SFT data (seeded, nested draws)")
     llm_eval_tasks: int | None = Field(50, description="first N of eval-200 for the teacher and the students; None: all")
     grpo: bool = Field(True, description="GRPO of the SFT student (the `grpo` section) and its evaluation")
+    unconstrained: bool = Field(True, description="also evaluate the SFT student with "
+                                "student.constrain off (row `star (sft, unconstrained)`): what "
+                                "the decoding props that keep a small model in its format add")
 
 
 class ConfigDeprecationWarning(FutureWarning):

@@ -5,7 +5,8 @@
 3. the teacher on the train tasks of `pipeline.teacher_tasks` users;
 4. the student fine-tuned on the teacher's successful train runs (SFT);
 5. GRPO of that student on train tasks (`pipeline.grpo`, the `grpo` section);
-6. the students and the teacher on the first `pipeline.llm_eval_tasks` of eval-200;
+6. the students and the teacher on the first `pipeline.llm_eval_tasks` of eval-200, the
+   SFT student also with `student.constrain` off (`pipeline.unconstrained`);
 7. one table of every result (written also when a later stage failed).
 
 Every stage keeps its output under `out` and is skipped or resumed when that output
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -187,6 +189,13 @@ class Pipeline:
             with self.stage(f"eval star ({variant})"):
                 self.run_state.results.append(self.evaluate(
                     "star", str(folder_), users, eval_tasks, variant=variant))
+        if settings.unconstrained:
+            free = self.cfg.model_copy(deep=True)
+            free.student.constrain = False
+            with self.stage("eval star (sft, unconstrained)"):
+                self.run_state.results.append(self.evaluate(
+                    "star", str(student), users, eval_tasks, variant="sft, unconstrained",
+                    config=free))
         with self.stage("eval mars (teacher)"):
             self.run_state.results.append(self.evaluate("mars", self.model, users, eval_tasks))
 
@@ -237,19 +246,22 @@ class Pipeline:
         return "ran"
 
     def evaluate(self, system: str, spec: str | None, users: str, tasks: list[Task], *,
-                 variant: str | None = None) -> dict[str, Any]:
-        """The teacher or a student on `tasks`, resumed from a records file named after
-        what answers (model and settings), so a changed model starts afresh, not mixed
-        in. The teacher's full runs are kept beside, under `teacher/`."""
+                 variant: str | None = None, config: StarConfig | None = None) -> dict[str, Any]:
+        """The teacher or a student on `tasks` (under `config`, default the pipeline's),
+        resumed from a records file named after what answers (model and settings), so a
+        changed model starts afresh, not mixed in. The teacher's full runs are kept
+        beside, under `teacher/`."""
         from starrec.experiment import TaskSet, evaluate
 
-        name = f"{system}-{variant}" if variant and variant != "sft" else system
+        cfg = config or self.cfg
+        slug = re.sub(r"[^a-z0-9]+", "-", variant).strip("-") if variant else None
+        name = f"{system}-{slug}" if slug and slug != "sft" else system
         path = self.out / f"{self.slug}-{name}-test-{users}.json"
         self.echo(f"eval {name}: {len(tasks)} tasks -> {path}")
-        key = answerer_key(system, spec, self.cfg)
+        key = answerer_key(system, spec, cfg)
         records = path.with_suffix(f".{key}.records.jsonl")
         runs = self.out / "teacher" / f"test-{users}.{key}.jsonl" if system == "mars" else None
-        evaluation = evaluate(system, TaskSet(self.dataset(), tasks, self.spec), self.cfg,
+        evaluation = evaluate(system, TaskSet(self.dataset(), tasks, self.spec), cfg,
                               model=spec, records=records, trajectories=runs)
         result = evaluation.result
         result["config"].update(tasks="eval-200.jsonl", users=users, scenario="classic",
