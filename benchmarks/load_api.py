@@ -44,6 +44,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,6 +76,7 @@ class Level(BaseModel):
     system: str
     batching: bool
     concurrency: int
+    mode: str | None = None  # the student's (fast, generate, reason); None for a ranker
     requests: int  # answered or refused, in the measured window
     seconds: float
     rps: float  # answered (200) per second
@@ -262,7 +264,7 @@ async def _drive(base: str, payloads: list[Payload], concurrency: int, seconds: 
 
 def run_level(server: Server, system: str, batching: bool, payloads: list[Payload],
               concurrency: int, seconds: float, most: int | None, warmup_s: float,
-              timeout_s: float) -> Level:
+              timeout_s: float, mode: str | None = None) -> Level:
     assert server.base is not None
     if warmup_s > 0:
         asyncio.run(_drive(server.base, payloads, concurrency, warmup_s, None, timeout_s))
@@ -281,7 +283,7 @@ def run_level(server: Server, system: str, batching: bool, payloads: list[Payloa
         mean_batch = round(batched / count, 2) if count else None
     ms = [s * 1000 for s in latencies]
     return Level(
-        system=system, batching=batching, concurrency=concurrency, requests=requests,
+        system=system, batching=batching, concurrency=concurrency, mode=mode, requests=requests,
         seconds=round(window, 3), rps=round(answered / window, 2) if window else 0.0,
         p50_ms=_round(percentile(ms, 50)), p95_ms=_round(percentile(ms, 95)),
         p99_ms=_round(percentile(ms, 99)), mean_ms=_round(statistics.fmean(ms) if ms else None),
@@ -406,14 +408,26 @@ def machine() -> dict[str, Any]:
             "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
-Case = tuple[str, bool, list[str], list[int]]
+@dataclass
+class Case:
+    """One server to measure: a system, batching on or off, its `star serve` arguments,
+    the client counts, the student's mode (None for a ranker) and seconds per level."""
+
+    system: str
+    batching: bool
+    serve_args: list[str]
+    levels: list[int]
+    mode: str | None
+    duration: float
 
 
 BATCHED = ("star", "sasrec", "cst", "cst-manual")
 
 
 def cases(args: argparse.Namespace, student: str | None) -> list[Case]:
-    """(system, batching, `star serve` arguments, concurrency levels) per server."""
+    """The servers to measure, in order: each ranker (with and without micro-batching
+    where it batches), then the student in each of `--student-modes` (its fast mode with
+    and without batching; the generating modes answer one request at a time)."""
     common = ["--dataset", args.dataset, "--max-queue", str(args.max_queue),
               "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
               *[a for s in args.set for a in ("--set", s)],
@@ -424,18 +438,24 @@ def cases(args: argparse.Namespace, student: str | None) -> list[Case]:
         if system == "star":
             if student is None:
                 continue
-            extra = ["--model", student, "--set", "student.mode=fast", "--timeout-s", "600"]
-            levels = args.student_concurrency
-        else:
-            extra = (["--set", f"baselines.sasrec.epochs={args.sasrec_epochs}"]
-                     if system == "sasrec" else [])
-            levels = args.concurrency
+            for mode in args.student_modes:
+                extra = ["--model", student, "--set", f"student.mode={mode}", "--timeout-s", "600"]
+                fast = mode == "fast"
+                for batching in ([True, False] if fast else [False]):
+                    out.append(Case(system, batching,
+                                    [*common, "--system", system, *extra,
+                                     "--batching" if batching else "--no-batching"],
+                                    args.student_concurrency if fast else args.generate_concurrency,
+                                    mode, args.student_duration if fast else args.generate_duration))
+            continue
+        extra = (["--set", f"baselines.sasrec.epochs={args.sasrec_epochs}"]
+                 if system == "sasrec" else [])
         # systems that score a batch in one call (score_many) are measured with and without
         # micro-batching; the others gain nothing from it
-        modes = [True, False] if system in BATCHED else [False]
-        for batching in modes:
-            out.append((system, batching, [*common, "--system", system, *extra,
-                                           "--batching" if batching else "--no-batching"], levels))
+        for batching in ([True, False] if system in BATCHED else [False]):
+            out.append(Case(system, batching, [*common, "--system", system, *extra,
+                                               "--batching" if batching else "--no-batching"],
+                            args.concurrency, None, args.duration))
     return out
 
 
@@ -448,7 +468,7 @@ def targets(report: Report) -> dict[str, Any]:
                       "best_rps_within_p95": best.rps if (best.p95_ms or 1e9) < CST_P95_MS else 0.0,
                       "at_concurrency": best.concurrency, "p95_ms": best.p95_ms,
                       "met": best.rps >= CST_RPS and (best.p95_ms or 1e9) < CST_P95_MS}
-    star = [lv for lv in report.levels if lv.system == "star"]
+    star = [lv for lv in report.levels if lv.system == "star" and lv.mode in (None, "fast")]
     if star and report.prefill is not None:
         limit = report.prefill.limit_rps
         best = {b: max((lv.rps for lv in star if lv.batching == b), default=0.0)
@@ -468,7 +488,8 @@ def table(report: Report) -> str:
             "503 | other errors | mean batch | server CPU ms/req |")
     rows = [head, "|" + "---|" * 12]
     for lv in report.levels:
-        rows.append(f"| {lv.system} | {'on' if lv.batching else 'off'} | {lv.concurrency} | "
+        name = f"{lv.system} ({lv.mode})" if lv.mode else lv.system
+        rows.append(f"| {name} | {'on' if lv.batching else 'off'} | {lv.concurrency} | "
                     f"{lv.requests} | {lv.rps:.1f} | {_fmt(lv.p50_ms)} | {_fmt(lv.p95_ms)} | "
                     f"{_fmt(lv.p99_ms)} | {lv.overloaded} | {lv.errors} | {_fmt(lv.mean_batch)} | "
                     f"{_fmt(lv.server_cpu_ms)} |")
@@ -509,7 +530,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--concurrency", type=ints, default=[1, 8, 32, 64],
                         help="client counts for the rankers")
-    parser.add_argument("--student-concurrency", type=ints, default=[1, 4, 16])
+    parser.add_argument("--student-concurrency", type=ints, default=[1, 4, 16],
+                        help="client counts for the student's fast mode")
+    parser.add_argument("--student-modes", type=names, default=["fast"],
+                        help="the student's modes to measure: fast, generate, reason")
+    parser.add_argument("--generate-concurrency", type=ints, default=[1, 2],
+                        help="client counts for the generating modes (one request at a time)")
+    parser.add_argument("--generate-duration", type=float, default=120.0,
+                        help="seconds per level for the generating modes")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--student-duration", type=float, default=30.0)
     parser.add_argument("--requests", type=int, default=None, help="at most this many per level")
@@ -533,13 +561,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.concurrency, args.student_concurrency = [1, 4], [1, 4]
-        args.duration = args.student_duration = 1.5
+        args.generate_concurrency = [1]
+        args.duration = args.student_duration = args.generate_duration = 1.5
         args.warmup, args.prefill_prompts, args.sasrec_epochs = 0.3, 4, 1
     known = {"random", "presented", "pop", "itemknn", "als", "sasrec", "cst", "cst-manual", "star"}
     unknown = [s for s in args.systems if s not in known]
     if unknown:
         parser.error(f"--systems: unknown {', '.join(unknown)}; expected some of "
                      f"{', '.join(sorted(known))}")
+    bad_modes = [m for m in args.student_modes if m not in ("fast", "generate", "reason")]
+    if bad_modes or not args.student_modes:
+        parser.error(f"--student-modes: expected some of fast, generate, reason, got "
+                     f"{', '.join(args.student_modes) or 'none'}")
     if "star" in args.systems and args.student is None:
         print("note: star is skipped without --student DIR|smollm2|tiny", file=sys.stderr)
     if min([*args.concurrency, *args.student_concurrency, args.max_batch_size,
@@ -560,20 +593,21 @@ def main(argv: list[str] | None = None) -> int:
                         k: shown_path(v) if isinstance(v, Path) else v
                         for k, v in vars(args).items()})
     with student_folder(args.student if "star" in args.systems else None) as student:
-        if student is not None:
+        if student is not None and "fast" in args.student_modes:
             print(f"prefill of {args.student} ...", file=sys.stderr)
             report.prefill = measure_prefill(student, args.dataset, args.set, payloads,
                                              args.max_batch_size, args.prefill_prompts)
             report.prefill.model = args.student
-        for system, batching, serve_args, levels in cases(args, student):
-            is_star = system == "star"
-            print(f"{system} (batching {'on' if batching else 'off'}) ...", file=sys.stderr)
-            with Server(serve_args, ready_s=900) as server:
-                for concurrency in levels:
+        for case in cases(args, student):
+            is_star = case.system == "star"
+            label = f"{case.system} ({case.mode})" if case.mode else case.system
+            print(f"{label} (batching {'on' if case.batching else 'off'}) ...", file=sys.stderr)
+            with Server(case.serve_args, ready_s=900) as server:
+                for concurrency in case.levels:
                     level = run_level(
-                        server, system, batching, payloads, concurrency,
-                        args.student_duration if is_star else args.duration, args.requests,
-                        args.warmup * (3 if is_star else 1), 600 if is_star else 60)
+                        server, case.system, case.batching, payloads, concurrency,
+                        case.duration, args.requests, args.warmup * (3 if is_star else 1),
+                        600 if is_star else 60, mode=case.mode)
                     report.levels.append(level)
                     print(f"  {concurrency} clients: {level.rps:.1f} req/s, p95 "
                           f"{_fmt(level.p95_ms)} ms, statuses {level.statuses}", file=sys.stderr)

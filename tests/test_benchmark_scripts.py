@@ -121,12 +121,15 @@ def test_load_api_smoke_run_against_real_servers(shop, tmp_path):
     bench = script("load_api")
     out = tmp_path / "load.json"
     assert bench.main(["--smoke", "--systems", "pop,cst,star", "--student", "tiny",
-                       "--dataset", str(shop), "--out", str(out), *overrides(FAST)]) == 0
+                       "--student-modes", "fast,generate", "--dataset", str(shop),
+                       "--out", str(out), *overrides(FAST), "--set", "student.max_new_tokens=8"]) == 0
     report = json.loads(out.read_text())
-    cases = {(level["system"], level["batching"]) for level in report["levels"]}
-    # cst and the student are measured with and without micro-batching, pop without
-    assert cases == {("pop", False), ("cst", True), ("cst", False), ("star", True),
-                     ("star", False)}
+    cases = {(level["system"], level["mode"], level["batching"]) for level in report["levels"]}
+    # cst and the student's fast mode are measured with and without micro-batching, pop
+    # and the generating mode without
+    assert cases == {("pop", None, False), ("cst", None, True), ("cst", None, False),
+                     ("star", "fast", True), ("star", "fast", False),
+                     ("star", "generate", False)}
     for level in report["levels"]:
         assert level["statuses"].get("200", 0) > 0 and level["errors"] == 0
         assert level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]

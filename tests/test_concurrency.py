@@ -304,3 +304,18 @@ def test_how_requests_are_sent_is_not_part_of_a_runs_identity():
     assert config_hash({**params, "llm": {**served, "base_url": ["http://b/v1", "http://c/v1"]}}) \
         == config_hash({**params, "llm": served})
     assert config_hash({**params, "llm": {**llm, "served_model": "student"}}) != same
+
+
+def test_more_tasks_than_llamacpp_endpoints_is_warned_about(caplog):
+    """A llama.cpp server keeps one prompt cache: tasks beyond one per endpoint evict each
+    other's prompts. The run goes ahead as asked, with a warning that says so."""
+    from starrec.llm.openai_backend import OpenAIChatModel
+
+    two = OpenAIChatModel("http://127.0.0.1:9/v1,http://127.0.0.1:10/v1", "m", guided="llamacpp")
+    vllm = OpenAIChatModel("http://127.0.0.1:9/v1", "m", guided="vllm")
+    with caplog.at_level(logging.WARNING, logger="starrec.llm.concurrency"):
+        assert task_concurrency(two, 2) == 2 and task_concurrency(vllm, 8) == 8
+        assert not caplog.records
+        assert task_concurrency(two, 3) == 3
+    (record,) = caplog.records
+    assert "concurrency 3 over 2 llama.cpp endpoint(s)" in record.getMessage()

@@ -46,6 +46,14 @@ def task_concurrency(model: object, requested: int) -> int:
         log.info("concurrency %d asked for, but %s runs in process (one generation at a "
                  "time): running tasks one by one", requested, getattr(model, "name", model))
         return 1
+    pool = getattr(model, "pool", None)
+    endpoints = len(getattr(pool, "endpoints", ())) or 1
+    if getattr(model, "guided", None) == "llamacpp" and requested > endpoints:
+        log.warning("concurrency %d over %d llama.cpp endpoint(s): a llama.cpp server answers "
+                    "one request at a time with one prompt cache, so tasks beyond one per "
+                    "endpoint evict each other's prompts and every task runs slower (measured "
+                    "4x slower at 2 tasks on one server: docs/llm-backends.md)",
+                    requested, endpoints)
     return max(1, requested)
 
 
