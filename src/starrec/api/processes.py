@@ -51,6 +51,14 @@ def serve_processes(make_app: Callable[[], Any], sock: socket.socket, processes:
     metrics_dir = tempfile.mkdtemp(prefix="star-metrics-")
     stopping = False
     early_exits = 0
+    workers: list[Any] = []
+    signalled: set[int] = set()  # workers already sent SIGTERM
+
+    def terminate_all() -> None:
+        for worker in workers:
+            if worker.is_alive() and worker.pid not in signalled:
+                signalled.add(worker.pid)
+                os.kill(worker.pid, signal.SIGTERM)
 
     def start() -> Any:
         worker = context.Process(target=_worker, args=(make_app, sock, log_level, metrics_dir),
@@ -64,18 +72,20 @@ def serve_processes(make_app: Callable[[], Any], sock: socket.socket, processes:
         if not stopping:
             log.info("stopping %d workers (signal %d)", len(workers), signum)
         stopping = True
-        for worker in workers:
-            if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+        terminate_all()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    workers = [start() for _ in range(processes)]
     status = 0
     try:
+        for _ in range(processes):
+            if not stopping:
+                workers.append(start())
         while True:
             alive = [w for w in workers if w.is_alive()]
             if stopping and not alive:
                 break
+            if stopping:  # one started while the signal was being handled
+                terminate_all()
             if alive:
                 wait([w.sentinel for w in alive], timeout=1.0)
             if stopping:
