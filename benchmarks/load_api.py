@@ -284,7 +284,7 @@ def run_level(server: Server, system: str, batching: bool, payloads: list[Payloa
     ms = [s * 1000 for s in latencies]
     return Level(
         system=system, batching=batching, concurrency=concurrency, mode=mode, requests=requests,
-        seconds=round(window, 3), rps=round(answered / window, 2) if window else 0.0,
+        seconds=round(window, 3), rps=round(answered / window, 4) if window else 0.0,
         p50_ms=_round(percentile(ms, 50)), p95_ms=_round(percentile(ms, 95)),
         p99_ms=_round(percentile(ms, 99)), mean_ms=_round(statistics.fmean(ms) if ms else None),
         statuses=dict(sorted(statuses.items())), overloaded=statuses.get("503", 0),
@@ -490,7 +490,7 @@ def table(report: Report) -> str:
     for lv in report.levels:
         name = f"{lv.system} ({lv.mode})" if lv.mode else lv.system
         rows.append(f"| {name} | {'on' if lv.batching else 'off'} | {lv.concurrency} | "
-                    f"{lv.requests} | {lv.rps:.1f} | {_fmt(lv.p50_ms)} | {_fmt(lv.p95_ms)} | "
+                    f"{lv.requests} | {_rate(lv.rps)} | {_fmt(lv.p50_ms)} | {_fmt(lv.p95_ms)} | "
                     f"{_fmt(lv.p99_ms)} | {lv.overloaded} | {lv.errors} | {_fmt(lv.mean_batch)} | "
                     f"{_fmt(lv.server_cpu_ms)} |")
     lines = ["\n".join(rows)]
@@ -504,6 +504,12 @@ def table(report: Report) -> str:
     for name, target in report.targets.items():
         lines.append(f"{name}: {json.dumps(target)}")
     return "\n".join(lines)
+
+
+def _rate(rps: float) -> str:
+    """Requests per second as read: one decimal for a ranker, three figures for a model
+    that answers in seconds or minutes."""
+    return f"{rps:.1f}" if rps >= 10 else f"{rps:.3g}"
 
 
 def _fmt(value: float | None) -> str:
@@ -609,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                         case.duration, args.requests, args.warmup * (3 if is_star else 1),
                         600 if is_star else 60, mode=case.mode)
                     report.levels.append(level)
-                    print(f"  {concurrency} clients: {level.rps:.1f} req/s, p95 "
+                    print(f"  {concurrency} clients: {_rate(level.rps)} req/s, p95 "
                           f"{_fmt(level.p95_ms)} ms, statuses {level.statuses}", file=sys.stderr)
     report.targets = targets(report)
     report.settings["seconds"] = round(time.perf_counter() - started, 1)
