@@ -164,6 +164,8 @@ def test_presets_lie_under_the_config_file_and_the_overrides(tmp_path):
     quick = load_config(preset="quick")
     assert quick.pipeline.preset == "quick" and quick.pipeline.teacher_tasks < 60
     assert quick.grpo.steps < load_config().grpo.steps
+    # at the quick size the outcome filter could keep no teacher run for SFT to train on
+    assert quick.sft.filter.top_k >= 20 and quick.pipeline.teacher_tasks >= 1
     config = tmp_path / "c.yaml"
     config.write_text("pipeline:\n  teacher_tasks: 9\n")
     both = load_config(config, ["pipeline.llm_eval_tasks=3"], preset="quick")
