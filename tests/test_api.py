@@ -657,3 +657,36 @@ def test_metrics_of_several_processes_add_up(tmp_path):
     assert 'star_http_requests_total{method="POST",path="/v1/recommend",status="200"} 1' in text
     assert 'star_http_requests_total{method="GET",path="/v1/health",status="200"} 1' in text
     assert (tmp_path / f"{shared.snapshot()['pid']}.json").exists()
+
+
+def test_scrapes_racing_the_sharing_thread_never_fail(tmp_path):
+    """A scrape and the sharing thread write the process's snapshot at the same moment;
+    each writes through a file of its own, so neither fails and the thread keeps going."""
+    from starrec.api.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_request("GET", "/v1/health", 200, 0.001)
+    metrics.share(tmp_path, interval_s=0.0005)
+    errors: list[BaseException] = []
+
+    def scrape() -> None:
+        for _ in range(150):
+            try:
+                metrics.render()
+            except BaseException as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+    threads = [threading.Thread(target=scrape) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    own = tmp_path / f"{metrics.snapshot()['pid']}.json"
+    assert [p.name for p in tmp_path.iterdir()] == [own.name]
+    own.unlink()  # the sharing thread, still running, writes it again
+    for _ in range(200):
+        if own.exists():
+            break
+        time.sleep(0.01)
+    assert own.exists(), "the sharing thread stopped"

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from starrec.core.files import write_text_atomic
+
 # seconds: ranker answers take milliseconds, an LLM system's seconds to minutes on a CPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 120.0, 300.0)
@@ -155,12 +157,10 @@ class Metrics:
         threading.Thread(target=loop, name="star-metrics-share", daemon=True).start()
 
     def _write_snapshot(self) -> dict[str, Any]:
+        # the sharing thread and a scrape may write at once: each through a file of its own
         snap = self.snapshot()
         assert self._shared is not None
-        path = self._shared / f"{snap['pid']}.json"
-        tmp = path.with_name(f".{path.name}.tmp")  # one writer per pid file
-        tmp.write_text(json.dumps(snap), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(self._shared / f"{snap['pid']}.json", json.dumps(snap))
         return snap
 
     def render(self) -> str:
