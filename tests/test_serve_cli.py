@@ -3,6 +3,7 @@ loopback port, stopped with SIGTERM) on a folder of tiny tables."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -12,6 +13,8 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -153,10 +156,22 @@ def _lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
-def test_serve_runs_as_a_process_and_stops_on_sigterm(shop, tmp_path):
-    env = {**os.environ, "STAR_API_KEYS": "key-1"}
-    command = [str(Path(sys.executable).parent / "star"), "serve", "--system", "pop",
-               "--dataset", str(shop), "--port", "0"]
+@dataclass
+class Served:
+    """A `star serve` process started by a test: its base URL and its stderr lines."""
+
+    process: subprocess.Popen
+    base: str
+    lines: queue.Queue
+    seen: list[str]
+
+
+@contextlib.contextmanager
+def served(*args: str, env: dict[str, str] | None = None,
+           start_s: float = 60) -> Iterator[Served]:
+    """`star serve ARGS --port 0` as a real process, once its start line names the URL;
+    killed on the way out if the test left it running."""
+    command = [str(Path(sys.executable).parent / "star"), "serve", *args, "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True, env=env)
     lines: queue.Queue = queue.Queue()
@@ -164,13 +179,23 @@ def test_serve_runs_as_a_process_and_stops_on_sigterm(shop, tmp_path):
     seen: list[str] = []
     try:
         while True:
-            line = lines.get(timeout=60)
+            line = lines.get(timeout=start_s)
             assert line is not None, "".join(seen)
             seen.append(line)
-            match = re.search(r"serving pop on (http://127\.0\.0\.1:\d+)", line)
+            match = re.search(r"serving \S+ on (http://127\.0\.0\.1:\d+)", line)
             if match:
                 break
-        base = match.group(1)
+        yield Served(process, match.group(1), lines, seen)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_serve_runs_as_a_process_and_stops_on_sigterm(shop, tmp_path):
+    env = {**os.environ, "STAR_API_KEYS": "key-1"}
+    with served("--system", "pop", "--dataset", str(shop), env=env) as server:
+        process, base, lines, seen = server.process, server.base, server.lines, server.seen
         with httpx.Client(base_url=base, timeout=10) as client:
             for _ in range(500):
                 try:
@@ -186,10 +211,6 @@ def test_serve_runs_as_a_process_and_stops_on_sigterm(shop, tmp_path):
             assert response.status_code == 200 and response.json()["system"] == "pop"
         process.send_signal(signal.SIGTERM)
         process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
     assert process.returncode in (0, -signal.SIGTERM)
     while (line := lines.get(timeout=10)) is not None:
         seen.append(line)
@@ -239,22 +260,10 @@ def _children(pid: int) -> list[int]:
 def test_serve_with_several_processes_answers_as_one_service(shop):
     """`--processes 2`: two forked workers on one port; /metrics from either counts the
     requests of both; a worker killed is replaced; SIGTERM stops them all."""
-    command = [str(Path(sys.executable).parent / "star"), "serve", "--system", "cst",
-               "--dataset", str(shop), "--port", "0", "--processes", "2", *NO_CONTENT]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
-    seen: list[str] = []
-    try:
-        while True:
-            line = lines.get(timeout=120)
-            assert line is not None, "".join(seen)
-            seen.append(line)
-            match = re.search(r"serving cst on (http://127\.0\.0\.1:\d+) .*2 processes", line)
-            if match:
-                break
-        base = match.group(1)
+    with served("--system", "cst", "--dataset", str(shop), "--processes", "2", *NO_CONTENT,
+                start_s=120) as server:
+        process, base = server.process, server.base
+        assert "2 processes" in server.seen[-1]
 
         def service_metrics() -> str:
             with httpx.Client(base_url=base, timeout=10) as client:
@@ -297,9 +306,5 @@ def test_serve_with_several_processes_answers_as_one_service(shop):
         assert answered() == sent, "a dead worker's requests still count"
         process.send_signal(signal.SIGTERM)
         process.wait(30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
     assert process.returncode == 0
     assert not _children(process.pid)
