@@ -202,6 +202,8 @@ def test_one_rule_turns_scores_into_a_ranking():
     from starrec.core import ranked, score_order, target_rank
 
     assert score_order([1.0, 2.0, 2.0, 0.5]).tolist() == [1, 2, 0, 3]
+    assert score_order([1.0, 2.0, 1.0, 2.0]).tolist() == [1, 3, 0, 2]
+    assert score_order([0.0] * 5).tolist() == [0, 1, 2, 3, 4]
     assert ranked(["a", "b", "c", "d"], [1.0, 2.0, 2.0, 0.5]) == ["b", "c", "a", "d"]
     assert target_rank(["a", "b", "c", "d"], "a", [1.0, 2.0, 2.0, 0.5]) == 3
     assert ranked(["a", "b"], [float("-inf"), 0.0]) == ["b", "a"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from starrec.config import CSTConfig, StarConfig, StudentConfig
+from starrec.core import ranked
 from starrec.cst.evidence import candidate_evidence
 from starrec.data.schema import Dataset
 from starrec.inference.rank_head import (
@@ -23,7 +24,6 @@ from starrec.inference.rank_head import (
     evidence_text,
     label_token_ids,
     log_softmax,
-    rank_from_scores,
     shuffle_orders,
 )
 from starrec.inference.system import load_star_system
@@ -57,14 +57,6 @@ def tiny_head(tiny_lm_dir):
 
     head, chat = load_head(str(tiny_lm_dir), threads=1)
     return head, chat
-
-
-# --- scores to ranking ------------------------------------------------------------------
-
-def test_scores_to_ranking_sorts_descending_and_keeps_ties_in_shown_order():
-    assert rank_from_scores([0.1, 0.9, 0.5]) == [1, 2, 0]
-    assert rank_from_scores([1.0, 2.0, 1.0, 2.0]) == [1, 3, 0, 2]  # ties: shown order
-    assert rank_from_scores([0.0] * 5) == [0, 1, 2, 3, 4]
 
 
 def test_labels_are_single_tokens_or_refused(tiny_lm_dir):
@@ -182,7 +174,7 @@ def test_fast_mode_scores_every_candidate_and_ranks_by_them(world, tiny_head):
     scores = rec.details["scores"]
     assert sorted(rec.ranking) == sorted(task.candidates) and rec.well_formed
     assert list(scores) == task.candidates
-    assert rec.ranking == [task.candidates[i] for i in rank_from_scores(list(scores.values()))]
+    assert rec.ranking == ranked(task.candidates, list(scores.values()))
     # the score is the label logit at the answer position, in one forward pass
     text = head.prompt(task, store)
     assert text.endswith("<recommend>[") and "A: " in text
@@ -241,7 +233,7 @@ def test_reason_mode_reads_the_head_after_the_students_generation(world, tiny_he
     assert rec.details["mode"] == "reason" and "text" in rec.details
     scores = rec.details["scores"]
     shown = rec.shown
-    assert rec.ranking == [shown[i] for i in rank_from_scores([scores[c] for c in shown])]
+    assert rec.ranking == ranked(shown, [scores[c] for c in shown])
 
 
 # --- training -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from starrec.config import StudentConfig, StudentFormatConfig
-from starrec.core import Recommendation, Task, score_order
+from starrec.core import Recommendation, Task, ranked, score_order
 from starrec.core.resources import prompt_text, scenarios
 from starrec.cst.evidence import CandidateEvidence, candidate_evidence
 from starrec.cst.ranker import CSTRanker
@@ -52,11 +52,6 @@ def head_templates() -> tuple[str, Template]:
 class LabelTokenError(ValueError):
     """A candidate label is not one token of the tokenizer where the head reads it: its
     logit would not be the label's score."""
-
-
-def rank_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
-    """Indices by descending score; ties keep the order given (DESIGN.md 7)."""
-    return score_order(scores).tolist()
 
 
 def label_token_ids(tokenizer: Any, labels: Sequence[str], answer_prefix: str) -> list[int]:
@@ -115,7 +110,7 @@ def head_messages(task: Task, store: EvidenceStore, spec: HeadSpec, labels: Sequ
     evidence = candidate_evidence(store, task) if spec.evidence_tokens > 0 else []
     cst_rank: dict[int, int] = {}
     if spec.cst_rank:
-        order = rank_from_scores(CSTRanker.on_store(store).score(task))
+        order = score_order(CSTRanker.on_store(store).score(task))
         cst_rank = {index: rank + 1 for rank, index in enumerate(order)}
     lines = []
     for j, (label, item) in enumerate(zip(labels, task.candidates)):
@@ -310,7 +305,7 @@ class RankHeadSystem:
                 for k, order in enumerate(orders):
                     per_candidate[k, order] = log_softmax(own[k])
                 scores = per_candidate.mean(axis=0)
-            ranking = [task.candidates[i] for i in rank_from_scores(scores)]
+            ranking = ranked(task.candidates, scores)
             answers.append(HeadAnswer(ranking=ranking, scores=scores.tolist(),
                                       shown=list(task.candidates), passes=len(orders),
                                       prompt_tokens=sum(map(self.head.count, texts))))
@@ -333,7 +328,7 @@ class RankHeadSystem:
         scores_shown = self.head.scores([prefix], n)[0]
         by_item = dict(zip(shown.candidates, scores_shown.tolist()))
         scores = [by_item[item] for item in task.candidates]
-        ranking = [shown.candidates[i] for i in rank_from_scores(scores_shown)]
+        ranking = ranked(shown.candidates, scores_shown)
         return HeadAnswer(
             ranking=ranking, scores=scores, shown=list(shown.candidates), passes=1,
             prompt_tokens=generated.prompt_tokens + self.head.count(prefix),
