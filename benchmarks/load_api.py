@@ -60,6 +60,8 @@ def shown_path(path: Path) -> str:
     folders)."""
     resolved = path.resolve()
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 # issue 17's targets
 CST_RPS, CST_P95_MS, STUDENT_SHARE = 300.0, 50.0, 0.8
 SERVING = re.compile(r"serving \S+ on (http://[\d.]+:\d+)")
