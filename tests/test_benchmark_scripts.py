@@ -176,3 +176,16 @@ def test_sasrec_epochs_curve_on_valid(shop, tmp_path):
     assert [p["epoch"] for p in result["curve"]] == [2, 3]  # every 2nd, and the last
     assert result["params"]["negatives"] == 8 and result["n_valid_tasks"] == 40
     assert result["best"] in result["curve"]
+
+
+def test_quick_pipeline_sums_the_stages_and_judges_the_target():
+    bench = script("quick_pipeline")
+    stages = {"tasks": {"stage": "tasks", "seconds": 2.04, "status": "ran"},
+              "sft": {"stage": "sft", "seconds": 600.0, "status": "ran"}}
+    record = bench.summary(150.0, stages, "abc", {"cores": 2})
+    assert record["stages_s"] == {"tasks": 2.0, "sft": 600.0}
+    assert record["pipeline_s"] == 602.0 and record["met"] is True
+    slow = {**stages, "teacher": {"stage": "teacher", "seconds": 1000.0, "status": "ran"}}
+    assert bench.summary(150.0, slow, "abc", {"cores": 2})["met"] is False
+    table = bench.table(record)
+    assert "| sft | 600 |" in table and "602" in table and "| setup" in table
