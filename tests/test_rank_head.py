@@ -271,7 +271,8 @@ def test_two_steps_change_the_weights_checkpoint_resume_and_load(world, tiny_lm_
     assert resumed.resumed_from == "step-2" and resumed.global_step == 3
     curve = __import__("json").loads((out / "loss.json").read_text())
     assert [p["step"] for p in curve["train"]] == [1, 2, 3]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    kept = {"step-2", "step-3", f"step-{curve['best']['step']}"}  # the best leaves the rotation
+    assert {p.name for p in (out / "checkpoints").iterdir()} == kept
 
     # `star eval --system star --model OUT --set student.mode=...` loads the head system
     for mode, expected in (("auto", "fast"), ("fast", "fast"), ("reason", "reason")):
@@ -327,3 +328,160 @@ def test_distill_rank_command_trains_resumes_and_writes_a_loadable_folder(tiny_l
     assert "resumed from step-1" in result.output
     result = runner.invoke(app, [*args[:-2], "--set", "rank.nope=1", "--steps", "1"])
     assert result.exit_code != 0
+
+
+def test_the_policy_gradient_scores_the_leading_places_only():
+    scores = torch.tensor([[0.4, -1.0, 2.0, 0.3, 0.0]], dtype=torch.float64)
+    perms = torch.tensor([list(itertools.permutations(range(5)))])
+    full = plackett_luce_log_prob(scores, perms)
+    top2 = plackett_luce_log_prob(scores, perms, positions=2)
+    # the probability of a top-2 prefix: the sum of the full probabilities sharing it
+    prefix = {}
+    for perm, lp in zip(perms[0].tolist(), full[0]):
+        prefix[tuple(perm[:2])] = prefix.get(tuple(perm[:2]), 0.0) + torch.exp(lp).item()
+    for perm, lp in zip(perms[0].tolist(), top2[0]):
+        assert torch.exp(lp).item() == pytest.approx(prefix[tuple(perm[:2])])
+    assert torch.equal(plackett_luce_log_prob(scores, perms, positions=None), full)
+
+
+def _tasks_of(users: dict[str, int]) -> list:
+    from starrec.core import Task
+
+    return [Task(task_id=f"{user}-{t}", user_id=user, history=["h"], candidates=["a", "b", "c"],
+                 target="a", split="train", scenario="classic")
+            for user, count in users.items() for t in range(count)]
+
+
+class _Prompting:
+    """A stand-in for RankHead in the batch sampler: the prompt names the task's user."""
+
+    def prompt(self, task, store):
+        return f"{task.user_id}|{','.join(task.candidates)}"
+
+
+def test_batches_draw_users_uniformly_or_positions_uniformly():
+    tasks = _tasks_of({"heavy": 200, **{f"u{i}": 1 for i in range(9)}})
+    head = _Prompting()
+    by_user = task_batches(tasks, lambda user: None, 4, seed=3, sample="user")
+    by_position = task_batches(tasks, lambda user: None, 4, seed=3, sample="position")
+    heavy_user = heavy_position = 0
+    for step in range(100):
+        users = [e.text.split("|")[0] for e in by_user(head, step)]
+        assert len(users) == len(set(users)) == 4  # distinct users in a batch
+        heavy_user += users.count("heavy")
+        heavy_position += [e.text.split("|")[0] for e in by_position(head, step)].count("heavy")
+    # a user uniformly: the heavy user is in 4/10 of batches; a position uniformly: ~3.8 of 4
+    assert 20 <= heavy_user <= 65 and heavy_position >= 300
+    # same step, same batch (a resumed run sees what the stopped one would have)
+    assert [e.text for e in by_user(head, 7)] == [e.text for e in by_user(head, 7)]
+    with pytest.raises(ValueError, match="sampling"):
+        task_batches(tasks, lambda user: None, 4, sample="tasks")
+
+
+def test_a_misspelt_head_setting_is_refused():
+    with pytest.raises(ValueError, match="evidence_token"):
+        RankSettings.model_validate({"head": {"evidence_token": 3}})
+    assert RankSettings.model_validate({"head": {"evidence_tokens": 3}}).head.evidence_tokens == 3
+
+
+def test_micro_batches_accumulate_the_same_step(world, tiny_lm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    store, tasks = world
+    results = {}
+    for micro in (None, 1):
+        settings = RankSettings(base_model=str(tiny_lm_dir), lora=False, learning_rate=1e-2,
+                                steps=1, batch_tasks=3, micro_batch=micro, eval_every=0,
+                                warmup_steps=0, max_grad_norm=0.0,
+                                head=HeadSpec(evidence_tokens=6, history_items=2))
+        out = tmp_path / f"micro-{micro}"
+        train_rank(str(tiny_lm_dir), task_batches(tasks, lambda user: store, 3), out, settings,
+                   show_progress=False)
+        results[micro] = (load_file(out / "model.safetensors"),
+                          __import__("json").loads((out / "loss.json").read_text()))
+    (whole, whole_curve), (micro, micro_curve) = results[None], results[1]
+    assert whole_curve["train"][0]["loss"] == pytest.approx(micro_curve["train"][0]["loss"], rel=1e-4)
+    for key in whole:
+        assert torch.allclose(whole[key], micro[key], atol=1e-5), key
+
+
+def test_the_final_model_is_the_best_valid_point_and_its_checkpoint_survives(world, tiny_lm_dir,
+                                                                            tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    store, tasks = world
+    scripted = iter([10.0, 50.0, 20.0, 30.0, 40.0])  # steps 0..4: the best after 0 is step 1
+
+    def evaluate(head):
+        return {"AvgHR": next(scripted)}
+
+    settings = RankSettings(base_model=str(tiny_lm_dir), lora=False, learning_rate=1e-2,
+                            steps=4, batch_tasks=2, eval_every=1, save_every=1,
+                            save_total_limit=1, warmup_steps=0,
+                            head=HeadSpec(evidence_tokens=6, history_items=2))
+    out = tmp_path / "best"
+    result = train_rank(str(tiny_lm_dir), task_batches(tasks, lambda user: store, 2), out,
+                        settings, evaluate=evaluate, show_progress=False)
+    curve = json.loads((out / "loss.json").read_text())
+    assert curve["best"] == {"step": 1, "AvgHR": 50.0} and curve["final_step"] == 1
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"step-1", "step-4"}
+    assert result.eval_metrics == {"AvgHR": 50.0}
+    assert read_model_card(out).metrics["final_step"] == 1
+    saved = load_file(out / "model.safetensors")
+    state = torch.load(out / "checkpoints" / "step-1" / "state.pt", weights_only=False)
+    for name, value in state["trainable"].items():
+        assert torch.equal(saved[name], value), name
+    last = settings.model_copy(update={"final": "last"})
+    scripted = iter([10.0, 50.0, 20.0, 30.0, 40.0])
+    train_rank(str(tiny_lm_dir), task_batches(tasks, lambda user: store, 2), tmp_path / "last",
+               last, evaluate=evaluate, show_progress=False)
+    assert json.loads((tmp_path / "last" / "loss.json").read_text())["final_step"] == 4
+
+
+def test_the_valid_hook_builds_its_prompts_once(world, tiny_head, monkeypatch):
+    store, tasks = world
+    head, _ = tiny_head
+    hook = avghr_hook(tasks[:3], store, chunk=2)
+    built = []
+    real = RankHead.prompt
+    monkeypatch.setattr(RankHead, "prompt", lambda self, task, s: built.append(task.task_id)
+                        or real(self, task, s))
+    first, second = hook(head), hook(head)
+    assert first == second and first["n_tasks"] == 3
+    assert built == [task.task_id for task in tasks[:3]]
+    # the hook's ranks are the fast mode's
+    system = RankHeadSystem(head, store, mode="fast")
+    ranks = [system.answer(task).ranking.index(task.target) + 1 for task in tasks[:3]]
+    assert first["AvgHR"] == pytest.approx(avg_hr(ranks))
+
+
+def test_the_cst_rank_feature_uses_the_hand_set_weights(world, tiny_head, monkeypatch):
+    # a store's learned ranker exists only where one was fitted into it (eval stores, not
+    # the training folds): the feature must mean the same ranker in training and at inference
+    from starrec.cst.ranker import CSTRanker
+    from starrec.inference import rank_head
+
+    store, tasks = world
+    head, _ = tiny_head
+    asked = []
+    real = CSTRanker.on_store.__func__
+    monkeypatch.setattr(CSTRanker, "on_store", classmethod(
+        lambda cls, s, config=None, learned=None: asked.append(learned) or real(cls, s, config, learned)))
+    spec = HeadSpec(evidence_tokens=0, cst_rank=True)
+    messages = rank_head.head_messages(tasks[0], store, spec, head.labels[:20], head.count)
+    assert asked == [False] and "cst rank" in messages[1]["content"]
+
+
+def test_the_reason_mode_refuses_a_student_format_with_other_labels(world, tiny_lm_dir):
+    from starrec.config import StudentFormatConfig
+    from starrec.inference.rank_head import head_system
+
+    store, _ = world
+    with pytest.raises(ValueError, match="one label style"):
+        head_system(str(tiny_lm_dir), store, HeadSpec(), "reason", StudentConfig(),
+                    fmt=StudentFormatConfig(labels="numbers"), threads=1)
+    system = head_system(str(tiny_lm_dir), store, HeadSpec(), "reason", StudentConfig(),
+                         fmt=StudentFormatConfig(), threads=1)
+    assert system.mode == "reason"

@@ -110,7 +110,10 @@ def head_messages(task: Task, store: EvidenceStore, spec: HeadSpec, labels: Sequ
     evidence = candidate_evidence(store, task) if spec.evidence_tokens > 0 else []
     cst_rank: dict[int, int] = {}
     if spec.cst_rank:
-        order = score_order(CSTRanker.on_store(store).score(task))
+        # the hand-set weights: a store's learned ranker exists only where one was fitted
+        # into it (the eval stores, not the training folds), so it would change the
+        # feature's meaning between training and inference
+        order = score_order(CSTRanker.on_store(store, learned=False).score(task))
         cst_rank = {index: rank + 1 for rank, index in enumerate(order)}
     lines = []
     for j, (label, item) in enumerate(zip(labels, task.candidates)):
@@ -377,5 +380,13 @@ def head_system(path: str, store: EvidenceStore, spec: HeadSpec | None, mode: st
     student = (Student(chat, store, fmt or StudentFormatConfig(), config,
                        plan_choices=plan_choices, reflection_cap=reflection_cap)
                if mode == "reason" else None)
+    if student is not None:
+        from starrec.trajectories.serialize import format_labels
+
+        written = format_labels(student.fmt, len(head.labels))
+        if written != tuple(head.labels):
+            raise ValueError(f"the head reads the labels {list(head.labels)[:3]}... but the "
+                             f"student's format writes {list(written)[:3]}...: the reason "
+                             "mode needs one label style for both")
     return RankHeadSystem(head, store, mode=mode, shuffles=config.debias_shuffles,
                           seed=config.seed or 0, student=student)

@@ -10,16 +10,21 @@ inference reads. Objectives over a batch of tasks (`RankSettings.objective`):
   scores under Plackett-Luce (Gumbel top-k), each rewarded with DESIGN.md 3.6 (format +1,
   valid by construction, plus the outcome tier of the target's rank), advantages
   relative to the group (GRPO without a generation), loss = -advantage x log-probability
-  of the permutation;
+  of the permutation's first `pl_positions` places (the reward depends on those only, so
+  the places after them add variance and no signal: dropping them leaves the gradient's
+  expectation unchanged);
 - `listwise+pl`: their sum, the policy gradient weighted by `pl_weight`.
 
 The loop is plain torch (TRL's trainers optimise token likelihoods of generated text,
 which a label-logit head has none of); LoRA comes from PEFT. Batches are a function of
 the step (seeded), so a resumed run sees the batches the interrupted one would have.
 Checkpoints (`OUT/checkpoints/step-N/state.pt`: trainable weights, optimizer, scheduler,
-curve) every `save_every` steps; `loss.json` holds the train loss per step and the
-evaluation hook's metrics (valid-200 AvgHR) every `eval_every` steps. The finished folder
-is a plain transformers model (LoRA merged) with a card whose `head` records the mode,
+curve) every `save_every` steps and at every new best of the evaluation hook (valid-200
+AvgHR, every `eval_every` steps; the best is kept out of the rotation); `loss.json`
+holds the train loss per step, the hook's points and the best, rewritten at every point
+so a killed run leaves its curve. The finished folder is the best point's weights
+(`final: best`, the default; a choice made on valid tasks) or the last step's, as a
+plain transformers model (LoRA merged) with a card whose `head` records the mode,
 labels and prompt settings, which `star eval --system star --model OUT` follows.
 """
 
@@ -36,10 +41,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pydantic import field_validator
+
 from starrec.config import FineTuneSettings, StarConfig, Strict
-from starrec.core import Task
+from starrec.core import Task, ranked
 from starrec.cst.store import EvidenceStore
-from starrec.inference.rank_head import RankHead, RankHeadSystem
+from starrec.core.files import write_text_atomic
+from starrec.inference.rank_head import RankHead
 from starrec.labels import candidate_labels
 from starrec.llm.card import HeadSpec, ModelCard, read_model_card, write_model_card
 from starrec.progress import progress
@@ -64,19 +72,42 @@ class RankSettings(FineTuneSettings):
     max_grad_norm: float = 1.0
     steps: int = 300  # optimizer steps
     batch_tasks: int = 8  # tasks per optimizer step
+    # tasks per forward/backward pass (gradients accumulated up to batch_tasks); None:
+    # the whole batch in one pass, which needs memory for batch_tasks prompts' activations
+    micro_batch: int | None = None
     objective: Literal["listwise", "pl", "listwise+pl"] = "listwise"
     pl_samples: int = 8  # permutations sampled per task (the group of GRPO)
     pl_weight: float = 1.0
+    pl_positions: int | None = 5  # leading places scored by the policy gradient; None: all
     # training tasks: every train position with at least this much history
     min_history: int = 5
     max_positions_per_user: int | None = None  # None: all; else each user's latest ones
+    # how a batch draws its tasks: `user` a user uniformly, then one of their positions
+    # (evaluation has one task per user, so heavy users do not outweigh the rest);
+    # `position` uniformly over all positions
+    sample: Literal["user", "position"] = "user"
     folds: int = 5  # leave-the-users-out evidence stores (starrec.training.rank_data)
     eval_every: int = 50  # valid-200 AvgHR every N steps (and at the start and end); 0: never
     eval_tasks: int | None = 200  # valid tasks the hook scores; None: all it is given
     save_every: int = 50
-    save_total_limit: int = 2
+    save_total_limit: int = 2  # the best checkpoint by the eval hook's AvgHR is kept besides
+    # the folder's model: the checkpoint with the best eval-hook AvgHR (a choice made on
+    # valid tasks) or the last step
+    final: Literal["best", "last"] = "best"
     seed: int = 0
     head: HeadSpec = HeadSpec()
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _known_head_keys(cls, value: Any) -> Any:
+        # HeadSpec ignores unknown keys when a card is read (older cards); a setting with a
+        # misspelt key would silently train another prompt than the one intended
+        if isinstance(value, dict):
+            unknown = set(value) - set(HeadSpec.model_fields)
+            if unknown:
+                raise ValueError(f"unknown rank.head setting(s) {sorted(unknown)}; known: "
+                                 f"{sorted(HeadSpec.model_fields)}")
+        return value
 
     @property
     def lr(self) -> float:
@@ -106,14 +137,16 @@ def plackett_luce_sample(scores: Any, samples: int, generator: Any | None = None
     return torch.argsort(keys, dim=-1, descending=True)
 
 
-def plackett_luce_log_prob(scores: Any, perms: Any) -> Any:
+def plackett_luce_log_prob(scores: Any, perms: Any, positions: int | None = None) -> Any:
     """(B, G) log-probabilities of permutations (B, G, n) under Plackett-Luce:
-    sum over positions i of score[perm_i] - logsumexp(score[perm_i:])."""
+    sum over positions i of score[perm_i] - logsumexp(score[perm_i:]); with `positions`
+    = k, of their first k places only (the probability of that top-k prefix)."""
     import torch
 
     ordered = torch.gather(scores.unsqueeze(1).expand(-1, perms.shape[1], -1), 2, perms)
     tails = torch.logcumsumexp(ordered.flip(-1), dim=-1).flip(-1)
-    return (ordered - tails).sum(-1)
+    terms = ordered - tails
+    return (terms[..., :positions] if positions else terms).sum(-1)
 
 
 def outcome_reward(ranks: Any) -> Any:
@@ -133,7 +166,7 @@ def target_ranks(perms: Any, targets: Any) -> Any:
 
 
 def pl_policy_loss(logits: Any, targets: Any, samples: int,
-                   generator: Any | None = None) -> tuple[Any, float]:
+                   generator: Any | None = None, positions: int | None = None) -> tuple[Any, float]:
     """(loss, mean reward): GRPO on rankings sampled from the head's own scores; the
     advantage of a sample is its reward standardised within its task's group (zero when
     every sample got the same reward, which then teaches nothing)."""
@@ -141,7 +174,7 @@ def pl_policy_loss(logits: Any, targets: Any, samples: int,
     rewards = outcome_reward(target_ranks(perms, targets))
     std = rewards.std(dim=1, keepdim=True, unbiased=False)
     advantage = (rewards - rewards.mean(dim=1, keepdim=True)) / (std + 1e-6)
-    log_prob = plackett_luce_log_prob(logits, perms.to(logits.device))
+    log_prob = plackett_luce_log_prob(logits, perms.to(logits.device), positions)
     loss = -(advantage.to(log_prob.dtype).to(logits.device) * log_prob).mean()
     return loss, float(rewards.mean())
 
@@ -155,7 +188,8 @@ def rank_loss(logits: Any, targets: Any, settings: RankSettings,
         total = listwise_loss(logits, targets)
         parts["listwise"] = total.item()
     if settings.objective in ("pl", "listwise+pl"):
-        policy, reward = pl_policy_loss(logits, targets, settings.pl_samples, generator)
+        policy, reward = pl_policy_loss(logits, targets, settings.pl_samples, generator,
+                                        settings.pl_positions)
         parts["pl"], parts["reward"] = policy.item(), reward
         total = settings.pl_weight * policy if total is None else total + settings.pl_weight * policy
     return total, parts
@@ -183,18 +217,34 @@ EvalHook = Callable[[RankHead], dict[str, float]]
 
 
 def task_batches(tasks: Sequence[Task], store_for: Callable[[str], EvidenceStore],
-                 batch_tasks: int, seed: int = 0) -> Batches:
+                 batch_tasks: int, seed: int = 0,
+                 sample: Literal["user", "position"] = "user") -> Batches:
     """Batches as a function of the step: `batch_tasks` tasks drawn with a generator
     seeded by (seed, step), each with its candidates shuffled again by that generator, so
-    a task seen twice is seen in two orders and position carries no signal."""
+    a task seen twice is seen in two orders and position carries no signal. `sample`
+    `user` draws distinct users uniformly and one position of each (as many users as the
+    batch holds, fewer if there are fewer); `position` draws distinct tasks uniformly."""
     if not tasks:
         raise ValueError("no training tasks")
+    if sample not in ("user", "position"):
+        raise ValueError(f"unknown sampling {sample!r}; expected user or position")
+    by_user: dict[str, list[int]] = {}
+    for index, task in enumerate(tasks):
+        by_user.setdefault(task.user_id, []).append(index)
+    groups = list(by_user.values())
+
+    def draw(rng: np.random.Generator) -> list[int]:
+        if sample == "position":
+            return [int(i) for i in rng.choice(len(tasks), size=min(batch_tasks, len(tasks)),
+                                               replace=False)]
+        users = rng.choice(len(groups), size=min(batch_tasks, len(groups)), replace=False)
+        return [groups[int(u)][int(rng.integers(len(groups[int(u)])))] for u in users]
 
     def batch(head: RankHead, step: int) -> list[RankExample]:
         rng = np.random.default_rng([seed, step])
         examples = []
-        for index in rng.choice(len(tasks), size=min(batch_tasks, len(tasks)), replace=False):
-            task = tasks[int(index)]
+        for index in draw(rng):
+            task = tasks[index]
             order = rng.permutation(len(task.candidates))
             shown = replace(task, candidates=[task.candidates[i] for i in order])
             examples.append(RankExample(head.prompt(shown, store_for(task.user_id)),
@@ -204,14 +254,28 @@ def task_batches(tasks: Sequence[Task], store_for: Callable[[str], EvidenceStore
     return batch
 
 
-def avghr_hook(tasks: Sequence[Task], store: EvidenceStore, limit: int | None = None) -> EvalHook:
+def avghr_hook(tasks: Sequence[Task], store: EvidenceStore, limit: int | None = None,
+               chunk: int = 8) -> EvalHook:
     """AvgHR and HR@1 (x100) of the head in the fast mode on `tasks` (valid-200), in
-    their presented order."""
+    their presented order, as `RankHeadSystem` ranks them. The prompts depend on the
+    head's prompt settings and tokenizer, not its weights, so they are built once (the
+    evidence of 200 tasks, latent models included, is not recomputed at every point of
+    the curve) and scored `chunk` at a time."""
     chosen = list(tasks)[:limit] if limit else list(tasks)
+    built: dict[str, list[str]] = {}
 
     def evaluate(head: RankHead) -> dict[str, float]:
-        system = RankHeadSystem(head, store, mode="fast")
-        ranks = [system.answer(task).ranking.index(task.target) + 1 for task in chosen]
+        key = head.spec.model_dump_json() + "|" + "".join(head.labels)
+        if key not in built:
+            built.clear()
+            built[key] = [head.prompt(task, store) for task in chosen]
+        texts, ranks = built[key], []
+        for start in range(0, len(chosen), chunk):
+            part = chosen[start: start + chunk]
+            logits = head.scores(texts[start: start + chunk], max(len(t.candidates) for t in part))
+            for task, row in zip(part, logits):
+                ranking = ranked(task.candidates, row[: len(task.candidates)])
+                ranks.append(ranking.index(task.target) + 1)
         return {"AvgHR": avg_hr(ranks), "HR@1": avg_hr_at(ranks, 1), "n_tasks": len(ranks)}
 
     return evaluate
@@ -265,7 +329,7 @@ def _trainable(model: Any) -> dict[str, Any]:
 
 
 def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-                     curve: dict[str, list], limit: int) -> Path:
+                     curve: dict[str, Any], limit: int) -> Path:
     import torch
 
     folder = out / CHECKPOINTS / f"step-{step}"
@@ -278,9 +342,26 @@ def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler
                 "curve": curve, "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+    best = (curve.get("best") or {}).get("step")
     for old in checkpoints(out)[:-max(limit, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != f"step-{best}":
+            shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _load_weights(folder: Path, model: Any) -> None:
+    """The trainable weights of a checkpoint, into `model` (the final model's choice)."""
+    import torch
+
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    params = _trainable(model)
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value.to(params[name].device))
+
+
+def _write_curve(out: Path, curve: dict[str, Any]) -> None:
+    write_text_atomic(out / "loss.json", json.dumps(curve, indent=2) + "\n")
 
 
 def _load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
@@ -325,6 +406,10 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
     path = resolve_base_model(base_model)
     base_card = read_model_card(path) if Path(path).is_dir() else None
     model, tokenizer = load_base(path)
+    if torch.cuda.is_available():
+        # load_base gives bf16 on a GPU; a full fine-tune keeps fp32 weights, whose small
+        # AdamW updates bf16 would round away
+        model = model.to("cuda") if settings.lora else model.float().to("cuda")
     if settings.lora:
         model = _peft(model, settings)
     spec = head_spec(settings, n_candidates)
@@ -334,15 +419,16 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
     warmup = max(settings.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-    curve: dict[str, list] = {"train": [], "eval": []}
+    curve: dict[str, Any] = {"train": [], "eval": [], "best": None}
     start = 0
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
-        start, curve = int(state["step"]), state["curve"]
+        start, curve = int(state["step"]), {"best": None, **state["curve"]}
         log.info("rank: resumed from %s", checkpoint)
     if evaluate is not None and settings.eval_every and start == 0:
         model.eval()
         curve["eval"].append({"step": 0, **evaluate(head)})
+        _write_curve(out, curve)
     model.train()
     bar = progress(range(start, settings.steps), desc="rank", total=settings.steps,
                    unit="step", enabled=show_progress, initial=start)
@@ -351,30 +437,53 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
         n = examples[0].n
         if any(e.n != n for e in examples):
             raise ValueError("a batch mixes tasks with different candidate counts")
-        logits = head.label_logits([e.text for e in examples], n)
-        targets = torch.tensor([e.target for e in examples], device=logits.device)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-        loss, parts = rank_loss(logits, targets, settings, generator)
-        loss.backward()
+        size = settings.micro_batch or len(examples)
+        loss_value, parts = 0.0, {}
+        for first in range(0, len(examples), size):
+            chunk = examples[first: first + size]
+            logits = head.label_logits([e.text for e in chunk], n)
+            targets = torch.tensor([e.target for e in chunk], device=logits.device)
+            loss, chunk_parts = rank_loss(logits, targets, settings, generator)
+            share = len(chunk) / len(examples)  # the batch's mean, accumulated
+            (loss * share).backward()
+            loss_value += loss.item() * share
+            for key, value in chunk_parts.items():
+                parts[key] = parts.get(key, 0.0) + value * share
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        curve["train"].append({"step": done, "loss": loss.item(), **parts})
+        curve["train"].append({"step": done, "loss": loss_value, **parts})
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
         last = done == settings.steps
+        new_best = False
         if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or last):
             model.eval()
-            curve["eval"].append({"step": done, **evaluate(head)})
+            point = {"step": done, **evaluate(head)}
+            curve["eval"].append(point)
             model.train()
-        if (settings.save_every and done % settings.save_every == 0) or last:
+            if curve["best"] is None or point["AvgHR"] > curve["best"]["AvgHR"]:
+                curve["best"] = {"step": done, "AvgHR": point["AvgHR"]}
+                new_best = True
+            _write_curve(out, curve)
+        if (settings.save_every and done % settings.save_every == 0) or last or new_best:
             _save_checkpoint(out, done, model, optimizer, scheduler, curve,
                              settings.save_total_limit)
+            _write_curve(out, curve)
     model.eval()
-    (out / "loss.json").write_text(json.dumps(curve, indent=2) + "\n", encoding="utf-8")
+    best = curve.get("best")
+    chosen_step = max(start, settings.steps)
+    if settings.final == "best" and best and best["step"] != chosen_step:
+        _load_weights(out / CHECKPOINTS / f"step-{best['step']}", model)
+        chosen_step = best["step"]
+        log.info("rank: the model is step %d's, the best valid AvgHR (%.1f)", best["step"],
+                 best["AvgHR"])
+    curve["final_step"] = chosen_step
+    _write_curve(out, curve)
     merged = settings.lora and settings.merge
     final = model.merge_and_unload() if merged else model
     final.save_pretrained(out)
@@ -383,8 +492,9 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
         model_dir=out, global_step=max(start, settings.steps),
         resumed_from=checkpoint.name if checkpoint else None,
         train_loss=curve["train"][-1]["loss"] if curve["train"] else None,
-        eval_metrics={k: v for k, v in curve["eval"][-1].items() if k != "step"}
-        if curve["eval"] else None,
+        eval_metrics=next(({k: v for k, v in point.items() if k != "step"}
+                           for point in reversed(curve["eval"]) if point["step"] == chosen_step),
+                          None),
         seconds=round(time.perf_counter() - started, 1))
     card_kwargs: dict[str, Any] = {}
     if base_card is not None:  # an SFT student: its reason mode keeps its format
@@ -396,6 +506,7 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
         training=settings.model_dump(exclude={"head"}),
         metrics={"global_step": result.global_step, "resumed_from": result.resumed_from,
                  "train_loss": result.train_loss, "eval": result.eval_metrics,
+                 "final_step": chosen_step,
                  "seconds": result.seconds},
         **card_kwargs))
     return result
@@ -428,6 +539,7 @@ def train_rank_on_dataset(dataset: Any, out: Path, cfg: StarConfig, settings: Ra
                  "valid_tasks": len(valid_tasks or [])}
     log.info("rank: %d training tasks of %d users", len(tasks), data_info["users"])
     return train_rank(settings.base_model, task_batches(tasks, folds.store_for,
-                                                        settings.batch_tasks, settings.seed),
+                                                        settings.batch_tasks, settings.seed,
+                                                        settings.sample),
                       out, settings, evaluate=evaluate, resume=resume, data_info=data_info,
                       show_progress=show_progress)
