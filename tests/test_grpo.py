@@ -349,6 +349,10 @@ def test_trl_fields_pass_through_and_unknown_ones_are_refused(tmp_path):
         SFTSettings(trl={"num_generations": 4})
     with pytest.raises(ValueError, match="set by STAR"):
         GRPOSettings(trl={"output_dir": "elsewhere"})
+    # the rollouts sample at grpo.temperature: TRL's log-probabilities may not use another
+    with pytest.raises(ValueError, match="grpo.temperature"):
+        GRPOSettings(trl={"temperature": 1.0})
+    assert SFTSettings(trl={"learning_rate": 1e-4}).trl == {"learning_rate": 1e-4}
     with pytest.raises(ValueError, match="must divide"):
         GRPOSettings(micro_batch=3)
 
@@ -409,8 +413,28 @@ def test_vllm_rollout_requests_and_batches(tokenizer):
     completion, segment = results[0]
     assert completion.text == "[A, B]</recommend>" and segment.masked
     assert tokenizer.decode(segment.ids) == segment.text
-    assert segment.logprobs == [-0.25] * len(segment.ids)
+    # under a constraint vLLM reports masked log-probabilities, which TRL must not compare
+    # with the unmasked model's: none are passed on
+    assert segment.logprobs is None
+    completion, segment = sampler.sample("<|im_start|>assistant\n<recommend>", max_tokens=20,
+                                         temperature=0.7, stop=["</recommend>"], constraint=None,
+                                         seed=1)
+    assert not segment.masked and segment.logprobs == [-0.25] * len(segment.ids)
     assert Output([1], None, None).finish is None
+
+    # the end-of-sequence id a pass sampled is the one recorded (a model may have several)
+    other_eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert other_eos != tokenizer.eos_token_id
+
+    def ends(batch):
+        ids = tokenizer.encode("fine", add_special_tokens=False) + [other_eos]
+        return [Output(ids, [-0.1] * len(ids), "stop") for _ in batch]
+
+    sampler = VLLMSampler(Batcher(ends, window_s=0.0), tokenizer,
+                          [tokenizer.eos_token_id, other_eos])
+    completion, segment = sampler.sample("<|im_start|>assistant\n", max_tokens=20,
+                                         temperature=0.7, stop=None, constraint=None, seed=1)
+    assert segment.eos and segment.eos_id == other_eos and completion.text == "fine"
 
 
 # --- a real run on a tiny model --------------------------------------------------------------
@@ -506,3 +530,19 @@ def test_distill_grpo_command_refuses_bad_input_with_one_line(tmp_path):
         result = CliRunner().invoke(root, ["distill", "grpo", "--out", str(tmp_path / "x"), *bad])
         assert result.exit_code == 2, result.output
         assert "error" in result.output.lower() or "invalid" in result.output.lower()
+
+
+def test_grpo_refuses_a_ranking_head_student(student_dir, splits, tmp_path):
+    from starrec.llm.card import HeadSpec
+    from starrec.training.grpo import train_grpo
+
+    _, tasks, stores = splits
+    head = tmp_path / "head"
+    shutil.copytree(student_dir, head)
+    card = read_model_card(student_dir).model_copy(update={"stage": "rank", "head": HeadSpec()})
+    write_model_card(head, card)
+    prompts = draw_prompts(tasks["train"], stores["train"], 6, [1, 1, 1], [3, 10])
+    with pytest.raises(ValueError, match="ranking-head student.*rank.objective=pl"):
+        train_grpo(str(head), prompts, stores["train"], tmp_path / "out", settings(),
+                   show_progress=False)
+    assert not (tmp_path / "out" / "checkpoints").exists()

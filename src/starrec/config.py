@@ -291,9 +291,13 @@ class TrajectoryFilterConfig(Strict):
     seed: int = 0
 
 
-# TRL config fields STAR sets itself and a `trl:` passthrough may not replace: the
-# checkpoint folder is where `--resume` looks
-TRL_RESERVED = frozenset({"output_dir"})
+# TRL config fields STAR sets itself and a `trl:` passthrough may not replace, and why:
+# the checkpoint folder is where `--resume` looks; GRPO's rollouts sample at
+# grpo.temperature, and TRL's log-probabilities must divide by the same temperature
+TRL_RESERVED = {"output_dir": "the output folder is --out"}
+TRL_RESERVED_GRPO = {**TRL_RESERVED,
+                     "temperature": "grpo.temperature sets the rollouts' sampling and TRL's "
+                                    "log-probabilities together"}
 
 
 @lru_cache(maxsize=None)
@@ -306,7 +310,8 @@ def trl_fields(config_class: str) -> frozenset[str]:
     return frozenset(field.name for field in dataclasses.fields(getattr(trl, config_class)))
 
 
-def check_trl_options(options: dict[str, Any], config_class: str) -> dict[str, Any]:
+def check_trl_options(options: dict[str, Any], config_class: str,
+                      reserved: dict[str, str] = TRL_RESERVED) -> dict[str, Any]:
     """`options` if every key is a field of `trl.<config_class>` that STAR does not own;
     ValueError naming the unknown keys (with the nearest field names) otherwise. TRL is
     imported only when there is something to check."""
@@ -321,10 +326,10 @@ def check_trl_options(options: dict[str, Any], config_class: str) -> dict[str, A
         problems.append(f"{key!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
     if problems:
         raise ValueError(f"not fields of trl.{config_class}: {'; '.join(problems)}")
-    reserved = sorted(set(options) & TRL_RESERVED)
-    if reserved:
-        raise ValueError(f"{reserved} of trl.{config_class} is set by STAR (the output folder "
-                         "is --out)")
+    owned = sorted(set(options) & set(reserved))
+    if owned:
+        raise ValueError(f"{owned} of trl.{config_class} is set by STAR: "
+                         + "; ".join(reserved[key] for key in owned))
     return options
 
 
@@ -442,7 +447,7 @@ class GRPOSettings(FineTuneSettings):
     @field_validator("trl")
     @classmethod
     def _trl_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_trl_options(value, "GRPOConfig")
+        return check_trl_options(value, "GRPOConfig", TRL_RESERVED_GRPO)
 
     @field_validator("difficulty_ratio")
     @classmethod

@@ -179,6 +179,12 @@ def train_grpo(base_model: str, prompts: PromptSet, store: EvidenceStore, out: P
     if base_card is None:
         log.warning("%s has no star_model.json: GRPO of an untrained student in the full format",
                     base_model)
+    elif base_card.head is not None:
+        # its ranking is read from label logits; these rollouts reward the ranking it
+        # writes, which its card does not evaluate: the run would train another system
+        raise ValueError(f"{base_model} is a ranking-head student (stage {base_card.stage}); "
+                         "GRPO here rewards a written ranking. Train its head on outcomes with "
+                         "`star distill rank --set rank.objective=pl` (GRPO on the head's rankings)")
     fmt = student_format(base_card, settings)
     plans = base_card.plan_choices if base_card is not None else []
     cap = base_card.max_reflection_tokens if base_card is not None else None

@@ -77,6 +77,7 @@ class Segment:
     masked: bool = False  # decoded under a constraint (a choice or a repair)
     eos: bool = False  # ended by the model's end-of-sequence token
     finish: str = "stop"
+    eos_id: int | None = None  # which end-of-sequence id it sampled (a model may have several)
 
 
 class Sampler(Protocol):
@@ -199,8 +200,7 @@ class PolicyModel(HFChatModel):
         new_ids, prompt_len, constraint = self._new_ids(text, add_special, max_tokens,
                                                         temperature, stop, constraint, seed)
         eos = bool(new_ids) and new_ids[-1] in self.eos_ids
-        if eos:
-            new_ids.pop()
+        eos_id = new_ids.pop() if eos else None
         settled, ids, _, stopped = settle(self.tokenizer, new_ids, stop)
         finish = "stop" if eos or stopped else "length"
         completion = Completion(text=settled, prompt_tokens=prompt_len,
@@ -208,7 +208,7 @@ class PolicyModel(HFChatModel):
                                 seconds=time.perf_counter() - start, finish_reason=finish,
                                 constrained=constraint is not None)
         return completion, Segment(text, settled, ids, None, constraint is not None,
-                                   eos and not stopped, finish)
+                                   eos and not stopped, finish, eos_id)
 
 
 # --- from a pass to TRL's lists -------------------------------------------------------------
@@ -374,7 +374,8 @@ def rollout_pass(sampler: Sampler, task: Task, store: EvidenceStore, fmt: Studen
         own = (answer.stop == "end" and last is not None and last.eos
                and not any(answer.text.endswith(s) for s in STOP_STRINGS))
         mask = 1 if own and (learn_masked or not last.masked) else 0
-        assembled.add([_eos_id(tokenizer)], mask, [None] if own else [0.0], own)
+        sampled = last.eos_id if own and last.eos_id is not None else _eos_id(tokenizer)
+        assembled.add([sampled], mask, [None] if own else [0.0], own)
     if not assembled.completion_ids:  # a pass that failed before a token: TRL needs one
         assembled.add([_eos_id(tokenizer)], 0, [0.0], False)
     prompt_ids = prompt_token_ids(tokenizer, prompt)

@@ -207,8 +207,13 @@ class VLLMSampler:
                                      seed, choice, regex))
         ids, logprobs = list(output.ids), output.logprobs
         eos = bool(ids) and ids[-1] in self.eos_ids
+        eos_id = ids[-1] if eos else None
         if eos:
             ids, logprobs = ids[:-1], None if logprobs is None else logprobs[:-1]
+        if constraint is not None:
+            # vLLM reports log-probabilities after the structured-output mask; TRL's are of
+            # the unmasked model, so their ratio would shrink every masked pass's loss
+            logprobs = None
         text, kept, kept_logprobs, stopped = settle(self.tokenizer, ids, stop, logprobs)
         finish = "stop" if eos or stopped or (output.finish == "stop") else "length"
         if output.finish is None and not (eos or stopped):
@@ -217,4 +222,4 @@ class VLLMSampler:
                                 completion_tokens=len(ids), seconds=time.perf_counter() - started,
                                 finish_reason=finish, constrained=constraint is not None)
         return completion, Segment(prompt, text, kept, kept_logprobs, constraint is not None,
-                                   eos and not stopped, finish)
+                                   eos and not stopped, finish, eos_id)
