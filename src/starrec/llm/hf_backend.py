@@ -3,6 +3,12 @@
 Generation is serialised behind a lock (one model, one forward pass at a time; callers
 may still share the object across threads). On CPU it runs in fp32 with torch's thread
 pool capped to the cores this process may use.
+
+A call reuses the key-value cache of the previous one over their common token prefix:
+an agent's or a student's continuations each extend the text before them, and the
+passes of a GRPO group share their prompt, so on a CPU, where prefill is most of the
+cost, only the new tokens are computed. A model whose weights change between calls (a
+trainer's live model) must `forget_prefix()` after each change.
 """
 
 from __future__ import annotations
@@ -24,6 +30,18 @@ if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger(__name__)
+
+# A shorter common prefix is computed again: cropping and reusing a cache is not worth it.
+MIN_REUSED_TOKENS = 16
+
+
+def _cache_keyword() -> str:
+    """What `generate` calls its key-value cache, in its arguments and its output:
+    transformers renamed `past_key_values` to `cache`."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    fields = getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
 
 
 def _libgomp_loaded() -> bool:
@@ -87,6 +105,32 @@ class HFChatModel:
         self.eos_ids = _eos_ids(model, tokenizer)
         self._vocab: TokenVocab | None = None
         self._lock = threading.Lock()
+        self.reuse_prefix = True
+        self._prefix: tuple[list[int], object] | None = None  # (token ids, their KV cache)
+        self.reused_tokens = 0  # prompt tokens read from the cache, over the object's life
+
+    def forget_prefix(self) -> None:
+        """Drop the cached prefix (after the weights changed)."""
+        with self._lock:
+            self._prefix = None
+
+    def _reusable(self, ids: list[int]) -> object | None:
+        """The previous call's cache cropped to its common prefix with `ids` (leaving at
+        least one token to compute), or None. Called under the lock; the cache is handed
+        over, not copied, and the next call's cache replaces it."""
+        if not self.reuse_prefix or self._prefix is None:
+            return None
+        cached_ids, cache = self._prefix
+        self._prefix = None
+        limit = min(len(cached_ids), len(ids) - 1)
+        common = 0
+        while common < limit and cached_ids[common] == ids[common]:
+            common += 1
+        if common < MIN_REUSED_TOKENS:
+            return None
+        cache.crop(common - cache.get_seq_length())  # a negative count: tokens removed
+        self.reused_tokens += common
+        return cache
 
     @classmethod
     def load(cls, path: str | Path, gguf_file: str | None = None, threads: int | None = None,
@@ -223,9 +267,16 @@ class HFChatModel:
         with self._lock, rng, self._decoding():
             if seed is not None:
                 torch.manual_seed(seed)
+            past = self._reusable(enc["input_ids"][0].tolist())
+            if past is not None:
+                kwargs[_cache_keyword()] = past
             try:
-                out = self.model.generate(**enc, **kwargs)
+                out = self.model.generate(**enc, **kwargs, return_dict_in_generate=True)
             except (torch.OutOfMemoryError, MemoryError) as exc:
                 raise LLMError(f"{self.name}: out of memory generating {max_tokens} tokens "
                                f"after {prompt_len} prompt tokens") from exc
-        return out[0, prompt_len:].tolist(), prompt_len, constraint
+            sequence = out.sequences[0].tolist()
+            cache = getattr(out, _cache_keyword(), None)
+            if self.reuse_prefix and cache is not None and hasattr(cache, "crop"):
+                self._prefix = (sequence[: cache.get_seq_length()], cache)
+        return sequence[prompt_len:], prompt_len, constraint

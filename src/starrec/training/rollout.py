@@ -501,4 +501,9 @@ def live_sampler(trainer: Any) -> Iterator[Sampler]:
             # built once: its constraint vocabulary is scanned on first use
             policy = PolicyModel(model, trainer.processing_class)
             setattr(trainer, POLICY_ATTRIBUTE, policy)
-        yield policy
+        # the weights changed since the last rollouts: a cached prefix is of the old ones
+        policy.forget_prefix()
+        try:
+            yield policy
+        finally:
+            policy.forget_prefix()
