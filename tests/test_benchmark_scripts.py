@@ -189,3 +189,22 @@ def test_quick_pipeline_sums_the_stages_and_judges_the_target():
     assert bench.summary(150.0, slow, "abc", {"cores": 2})["met"] is False
     table = bench.table(record)
     assert "| sft | 600 |" in table and "602" in table and "| setup" in table
+
+
+def test_hf_prefix_reuse_runs_both_settings_on_every_task(shop, tmp_path, tiny_lm_dir, capsys):
+    bench = script("hf_prefix_reuse")
+    out = tmp_path / "reuse.json"
+    argv = ["--model", str(tiny_lm_dir), "--dataset", str(shop), "--tasks", "2", "--threads", "1",
+            "--out", str(out), *overrides([*FAST, "student.max_new_tokens=12"])]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    rows = record["passes"]
+    assert [(r["task_id"], r["reuse"]) for r in rows][:2] == [(rows[0]["task_id"], False),
+                                                              (rows[0]["task_id"], True)]
+    assert {r["reuse"] for r in rows[2:]} == {True, False} and rows[2]["reuse"] is True
+    for row in rows:
+        assert row["prompt_tokens_computed"] <= row["prompt_tokens"]
+        if not row["reuse"]:
+            assert row["prompt_tokens_computed"] == row["prompt_tokens"]
+    assert set(record["summary"]) == {"no_reuse", "reuse", "speedup_median"}
+    assert "paired speed-up" in capsys.readouterr().out
