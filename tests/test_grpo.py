@@ -491,6 +491,7 @@ def test_two_grpo_steps_change_the_weights_checkpoint_and_resume(student_dir, sp
     assert any(p["reward_std"] > 0 for p in curves["train"])
     assert [p["step"] for p in curves["valid"]] == [0, 2]
     assert curves["valid"][0]["n_tasks"] == 2 and 0 <= curves["valid"][0]["AvgHR"] <= 100
+    assert len(curves["valid"][0]["ranks"]) == 2 and "vs_step_0" in curves["valid"][1]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     kept = read_prompts(out / "prompts.json", tasks["train"])  # what a resume trains on
     assert [t.task_id for t in kept.tasks] == [t.task_id for t in prompts.tasks]
@@ -546,3 +547,21 @@ def test_grpo_refuses_a_ranking_head_student(student_dir, splits, tmp_path):
         train_grpo(str(head), prompts, stores["train"], tmp_path / "out", settings(),
                    show_progress=False)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_every_valid_point_is_compared_with_step_0_task_by_task():
+    from starrec.training.grpo_monitor import VALID, curves, paired_to_start
+
+    history = [{"step": 0, VALID + "AvgHR": 30.0, VALID + "ranks": [1, 4, 9, 2]},
+               {"step": 1, "reward": 1.2},
+               {"step": 2, VALID + "AvgHR": 40.0, VALID + "ranks": [1, 2, 9, 6]}]
+    valid = curves(history)["valid"]
+    assert "vs_step_0" not in valid[0]
+    paired = valid[1]["vs_step_0"]
+    # per task: 0, +1/3 (4 -> 2), 0, -2/3 (2 -> 6): mean -1/12
+    assert paired["difference"] == pytest.approx(100 * (1 / 3 - 2 / 3) / 4, abs=0.01)
+    assert (paired["wins"], paired["ties"], paired["losses"]) == (1, 2, 1)
+    low, high = paired["ci95"]
+    assert low <= paired["difference"] <= high
+    with pytest.raises(ValueError, match="other tasks"):
+        paired_to_start([1, 2], [1, 2, 3])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from starrec.core import CompletedRanking, complete_ranking  # noqa: F401 (here too, as before)
+from starrec.core.stats import bootstrap_ci  # noqa: F401 (here too: the evaluation's name)
 
 METRICS = ("HR@1", "HR@3", "HR@5", "AvgHR", "NDCG@5", "NDCG@10", "MRR", "valid_rate")
 
@@ -57,20 +58,6 @@ def metric_table(ranks: Sequence[int], valid: Sequence[bool]) -> dict[str, np.nd
     table = {name: np.array([row[name] for row in rows], dtype=float) for name in METRICS[:-1]}
     table["valid_rate"] = np.asarray(valid, dtype=float)
     return table
-
-
-def bootstrap_ci(
-    values: np.ndarray, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def summarize(

@@ -6,9 +6,12 @@ Three `transformers.TrainerCallback`s for `starrec.training.grpo`:
   seconds per step (TRL's own bar is off);
 - `ValidCallback`: AvgHR, HR@1, the format rate and the shown-order identity of greedy
   student passes on a fixed subset of valid-200 (the first `grpo.valid_tasks`) with the
-  live weights, at step 0 and every `grpo.eval_steps` steps. Its points go into the
-  trainer state's log history, so a checkpoint keeps them and a resumed run goes on
-  from them;
+  live weights, at step 0 and every `grpo.eval_steps` steps, with each task's target
+  rank, so every point is also compared with step 0 task by task (mean difference, its
+  paired bootstrap interval, wins / ties / losses): on a few dozen tasks two AvgHR
+  values apart by less than their intervals' width say nothing, their paired difference
+  may. Its points go into the trainer state's log history, so a checkpoint keeps them
+  and a resumed run goes on from them;
 - `CurveCallback`: `curves.json` and `curves.png` in the output folder after every
   checkpoint and at the end, read from that log history: mean and spread of the reward,
   the outcome and the format rate, the KL to the starting model, the valid AvgHR
@@ -29,6 +32,7 @@ from transformers import TrainerCallback
 
 from starrec.config import StudentConfig, StudentFormatConfig
 from starrec.core import Task
+from starrec.core.stats import bootstrap_ci
 from starrec.cst.store import EvidenceStore
 from starrec.progress import progress_bar
 from starrec.training.reward import outcome_reward
@@ -41,16 +45,32 @@ CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"
 
 
-def valid_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+def valid_metrics(rollouts: Sequence[Rollout]) -> dict[str, Any]:
     """AvgHR and HR@1 (x100, DESIGN.md 3.4) of passes, the share well formed as written
-    (the format reward's verdict) and the share that returned the shown order."""
+    (the format reward's verdict), the share that returned the shown order, and each
+    pass's target rank (`ranks`, in task order: what the paired comparison reads)."""
     ranks = [r.rank for r in rollouts]
     shown = [r.answer.completed.ranking == list(r.task.candidates) for r in rollouts]
     return {"AvgHR": 100 * float(np.mean([outcome_reward(k) for k in ranks])),
             "HR@1": 100 * float(np.mean([k == 1 for k in ranks])),
             "format_rate": 100 * float(np.mean([r.verdict.well_formed for r in rollouts])),
             "shown_order_identity": 100 * float(np.mean(shown)),
-            "n_tasks": len(rollouts)}
+            "n_tasks": len(rollouts), "ranks": [int(k) for k in ranks]}
+
+
+def paired_to_start(ranks: Sequence[int], start: Sequence[int], n_resamples: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """Per-task AvgHR (x100) of `ranks` minus that of `start` on the same tasks: the
+    mean difference, its paired bootstrap 95% interval, wins / ties / losses."""
+    if len(ranks) != len(start):
+        raise ValueError(f"{len(ranks)} ranks against {len(start)} at the start: other tasks")
+    difference = 100 * (np.array([outcome_reward(k) for k in ranks])
+                        - np.array([outcome_reward(k) for k in start]))
+    low, high = bootstrap_ci(difference, n_resamples, seed)
+    return {"difference": round(float(difference.mean()), 2),
+            "ci95": [round(low, 2), round(high, 2)],
+            "wins": int((difference > 0).sum()), "ties": int((difference == 0).sum()),
+            "losses": int((difference < 0).sum())}
 
 
 def evaluate_valid(sampler: Sampler, tasks: Sequence[Task], store: EvidenceStore,
@@ -158,6 +178,11 @@ def curves(log_history: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                       "completion_length": entry.get("completions/mean_length")})
     valid = [{"step": e["step"], **{k[len(VALID):]: v for k, v in e.items() if k.startswith(VALID)}}
              for e in log_history if VALID + "AvgHR" in e]
+    start = next((p for p in valid if p["step"] == 0 and p.get("ranks")), None)
+    for point in valid:
+        if start is not None and point["step"] != 0 and point.get("ranks") \
+                and len(point["ranks"]) == len(start["ranks"]):
+            point["vs_step_0"] = paired_to_start(point["ranks"], start["ranks"])
     return {"train": train, "valid": valid}
 
 
