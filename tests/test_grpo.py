@@ -550,7 +550,8 @@ def test_grpo_refuses_a_ranking_head_student(student_dir, splits, tmp_path):
 
 
 def test_every_valid_point_is_compared_with_step_0_task_by_task():
-    from starrec.training.grpo_monitor import VALID, curves, paired_to_start
+    from starrec.training.grpo_monitor import VALID, curves
+    from starrec.training.reward import paired_to_start
 
     history = [{"step": 0, VALID + "AvgHR": 30.0, VALID + "ranks": [1, 4, 9, 2]},
                {"step": 1, "reward": 1.2},

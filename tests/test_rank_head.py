@@ -258,6 +258,8 @@ def test_two_steps_change_the_weights_checkpoint_resume_and_load(world, tiny_lm_
     assert [p["step"] for p in curve["train"]] == [1, 2]
     assert {"listwise", "pl", "reward"} <= set(curve["train"][0])
     assert [p["step"] for p in curve["eval"]] == [0, 1, 2] and "AvgHR" in curve["eval"][0]
+    assert len(curve["eval"][0]["ranks"]) == 3 and "vs_step_0" not in curve["eval"][0]
+    assert {"difference", "ci95", "wins"} <= set(curve["eval"][2]["vs_step_0"])
     card = read_model_card(out)
     assert card.stage == "rank" and card.head.mode == "fast"
     assert card.head.labels == list(candidate_labels(20))
@@ -449,7 +451,7 @@ def test_the_valid_hook_builds_its_prompts_once(world, tiny_head, monkeypatch):
     monkeypatch.setattr(RankHead, "prompt", lambda self, task, s: built.append(task.task_id)
                         or real(self, task, s))
     first, second = hook(head), hook(head)
-    assert first == second and first["n_tasks"] == 3
+    assert first == second and first["n_tasks"] == 3 and len(first["ranks"]) == 3
     assert built == [task.task_id for task in tasks[:3]]
     # the hook's ranks are the fast mode's
     system = RankHeadSystem(head, store, mode="fast")

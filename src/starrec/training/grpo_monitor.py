@@ -32,10 +32,9 @@ from transformers import TrainerCallback
 
 from starrec.config import StudentConfig, StudentFormatConfig
 from starrec.core import Task
-from starrec.core.stats import bootstrap_ci
 from starrec.cst.store import EvidenceStore
 from starrec.progress import progress_bar
-from starrec.training.reward import outcome_reward
+from starrec.training.reward import outcome_reward, paired_to_start
 from starrec.training.rollout import Rollout, Sampler, live_sampler, run_passes
 
 log = logging.getLogger(__name__)
@@ -56,21 +55,6 @@ def valid_metrics(rollouts: Sequence[Rollout]) -> dict[str, Any]:
             "format_rate": 100 * float(np.mean([r.verdict.well_formed for r in rollouts])),
             "shown_order_identity": 100 * float(np.mean(shown)),
             "n_tasks": len(rollouts), "ranks": [int(k) for k in ranks]}
-
-
-def paired_to_start(ranks: Sequence[int], start: Sequence[int], n_resamples: int = 1000,
-                    seed: int = 0) -> dict[str, Any]:
-    """Per-task AvgHR (x100) of `ranks` minus that of `start` on the same tasks: the
-    mean difference, its paired bootstrap 95% interval, wins / ties / losses."""
-    if len(ranks) != len(start):
-        raise ValueError(f"{len(ranks)} ranks against {len(start)} at the start: other tasks")
-    difference = 100 * (np.array([outcome_reward(k) for k in ranks])
-                        - np.array([outcome_reward(k) for k in start]))
-    low, high = bootstrap_ci(difference, n_resamples, seed)
-    return {"difference": round(float(difference.mean()), 2),
-            "ci95": [round(low, 2), round(high, 2)],
-            "wins": int((difference > 0).sum()), "ties": int((difference == 0).sum()),
-            "losses": int((difference < 0).sum())}
 
 
 def evaluate_valid(sampler: Sampler, tasks: Sequence[Task], store: EvidenceStore,

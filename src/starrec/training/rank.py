@@ -51,7 +51,7 @@ from starrec.inference.rank_head import RankHead
 from starrec.labels import candidate_labels
 from starrec.llm.card import HeadSpec, ModelCard, read_model_card, write_model_card
 from starrec.progress import progress
-from starrec.training.reward import FORMAT_GOOD, outcome_rewards
+from starrec.training.reward import FORMAT_GOOD, outcome_rewards, paired_to_start
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,8 @@ def avghr_hook(tasks: Sequence[Task], store: EvidenceStore, limit: int | None = 
             for task, row in zip(part, logits):
                 ranking = ranked(task.candidates, row[: len(task.candidates)])
                 ranks.append(ranking.index(task.target) + 1)
-        return {"AvgHR": avg_hr(ranks), "HR@1": avg_hr_at(ranks, 1), "n_tasks": len(ranks)}
+        return {"AvgHR": avg_hr(ranks), "HR@1": avg_hr_at(ranks, 1), "n_tasks": len(ranks),
+                "ranks": ranks}
 
     return evaluate
 
@@ -464,6 +465,10 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
         if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or last):
             model.eval()
             point = {"step": done, **evaluate(head)}
+            start_point = curve["eval"][0] if curve["eval"] else None
+            if (start_point and start_point["step"] == 0 and point.get("ranks")
+                    and len(point["ranks"]) == len(start_point.get("ranks") or [])):
+                point["vs_step_0"] = paired_to_start(point["ranks"], start_point["ranks"])
             curve["eval"].append(point)
             model.train()
             if curve["best"] is None or point["AvgHR"] > curve["best"]["AvgHR"]:
@@ -492,7 +497,7 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
         model_dir=out, global_step=max(start, settings.steps),
         resumed_from=checkpoint.name if checkpoint else None,
         train_loss=curve["train"][-1]["loss"] if curve["train"] else None,
-        eval_metrics=next(({k: v for k, v in point.items() if k != "step"}
+        eval_metrics=next(({k: v for k, v in point.items() if k not in ("step", "ranks")}
                            for point in reversed(curve["eval"]) if point["step"] == chosen_step),
                           None),
         seconds=round(time.perf_counter() - started, 1))

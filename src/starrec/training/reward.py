@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from starrec.core.stats import bootstrap_ci
+
 if TYPE_CHECKING:
     from starrec.inference.student import StudentAnswer
 
@@ -103,3 +105,18 @@ def judge_format(answer: StudentAnswer, n_candidates: int, *,
         reasons.append(f"the runtime ended the pass ({answer.stop})")
     reasons += [f"the runtime closed <{tag}>" for tag in runtime_closed]
     return FormatVerdict(not reasons, tuple(reasons))
+
+
+def paired_to_start(ranks: Sequence[int], start: Sequence[int], n_resamples: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """Per-task AvgHR (x100) of `ranks` minus that of `start` on the same tasks: the
+    mean difference, its paired bootstrap 95% interval, wins / ties / losses."""
+    if len(ranks) != len(start):
+        raise ValueError(f"{len(ranks)} ranks against {len(start)} at the start: other tasks")
+    difference = 100 * (np.array([outcome_reward(k) for k in ranks])
+                        - np.array([outcome_reward(k) for k in start]))
+    low, high = bootstrap_ci(difference, n_resamples, seed)
+    return {"difference": round(float(difference.mean()), 2),
+            "ci95": [round(low, 2), round(high, 2)],
+            "wins": int((difference > 0).sum()), "ties": int((difference == 0).sum()),
+            "losses": int((difference < 0).sum())}
