@@ -487,3 +487,66 @@ def test_the_reason_mode_refuses_a_student_format_with_other_labels(world, tiny_
     system = head_system(str(tiny_lm_dir), store, HeadSpec(), "reason", StudentConfig(),
                          fmt=StudentFormatConfig(), threads=1)
     assert system.mode == "reason"
+
+
+def _evidence(**changes):
+    from starrec.cst.evidence import CandidateEvidence
+
+    base = dict(item="7", title="Heat (1995)", known=True, cooc_score=1.0, cooc_linked=12,
+                cooc_best_item="3", cooc_best_count=9, cooc_best_base=30, transition_count=2,
+                transition_best_item="3", transition_best_count=2, transition_best_total=40,
+                user_votes=13, similar_users=50, pop=100, pop_pct=88.0, recent_pct=70.0,
+                content_best_item=None, content_similarity=None, sequence_rank=2,
+                sequence_score=1.5, sequence_share=0.31, sequence_of=20, factor_rank=12,
+                factor_score=0.2, factor_of=20)
+    return CandidateEvidence(**{**base, **changes})
+
+
+def test_clauses_by_kind_in_both_styles():
+    from starrec.cst.verbalize import CLAUSE_KINDS, candidate_clauses, candidate_line
+
+    titles = {"3": "Casino (1995)"}.get
+    sentences = candidate_clauses(_evidence(), 20, titles)
+    compact = candidate_clauses(_evidence(), 20, titles, "compact")
+    kinds = [kind for kind, _ in sentences]
+    assert kinds == [kind for kind, _ in compact] == [k for k in CLAUSE_KINDS if k in kinds]
+    assert kinds == ["links", "transition", "similar_users", "sequence", "factors", "popularity"]
+    by = dict(compact)
+    assert by["sequence"] == "sequence model rank 2/20" and by["factors"] == "factor model rank 12/20"
+    assert by["similar_users"] == "similar users 13/50" and "Casino" not in by["links"]
+    assert "2nd of the 20" in dict(sentences)["sequence"]
+    # the line the teacher reads is the sentences, joined, as before
+    line = candidate_line("A", _evidence(), 20, titles)
+    assert line.endswith("; ".join(text for _, text in sentences) + ".")
+    assert dict(candidate_clauses(_evidence(known=False), 20, titles, "compact"))["links"] == "cold item"
+    with pytest.raises(ValueError, match="style"):
+        candidate_clauses(_evidence(), 20, titles, "terse")
+
+
+def test_evidence_clauses_are_chosen_in_priority_order_within_the_budget(tiny_head):
+    head, _ = tiny_head
+    titles = {"3": "Casino (1995)"}.get
+    ev = _evidence(factor_rank=None)  # no factor clause: skipped, not an error
+    text = evidence_text(ev, 20, titles, 200, head.count, "compact",
+                         ["sequence", "factors", "similar_users"])
+    assert text == "sequence model rank 2/20; similar users 13/50"
+    tight = evidence_text(ev, 20, titles, head.count("sequence model rank 2/20") + 1, head.count,
+                          "compact", ["sequence", "similar_users"])
+    assert tight == "sequence model rank 2/20"
+    assert evidence_text(ev, 20, titles, 200, head.count, "compact", ["content"]) == ""
+    with pytest.raises(ValueError, match="evidence_clauses"):
+        HeadSpec(evidence_clauses=["sequence", "gossip"])
+    with pytest.raises(ValueError, match="evidence_clauses"):
+        HeadSpec(evidence_clauses=["sequence", "sequence"])
+
+
+def test_a_head_setting_changes_the_rank_default_not_headspecs():
+    from starrec.training.rank import RANK_HEAD
+
+    settings = RankSettings.model_validate({"head": {"evidence_tokens": 24}})
+    assert settings.head.evidence_tokens == 24
+    assert settings.head.evidence_style == RANK_HEAD.evidence_style == "compact"
+    assert settings.head.evidence_clauses == RANK_HEAD.evidence_clauses
+    # a card written before these fields reads as it was trained: sentences, all clauses
+    assert HeadSpec.model_validate({"evidence_tokens": 40}).evidence_style == "sentences"
+    assert HeadSpec.model_validate({"evidence_tokens": 40}).evidence_clauses == []

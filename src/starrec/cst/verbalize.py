@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Literal
 
 import yaml
 
@@ -22,6 +23,7 @@ def templates() -> dict[str, str]:
 
 def render(key: str, **fields: object) -> str:
     return templates()[key].format(**fields)
+
 
 
 def approx_tokens(text: str) -> int:
@@ -51,6 +53,7 @@ def ordinal(n: int) -> str:
     """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
+
 
 
 def latent_lines(kind: str, n: int, ranked: list[tuple[int, str, float, float]]) -> list[str]:
@@ -90,35 +93,62 @@ def popularity_line(store: EvidenceStore, item: str, cutoff_time: float | None =
                   pop_pct=f"{row['pop_pct']:.0f}", recent_pct=f"{recent_pct:.0f}")
 
 
+# The kinds of clause a candidate's evidence line is made of, in the line's order.
+CLAUSE_KINDS = ("links", "transition", "similar_users", "sequence", "factors", "popularity",
+                "content")
+
+
+def candidate_clauses(evidence: CandidateEvidence, n_history: int,
+                      titles: Callable[[str], str],
+                      style: Literal["sentences", "compact"] = "sentences"
+                      ) -> list[tuple[str, str]]:
+    """A candidate's evidence as (kind, clause) pairs, kinds from `CLAUSE_KINDS` in that
+    order; `links` is its co-consumption with the history (or that it has none, or that
+    it is a cold item). `compact` renders the `compact_*` templates: counts as n/N, ranks
+    as plain numbers, no titles."""
+    if style not in ("sentences", "compact"):
+        raise ValueError(f"unknown evidence style {style!r}; expected sentences or compact")
+    prefix = "candidate_" if style == "sentences" else "compact_"
+
+    def say(kind: str, **fields: object) -> str:
+        return render(prefix + kind, **fields)
+
+    def nth(n: int) -> str:
+        return ordinal(n) if style == "sentences" else str(n)
+
+    e = evidence
+    parts: list[tuple[str, str]] = []
+    if not e.known:
+        parts.append(("links", say("cold")))
+    elif e.cooc_best_item is not None:
+        parts.append(("links", say("cooccurrence", linked=e.cooc_linked, n_history=n_history,
+                                   base=titles(e.cooc_best_item), count=e.cooc_best_count,
+                                   base_pop=e.cooc_best_base,
+                                   share=percent(e.cooc_best_count / max(e.cooc_best_base, 1)))))
+    else:
+        parts.append(("links", say("no_link")))
+    if e.transition_best_item is not None:
+        parts.append(("transition", say("transition", base=titles(e.transition_best_item),
+                                        count=e.transition_best_count,
+                                        total=e.transition_best_total)))
+    if e.similar_users:
+        parts.append(("similar_users", say("similar_users", votes=e.user_votes, n=e.similar_users)))
+    if e.sequence_rank is not None:
+        parts.append(("sequence", say("sequence", rank=nth(e.sequence_rank), n=e.sequence_of,
+                                      share=percent(e.sequence_share or 0.0))))
+    if e.factor_rank is not None:
+        parts.append(("factors", say("factors", rank=nth(e.factor_rank), n=e.factor_of)))
+    if e.known:
+        parts.append(("popularity", say("popularity", pop_pct=f"{e.pop_pct:.0f}")))
+    if e.content_best_item is not None and (not e.known or e.cooc_best_item is None):
+        parts.append(("content", say("content", base=titles(e.content_best_item),
+                                     similarity=f"{e.content_similarity:.2f}")))
+    return parts
+
+
 def candidate_line(label: str, evidence: CandidateEvidence, n_history: int,
                    titles: Callable[[str], str]) -> str:
     """One candidate's links to the history in one sentence, opened by its label."""
-    parts = []
-    if not evidence.known:
-        parts.append(render("candidate_cold"))
-    elif evidence.cooc_best_item is not None:
-        parts.append(render("candidate_cooccurrence", linked=evidence.cooc_linked,
-                            n_history=n_history, base=titles(evidence.cooc_best_item),
-                            count=evidence.cooc_best_count, base_pop=evidence.cooc_best_base,
-                            share=percent(evidence.cooc_best_count / max(evidence.cooc_best_base, 1))))
-    else:
-        parts.append(render("candidate_no_link"))
-    if evidence.transition_best_item is not None:
-        parts.append(render("candidate_transition", base=titles(evidence.transition_best_item),
-                            count=evidence.transition_best_count,
-                            total=evidence.transition_best_total))
-    if evidence.similar_users:
-        parts.append(render("candidate_similar_users", votes=evidence.user_votes,
-                            n=evidence.similar_users))
-    if evidence.sequence_rank is not None:
-        parts.append(render("candidate_sequence", rank=ordinal(evidence.sequence_rank),
-                            n=evidence.sequence_of, share=percent(evidence.sequence_share or 0.0)))
-    if evidence.factor_rank is not None:
-        parts.append(render("candidate_factors", rank=ordinal(evidence.factor_rank),
-                            n=evidence.factor_of))
-    if evidence.known:
-        parts.append(render("candidate_popularity", pop_pct=f"{evidence.pop_pct:.0f}"))
-    if evidence.content_best_item is not None and (not evidence.known or evidence.cooc_best_item is None):
-        parts.append(render("candidate_content", base=titles(evidence.content_best_item),
-                            similarity=f"{evidence.content_similarity:.2f}"))
-    return f"{render('candidate', label=label, title=evidence.title, item=evidence.item)}: " + "; ".join(parts) + "."
+    clauses = [text for _, text in candidate_clauses(evidence, n_history, titles)]
+    return (f"{render('candidate', label=label, title=evidence.title, item=evidence.item)}: "
+            + "; ".join(clauses) + ".")

@@ -36,7 +36,7 @@ from starrec.core.resources import prompt_text, scenarios
 from starrec.cst.evidence import CandidateEvidence, candidate_evidence
 from starrec.cst.ranker import CSTRanker
 from starrec.cst.store import EvidenceStore
-from starrec.cst.verbalize import candidate_line, render
+from starrec.cst.verbalize import candidate_clauses
 from starrec.labels import candidate_labels
 from starrec.llm.base import Message
 from starrec.llm.card import HeadSpec
@@ -80,16 +80,19 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str], answer_prefix: str) -
 
 
 def evidence_text(evidence: CandidateEvidence, n_history: int, titles: Callable[[str], str],
-                  budget: int, count: TokenCounter) -> str:
-    """The candidate's CST evidence (the clauses of `verbalize.candidate_line`, in its
-    order) within `budget` tokens: whole clauses while they fit, the first one cut to the
-    budget when none fits. The budget is per candidate because on a CPU the prompt's
-    prefill is the head's whole cost."""
+                  budget: int, count: TokenCounter, style: str = "sentences",
+                  kinds: Sequence[str] = ()) -> str:
+    """The candidate's CST evidence (`verbalize.candidate_clauses` in `style`; the clauses
+    of `kinds` in that order, or all in the verbalizer's order) within `budget` tokens:
+    whole clauses while they fit, the first one cut to the budget when none fits. The
+    budget is per candidate because on a CPU the prompt's prefill is the head's whole
+    cost."""
     if budget <= 0:
         return ""
-    full = candidate_line("X", evidence, n_history, titles)
-    opening = render("candidate", label="X", title=evidence.title, item=evidence.item) + ": "
-    clauses = full[len(opening):].rstrip(".").split("; ")
+    found = dict(candidate_clauses(evidence, n_history, titles, style))
+    clauses = [found[k] for k in kinds if k in found] if kinds else list(found.values())
+    if not clauses:
+        return ""
     kept: list[str] = []
     for clause in clauses:
         if count("; ".join([*kept, clause])) > budget:
@@ -120,7 +123,8 @@ def head_messages(task: Task, store: EvidenceStore, spec: HeadSpec, labels: Sequ
         parts = [store.title(item)]
         if evidence:
             text = evidence_text(evidence[j], len(task.history), store.title,
-                                 spec.evidence_tokens, count)
+                                 spec.evidence_tokens, count, spec.evidence_style,
+                                 spec.evidence_clauses)
             if text:
                 parts.append(text)
         if cst_rank:

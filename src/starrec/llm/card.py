@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 
 from starrec.config import StudentFormatConfig
 from starrec.core.files import write_text_atomic
@@ -39,6 +39,21 @@ class HeadSpec(BaseModel):
     evidence_tokens: int = 40  # evidence per candidate, in tokenizer tokens; 0: titles only
     cst_rank: bool = False  # add the candidate's rank under the non-LLM cst ranker
     answer_prefix: str = "<recommend>["  # after the prompt; the label logits are read here
+    # the evidence as sentences (the teacher's templates) or compact (n/N, plain ranks)
+    evidence_style: Literal["sentences", "compact"] = "sentences"
+    # the kinds of evidence clause shown (starrec.cst.verbalize.CLAUSE_KINDS), in priority
+    # order within evidence_tokens; empty: all, in the verbalizer's order
+    evidence_clauses: list[str] = []
+
+    @field_validator("evidence_clauses")
+    @classmethod
+    def _known_clauses(cls, value: list[str]) -> list[str]:
+        from starrec.cst.verbalize import CLAUSE_KINDS
+
+        unknown = [kind for kind in value if kind not in CLAUSE_KINDS]
+        if unknown or len(set(value)) != len(value):
+            raise ValueError(f"evidence_clauses {value}: each at most once, among {list(CLAUSE_KINDS)}")
+        return value
 
 
 class ModelCard(BaseModel):

@@ -61,6 +61,15 @@ STATE_FILE = "state.pt"
 FORMAT_REWARD = FORMAT_GOOD
 
 
+# The prompt a new head is trained on: the strongest signals first (the sequence and
+# factor models' ranks, similar users, co-consumption), compact, so that a candidate's
+# evidence costs about as many tokens as its title and all four fit. A card keeps the
+# spec it was trained with, so changing this changes only heads trained later.
+RANK_HEAD = HeadSpec(evidence_style="compact", evidence_tokens=48,
+                     evidence_clauses=["sequence", "factors", "similar_users", "links",
+                                       "transition", "popularity"])
+
+
 class RankSettings(FineTuneSettings):
     """Settings of `star distill rank` (`--set rank.KEY=VALUE`); `base_model` may also be
     an SFT student folder."""
@@ -95,18 +104,20 @@ class RankSettings(FineTuneSettings):
     # valid tasks) or the last step
     final: Literal["best", "last"] = "best"
     seed: int = 0
-    head: HeadSpec = HeadSpec()
+    head: HeadSpec = RANK_HEAD
 
     @field_validator("head", mode="before")
     @classmethod
     def _known_head_keys(cls, value: Any) -> Any:
         # HeadSpec ignores unknown keys when a card is read (older cards); a setting with a
-        # misspelt key would silently train another prompt than the one intended
+        # misspelt key would silently train another prompt than the one intended. Keys
+        # given (`--set rank.head.KEY=...`) change RANK_HEAD, not HeadSpec's defaults.
         if isinstance(value, dict):
             unknown = set(value) - set(HeadSpec.model_fields)
             if unknown:
                 raise ValueError(f"unknown rank.head setting(s) {sorted(unknown)}; known: "
                                  f"{sorted(HeadSpec.model_fields)}")
+            return {**RANK_HEAD.model_dump(), **value}
         return value
 
     @property
