@@ -550,3 +550,57 @@ def test_a_head_setting_changes_the_rank_default_not_headspecs():
     # a card written before these fields reads as it was trained: sentences, all clauses
     assert HeadSpec.model_validate({"evidence_tokens": 40}).evidence_style == "sentences"
     assert HeadSpec.model_validate({"evidence_tokens": 40}).evidence_clauses == []
+
+
+@pytest.fixture(scope="module")
+def line_head(tiny_head):
+    head, _ = tiny_head
+    spec = HeadSpec(readout="line", evidence_tokens=6, history_items=2)
+    return RankHead(head.model, head.tokenizer, spec)
+
+
+def test_the_line_readout_reads_each_candidates_last_token(world, line_head):
+    store, tasks = world
+    task = tasks[0]
+    text = line_head.prompt(task, store)
+    n = len(task.candidates)
+    ends = line_head.line_ends(text, n)
+    enc = line_head.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    lines = [line for line in text.split("\n") if line[:3] in {f"{l}: " for l in line_head.labels[:n]}]
+    assert len(ends) == n == len(lines) and ends == sorted(ends)
+    for end, line in zip(ends, lines):  # the token covers the line's last character
+        a, b = enc["offset_mapping"][end]
+        assert text[a:b].rstrip("\n").endswith(line[-1]) and text.find(line) + len(line) <= b
+    with torch.inference_mode():
+        full = line_head.model(input_ids=torch.tensor([enc["input_ids"]])).logits[0]
+        scores = line_head.label_logits([text], n)[0]
+    expected = full[ends, line_head.tokenizer.eos_token_id]
+    assert torch.allclose(scores, expected, atol=1e-4)
+    # in a batch with a longer prompt (left padding) a text scores as alone
+    other = line_head.prompt(replace(tasks[1], history=tasks[1].history * 3), store)
+    with torch.inference_mode():
+        batched = line_head.label_logits([other, text], n)[1]
+    assert torch.allclose(batched, scores, atol=1e-4)
+
+
+def test_the_line_readout_ranks_trains_and_refuses_the_reason_mode(world, line_head, tiny_lm_dir,
+                                                                   tmp_path):
+    from safetensors.torch import load_file
+
+    store, tasks = world
+    system = RankHeadSystem(line_head, store, mode="fast")
+    answer = system.answer(tasks[0])
+    assert answer.ranking == ranked(tasks[0].candidates, answer.scores)
+    with pytest.raises(ValueError, match="line-readout"):
+        RankHeadSystem(line_head, store, mode="reason", student=object())
+    with pytest.raises(LabelTokenError, match="score token"):
+        RankHead(line_head.model, line_head.tokenizer, HeadSpec(readout="line", score_token="yes no"))
+    settings = RankSettings(base_model=str(tiny_lm_dir), lora=False, learning_rate=1e-2, steps=1,
+                            batch_tasks=2, eval_every=0, warmup_steps=0,
+                            head={"readout": "line", "evidence_tokens": 6, "history_items": 2})
+    out = tmp_path / "line"
+    train_rank(str(tiny_lm_dir), task_batches(tasks, lambda user: store, 2), out, settings,
+               show_progress=False)
+    before, after = load_file(tiny_lm_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    assert read_model_card(out).head.readout == "line"

@@ -176,6 +176,14 @@ class RankHead:
         self.label_ids = label_token_ids(tokenizer, self.labels, self.spec.answer_prefix)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.score_id: int | None = None
+        if self.spec.readout == "line":
+            token = self.spec.score_token
+            ids = ([tokenizer.eos_token_id] if token is None
+                   else tokenizer.encode(token, add_special_tokens=False))
+            if len(ids) != 1 or ids[0] is None:
+                raise LabelTokenError(f"score token {token!r} is not one token of this tokenizer")
+            self.score_id = ids[0]
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -204,14 +212,47 @@ class RankHead:
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
                 "position_ids": positions.to(device, dtype=torch.long)}
 
+    def line_ends(self, text: str, n: int) -> list[int]:
+        """The token index (in `text` tokenized alone) of the last token of each of the
+        first n candidate lines: the line of label L starts after a newline with `L: `
+        and ends before the next newline (titles and evidence hold no newline)."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        ends, cursor = [], 0
+        for label in self.labels[:n]:
+            start = text.find(f"\n{label}: ", cursor)
+            if start < 0:
+                raise ValueError(f"no candidate line {label!r} in the prompt")
+            end = text.find("\n", start + 1)
+            last_char = (len(text) if end < 0 else end) - 1
+            ends.append(next(i for i, (a, b) in enumerate(offsets) if a <= last_char < b))
+            cursor = start + 1
+        return ends
+
     def label_logits(self, texts: Sequence[str], n: int | None = None) -> Any:
-        """(len(texts), n) logits of the first n labels at each text's last position, with
-        gradients when enabled (training). Only the last position's logits are computed
-        (`logits_to_keep=1`): the full vocabulary at every position would not fit a batch."""
+        """(len(texts), n) candidate scores with gradients when enabled (training): the
+        `label` readout's logits of the first n labels at each text's last position (only
+        that position's logits are computed, `logits_to_keep=1`), or the `line` readout's
+        score-token logit at each candidate line's last token (from the final hidden
+        states, so no vocabulary-wide logits are formed there either)."""
+        import torch
+
+        n = n or len(self.labels)
         enc = self.encode(texts)
-        out = self.model(**enc, logits_to_keep=1)
-        ids = self.label_ids[: n or len(self.labels)]
-        return out.logits[:, -1, ids].float()
+        if self.score_id is None:
+            out = self.model(**enc, logits_to_keep=1)
+            return out.logits[:, -1, self.label_ids[:n]].float()
+        out = self.model(**enc, logits_to_keep=1, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        width = enc["input_ids"].shape[1]
+        rows = []
+        for b, text in enumerate(texts):
+            pad = width - int(enc["attention_mask"][b].sum())
+            rows.append([pad + i for i in self.line_ends(text, n)])
+        index = torch.tensor(rows, device=hidden.device)
+        picked = hidden[torch.arange(len(texts), device=hidden.device).unsqueeze(1), index]
+        weight = self.model.get_output_embeddings().weight[self.score_id]
+        return (picked @ weight).float()
 
     def scores(self, texts: Sequence[str], n: int) -> np.ndarray:
         """Label logits without gradients, as float64 numpy."""
@@ -253,6 +294,9 @@ class RankHeadSystem:
             raise ValueError(f"unknown head mode {mode!r}; expected fast or reason")
         if mode == "reason" and student is None:
             raise ValueError("the reason mode needs the student that generates the reasoning")
+        if mode == "reason" and head.score_id is not None:
+            raise ValueError("a line-readout head scores the lines of its own compact prompt; "
+                             "the reason mode reads label logits after the student's text")
         if mode == "reason" and shuffles > 1:
             raise ValueError("position debiasing applies to the fast mode: the reasoning of the "
                              "reason mode names candidates by their labels in one order")

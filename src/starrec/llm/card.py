@@ -39,6 +39,12 @@ class HeadSpec(BaseModel):
     evidence_tokens: int = 40  # evidence per candidate, in tokenizer tokens; 0: titles only
     cst_rank: bool = False  # add the candidate's rank under the non-LLM cst ranker
     answer_prefix: str = "<recommend>["  # after the prompt; the label logits are read here
+    # where a candidate's score is read: `label`, the logit of its label at the answer
+    # position (one position, the model must point at a line); `line`, at the last token
+    # of its own line, the logit of `score_token` (the end-of-sequence token when None),
+    # a judgement of the line it has just read, still one forward pass
+    readout: Literal["label", "line"] = "label"
+    score_token: str | None = None
     # the evidence as sentences (the teacher's templates) or compact (n/N, plain ranks)
     evidence_style: Literal["sentences", "compact"] = "sentences"
     # the kinds of evidence clause shown (starrec.cst.verbalize.CLAUSE_KINDS), in priority
