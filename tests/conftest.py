@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,13 @@ def world(tmp_path_factory):
     path = build_store(allowed, dataset.items, tmp_path_factory.mktemp("cst") / "s.sqlite",
                        CSTConfig(content=False), progress=False)
     return EvidenceStore(path), tasks
+
+
+def run_together(calls: Sequence[Callable[[], object]], timeout: float | None = 60) -> None:
+    """Start every call in a thread of its own, then wait for all of them: what a test of
+    concurrent callers needs (each call reports its own result or error)."""
+    threads = [threading.Thread(target=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)

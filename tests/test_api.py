@@ -27,7 +27,7 @@ from starrec.cst.ranker import CSTRanker
 from starrec.data.splits import fit_interactions
 from starrec.data.tasks import Task, build_split_tasks
 from starrec.llm.base import ServerUnavailable
-from tests.conftest import make_dataset
+from tests.conftest import make_dataset, run_together
 from tests.fakes import ScriptedModel, permutation
 
 CONFIG = StarConfig(cst=CSTConfig(content=False))  # no MiniLM in tests
@@ -676,11 +676,7 @@ def test_scrapes_racing_the_sharing_thread_never_fail(tmp_path):
             except BaseException as error:  # noqa: BLE001 - reported below
                 errors.append(error)
 
-    threads = [threading.Thread(target=scrape) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together([scrape] * 3)
     assert not errors
     own = tmp_path / f"{metrics.snapshot()['pid']}.json"
     assert [p.name for p in tmp_path.iterdir()] == [own.name]

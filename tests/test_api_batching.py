@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import functools
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from starrec.api.runners import Batch, Overloaded
 from starrec.api.service import HeadSystem, RecommendService, load_service
 from starrec.config import BaselinesConfig, CSTConfig, SASRecConfig, StarConfig, StudentConfig
 from starrec.data.tasks import build_split_tasks
-from tests.conftest import make_dataset
+from tests.conftest import make_dataset, run_together
 from tests.test_api import in_thread, on_loopback, wait_for
 
 CONFIG = StarConfig(cst=CSTConfig(content=False), student=StudentConfig(mode="fast"),
@@ -166,11 +167,7 @@ def post_together(base: str, bodies: list[dict]) -> list[httpx.Response]:
             start.wait(10)
             out[i] = client.post("/v1/recommend", json=bodies[i])
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    run_together([functools.partial(send, i) for i in range(len(bodies))])
     assert all(r is not None for r in out)
     return out  # type: ignore[return-value]
 

@@ -95,6 +95,7 @@ def test_two_processes_asking_for_one_store_build_it_once(tiny, tmp_path, monkey
     import time
 
     from starrec.cst import store as store_module
+    from tests.conftest import run_together
 
     monkeypatch.setenv("STAR_HOME", str(tmp_path))
     tasks = build_split_tasks(tiny, "test")
@@ -117,11 +118,7 @@ def test_two_processes_asking_for_one_store_build_it_once(tiny, tmp_path, monkey
         except Exception as error:  # noqa: BLE001 - the test reports it
             errors.append(error)
 
-    threads = [threading.Thread(target=ask) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_together([ask, ask])
     assert not errors and len(builds) == 1
     assert paths[0] == paths[1] and EvidenceStore(paths[0]).meta["n_interactions"] == len(allowed)
     assert not list(tmp_path.rglob("*.tmp*"))

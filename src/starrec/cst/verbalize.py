@@ -25,7 +25,6 @@ def render(key: str, **fields: object) -> str:
     return templates()[key].format(**fields)
 
 
-
 def approx_tokens(text: str) -> int:
     """About 4 characters a token for English with numbers (no tokenizer needed)."""
     return max(1, (len(text) + 3) // 4)
@@ -53,7 +52,6 @@ def ordinal(n: int) -> str:
     """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
     suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
-
 
 
 def latent_lines(kind: str, n: int, ranked: list[tuple[int, str, float, float]]) -> list[str]:

@@ -194,30 +194,37 @@ class RankHead:
         return render_prompt(self.tokenizer, head_messages(task, store, self.spec, labels, self.count),
                              self.spec.answer_prefix)
 
-    def encode(self, texts: Sequence[str]) -> dict[str, Any]:
+    def encode(self, texts: Sequence[str], offsets: bool = False) -> dict[str, Any]:
         """Left-padded ids with positions counted from each text's first real token, so a
-        text scores the same alone and in a batch."""
+        text scores the same alone and in a batch; with `offsets`, also each token's
+        character span (`offset_mapping`, (0, 0) for padding), which is not a model input."""
         import torch
 
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
             enc = self.tokenizer(list(texts), add_special_tokens=False, padding=True,
-                                 return_tensors="pt")
+                                 return_tensors="pt", return_offsets_mapping=offsets)
         finally:
             self.tokenizer.padding_side = side
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         device = next(self.model.parameters()).device
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
-                "position_ids": positions.to(device, dtype=torch.long)}
+        out = {"input_ids": enc["input_ids"].to(device), "attention_mask": mask.to(device),
+               "position_ids": positions.to(device, dtype=torch.long)}
+        if offsets:
+            out["offset_mapping"] = enc["offset_mapping"].tolist()
+        return out
 
-    def line_ends(self, text: str, n: int) -> list[int]:
-        """The token index (in `text` tokenized alone) of the last token of each of the
-        first n candidate lines: the line of label L starts after a newline with `L: `
-        and ends before the next newline (titles and evidence hold no newline)."""
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
+    def line_ends(self, text: str, n: int,
+                  offsets: Sequence[Sequence[int]] | None = None) -> list[int]:
+        """The token index of the last token of each of the first n candidate lines, in
+        `offsets` (the text's token spans, e.g. a left-padded row of `encode`) or in the
+        text tokenized alone: the line of label L starts after a newline with `L: ` and
+        ends before the next newline (titles and evidence hold no newline)."""
+        if offsets is None:
+            offsets = self.tokenizer(text, add_special_tokens=False,
+                                     return_offsets_mapping=True)["offset_mapping"]
         ends, cursor = [], 0
         for label in self.labels[:n]:
             start = text.find(f"\n{label}: ", cursor)
@@ -238,17 +245,14 @@ class RankHead:
         import torch
 
         n = n or len(self.labels)
-        enc = self.encode(texts)
         if self.score_id is None:
-            out = self.model(**enc, logits_to_keep=1)
+            out = self.model(**self.encode(texts), logits_to_keep=1)
             return out.logits[:, -1, self.label_ids[:n]].float()
+        enc = self.encode(texts, offsets=True)
+        spans = enc.pop("offset_mapping")
         out = self.model(**enc, logits_to_keep=1, output_hidden_states=True)
         hidden = out.hidden_states[-1]
-        width = enc["input_ids"].shape[1]
-        rows = []
-        for b, text in enumerate(texts):
-            pad = width - int(enc["attention_mask"][b].sum())
-            rows.append([pad + i for i in self.line_ends(text, n)])
+        rows = [self.line_ends(text, n, row) for text, row in zip(texts, spans)]
         index = torch.tensor(rows, device=hidden.device)
         picked = hidden[torch.arange(len(texts), device=hidden.device).unsqueeze(1), index]
         weight = self.model.get_output_embeddings().weight[self.score_id]

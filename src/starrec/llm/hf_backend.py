@@ -14,6 +14,7 @@ trainer's live model) must `forget_prefix()` after each change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 MIN_REUSED_TOKENS = 16
 
 
+@functools.lru_cache(maxsize=None)
 def _cache_keyword() -> str:
     """What `generate` calls its key-value cache, in its arguments and its output:
     transformers renamed `past_key_values` to `cache`."""

@@ -34,7 +34,7 @@ from starrec.config import StudentConfig, StudentFormatConfig
 from starrec.core import Task
 from starrec.cst.store import EvidenceStore
 from starrec.progress import progress_bar
-from starrec.training.reward import outcome_reward, paired_to_start
+from starrec.training.reward import compare_to_start, outcome_reward
 from starrec.training.rollout import Rollout, Sampler, live_sampler, run_passes
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,7 @@ def curves(log_history: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                       "completion_length": entry.get("completions/mean_length")})
     valid = [{"step": e["step"], **{k[len(VALID):]: v for k, v in e.items() if k.startswith(VALID)}}
              for e in log_history if VALID + "AvgHR" in e]
-    start = next((p for p in valid if p["step"] == 0 and p.get("ranks")), None)
-    for point in valid:
-        if start is not None and point["step"] != 0 and point.get("ranks") \
-                and len(point["ranks"]) == len(start["ranks"]):
-            point["vs_step_0"] = paired_to_start(point["ranks"], start["ranks"])
+    compare_to_start(valid)
     return {"train": train, "valid": valid}
 
 

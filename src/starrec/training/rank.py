@@ -43,7 +43,7 @@ import numpy as np
 
 from pydantic import field_validator
 
-from starrec.config import FineTuneSettings, StarConfig, Strict
+from starrec.config import FineTuneSettings, StarConfig
 from starrec.core import Task, ranked
 from starrec.cst.store import EvidenceStore
 from starrec.core.files import write_text_atomic
@@ -51,7 +51,7 @@ from starrec.inference.rank_head import RankHead
 from starrec.labels import candidate_labels
 from starrec.llm.card import HeadSpec, ModelCard, read_model_card, write_model_card
 from starrec.progress import progress
-from starrec.training.reward import FORMAT_GOOD, outcome_rewards, paired_to_start
+from starrec.training.reward import FORMAT_GOOD, compare_to_start, outcome_rewards
 
 log = logging.getLogger(__name__)
 
@@ -361,22 +361,8 @@ def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler
     return folder
 
 
-def _load_weights(folder: Path, model: Any) -> None:
-    """The trainable weights of a checkpoint, into `model` (the final model's choice)."""
-    import torch
-
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    params = _trainable(model)
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value.to(params[name].device))
-
-
-def _write_curve(out: Path, curve: dict[str, Any]) -> None:
-    write_text_atomic(out / "loss.json", json.dumps(curve, indent=2) + "\n")
-
-
-def _load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+def _load_weights(folder: Path, model: Any) -> dict:
+    """The trainable weights of a checkpoint, into `model`; the checkpoint's whole state."""
     import torch
 
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
@@ -388,6 +374,18 @@ def _load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) -
     with torch.no_grad():
         for name, value in state["trainable"].items():
             params[name].copy_(value.to(params[name].device))
+    return state
+
+
+def _write_curve(out: Path, curve: dict[str, Any]) -> None:
+    write_text_atomic(out / "loss.json", json.dumps(curve, indent=2) + "\n")
+
+
+def _load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
+    """A checkpoint's weights, optimizer, scheduler and RNG, to resume from it."""
+    import torch
+
+    state = _load_weights(folder, model)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -472,23 +470,22 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss_value:.3f}")
         last = done == settings.steps
-        new_best = False
+        new_best = evaluated = False
         if evaluate is not None and settings.eval_every and (done % settings.eval_every == 0 or last):
             model.eval()
             point = {"step": done, **evaluate(head)}
-            start_point = curve["eval"][0] if curve["eval"] else None
-            if (start_point and start_point["step"] == 0 and point.get("ranks")
-                    and len(point["ranks"]) == len(start_point.get("ranks") or [])):
-                point["vs_step_0"] = paired_to_start(point["ranks"], start_point["ranks"])
+            evaluated = True
             curve["eval"].append(point)
+            compare_to_start(curve["eval"])
             model.train()
             if curve["best"] is None or point["AvgHR"] > curve["best"]["AvgHR"]:
                 curve["best"] = {"step": done, "AvgHR": point["AvgHR"]}
                 new_best = True
-            _write_curve(out, curve)
-        if (settings.save_every and done % settings.save_every == 0) or last or new_best:
+        saved = (settings.save_every and done % settings.save_every == 0) or last or new_best
+        if saved:
             _save_checkpoint(out, done, model, optimizer, scheduler, curve,
                              settings.save_total_limit)
+        if saved or evaluated:
             _write_curve(out, curve)
     model.eval()
     best = curve.get("best")

@@ -120,3 +120,13 @@ def paired_to_start(ranks: Sequence[int], start: Sequence[int], n_resamples: int
             "ci95": [round(low, 2), round(high, 2)],
             "wins": int((difference > 0).sum()), "ties": int((difference == 0).sum()),
             "losses": int((difference < 0).sum())}
+
+
+def compare_to_start(points: Sequence[dict[str, Any]]) -> None:
+    """Adds `vs_step_0` (`paired_to_start`) to every valid-curve point after step 0 whose
+    per-task `ranks` are as many as step 0's (GRPO's and the ranking head's curves)."""
+    start = next((p for p in points if p["step"] == 0 and p.get("ranks")), None)
+    for point in points:
+        if (start is not None and point["step"] != 0 and point.get("ranks")
+                and len(point["ranks"]) == len(start["ranks"])):
+            point["vs_step_0"] = paired_to_start(point["ranks"], start["ranks"])
