@@ -547,9 +547,11 @@ def test_a_head_setting_changes_the_rank_default_not_headspecs():
     assert settings.head.evidence_tokens == 24
     assert settings.head.evidence_style == RANK_HEAD.evidence_style == "compact"
     assert settings.head.evidence_clauses == RANK_HEAD.evidence_clauses
+    assert settings.head.readout == RANK_HEAD.readout == "line"
     # a card written before these fields reads as it was trained: sentences, all clauses
     assert HeadSpec.model_validate({"evidence_tokens": 40}).evidence_style == "sentences"
     assert HeadSpec.model_validate({"evidence_tokens": 40}).evidence_clauses == []
+    assert HeadSpec.model_validate({"evidence_tokens": 40}).readout == "label"
 
 
 @pytest.fixture(scope="module")

@@ -64,8 +64,11 @@ FORMAT_REWARD = FORMAT_GOOD
 # The prompt a new head is trained on: the strongest signals first (the sequence and
 # factor models' ranks, similar users, co-consumption), compact, so that a candidate's
 # evidence costs about as many tokens as its title and all four fit. A card keeps the
-# spec it was trained with, so changing this changes only heads trained later.
-RANK_HEAD = HeadSpec(evidence_style="compact", evidence_tokens=48,
+# spec it was trained with, so changing this changes only heads trained later. Each
+# candidate is scored at the end of its own line (readout `line`): a small model learns
+# to judge the line it has just read, not to point at one of twenty lines from the answer
+# position (docs/ranking-head.md).
+RANK_HEAD = HeadSpec(readout="line", evidence_style="compact", evidence_tokens=48,
                      evidence_clauses=["sequence", "factors", "similar_users", "links",
                                        "transition", "popularity"])
 
