@@ -82,8 +82,28 @@ def test_one_fit_serves_all_users_and_a_subset(shop: Path) -> None:
         str(shop), CONFIG, split="valid").tasks[0]], everyone.spec)
     with pytest.raises(ValueError, match="not tasks of the set"):
         starrec.evaluate_with_subset("pop", everyone, stranger, CONFIG)
-    with pytest.raises(ValueError, match="not a ranker"):
-        starrec.evaluate_with_subset("mars", everyone, first, CONFIG)
+    with pytest.raises(ValueError, match="star needs --model"):
+        starrec.evaluate_with_subset("star", everyone, first, CONFIG)
+
+
+def test_an_llm_system_runs_once_for_all_users_and_a_subset(shop: Path, tmp_path: Path) -> None:
+    from tests.test_api import student_model
+
+    everyone = starrec.load_task_set(str(shop), CONFIG, limit=6)
+    first = experiment.TaskSet(everyone.dataset, everyone.tasks[:2], everyone.spec,
+                               users="eval-200")
+    model = student_model()
+    records = tmp_path / "star.records.jsonl"
+    whole, part = starrec.evaluate_with_subset("star", everyone, first, CONFIG,
+                                               chat_model=model, records=records)
+    assert whole.result["n_tasks"] == 6 and part.result["n_tasks"] == 2
+    assert all(r.ranking[0] == t.candidates[1] for r, t in zip(whole.records, everyone.tasks))
+    assert part.result["config"]["users"] == "eval-200"
+    # the records resume the whole run: a second call asks the model nothing
+    calls = len(model.calls)
+    again, _ = starrec.evaluate_with_subset("star", everyone, first, CONFIG,
+                                            chat_model=model, records=records)
+    assert len(model.calls) == calls and again.metrics == whole.metrics
 
 
 def load_quickstart():

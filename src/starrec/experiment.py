@@ -354,16 +354,17 @@ def evaluate(system: str | System, task_set: TaskSet, config: StarConfig | None 
 
 
 def evaluate_with_subset(system: str, task_set: TaskSet, subset: TaskSet,
-                         config: StarConfig | None = None) -> tuple[Evaluation, Evaluation]:
-    """A ranker (baseline or cst) fitted and run once on `task_set` (all test users), and
-    the same run restricted to the tasks of `subset` (eval-200): one fit and one pass serve
-    both numbers, so they cannot disagree about the model. The subset's results carry its
-    own task file in their provenance."""
+                         config: StarConfig | None = None, *,
+                         model: str | Path | None = None, records: str | Path | None = None,
+                         chat_model: ChatModel | None = None) -> tuple[Evaluation, Evaluation]:
+    """A system fitted (a ranker) or loaded (an LLM system) and run once on `task_set`
+    (all test users), and the same run restricted to the tasks of `subset` (eval-200): one
+    fit and one pass serve both numbers, so they cannot disagree about the model. `model`,
+    `records` and `chat_model` are `evaluate`'s, for an LLM system (its records resume the
+    whole run). The subset's results carry its own task file in their provenance."""
     from starrec.evaluation.identity import file_sha256
     from starrec.evaluation.runner import subset_result
 
-    if system not in RANKER_SYSTEMS:
-        raise ValueError(f"{system!r} is not a ranker; an LLM system is evaluated per task set")
     cfg = _config(config)
     ids = {t.task_id for t in subset.tasks}
     by_id = {t.task_id: t for t in task_set.tasks}
@@ -371,7 +372,8 @@ def evaluate_with_subset(system: str, task_set: TaskSet, subset: TaskSet,
     if missing:
         raise ValueError(f"{len(missing)} task(s) of the subset are not tasks of the set, "
                          f"e.g. {missing[0]}")
-    everyone = evaluate(system, task_set, cfg)
+    everyone = evaluate(system, task_set, cfg, model=model, records=records,
+                        chat_model=chat_model)
     everyone.result["config"].update(
         tasks=task_set.path.name if task_set.path else None, users=task_set.users,
         scenario=task_set.scenario)
