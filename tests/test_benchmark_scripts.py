@@ -208,3 +208,34 @@ def test_hf_prefix_reuse_runs_both_settings_on_every_task(shop, tmp_path, tiny_l
             assert row["prompt_tokens_computed"] == row["prompt_tokens"]
     assert set(record["summary"]) == {"no_reuse", "reuse", "speedup_median"}
     assert "paired speed-up" in capsys.readouterr().out
+
+
+def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_path, tiny_lm_dir,
+                                                                     capsys):
+    bench = script("rank_head_eval")
+    out = tmp_path / "results"
+    argv = ["--dataset", str(shop), "--head", str(tiny_lm_dir), "--debias", "2", "--out-dir",
+            str(out), "--records-dir", str(tmp_path / "records"), "--set",
+            "student.llm.threads=1", *overrides(FAST)]
+    assert bench.main(argv) == 0
+    names = ["cst", "cst-manual", "sasrec", "head-fast", "head-fast-debias2"]
+    for name in names:
+        for users in ("all", "eval-200"):
+            result = json.loads((out / f"shop-{name}-test-{users}.json").read_text())
+            assert result["n_tasks"] == 40 and result["config"]["users"] == users
+            assert (out / f"shop-{name}-test-{users}.tasks.jsonl").exists()
+    fast = json.loads((out / "shop-head-fast-test-all.json").read_text())
+    debiased = json.loads((out / "shop-head-fast-debias2-test-all.json").read_text())
+    assert fast["config"]["params"]["mode"] == "fast"
+    assert debiased["config"]["params"]["debias_shuffles"] == 2
+    table = (out / "shop-rank-head-table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "test all" in line]
+    assert len(rows) == len(names)
+    cst_row = next(line for line in rows if line.startswith("| cst (learned"))
+    head_row = next(line for line in rows if line.startswith("| ranking head, fast |"))
+    assert cst_row.split("|")[7].strip() == "(the reference)"
+    assert " / " in head_row.split("|")[7] and " / " in head_row.split("|")[8]
+    # the LLM rows resume from their records and the rankers' files are kept
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert capsys.readouterr().out.count(": kept ") == len(names)

@@ -536,12 +536,13 @@ class StudentConfig(Strict):
         "permutation again as one"))
     mode: Literal["auto", "generate", "fast", "reason"] = Field("auto", description=(
         "how the ranking is produced: generate = written as a <recommend> list; fast = "
-        "read from the label logits of a ranking head after one forward pass over a "
+        "read from a ranking head (label logits at the answer, or a score token at the end "
+        "of each candidate's line: the card's readout) after one forward pass over a "
         "compact prompt; reason = plan, tools and reflection generated, then the ranking "
         "read from the head at the <recommend>[ position; auto = the card's head mode "
         "where the model folder has a head (`star distill rank`), else generate"))
     debias_shuffles: int = Field(1, description=(
-        "fast mode: average the label scores over this many seeded shuffles of the "
+        "fast mode: average the head's scores over this many seeded shuffles of the "
         "candidates (LLMRank's bootstrapping; the first is the shown order); 1 = none"))
     llm: LLMConfig = Field(default_factory=LLMConfig, description=(
         "the student's LLM: engine, server (the model is --model, a student folder)"))

@@ -7,7 +7,10 @@ sorts the scores, ties in the order shown. So a ranking costs one forward pass, 
 decoding, is a permutation by construction (nothing to repair), and comes with scores
 that NDCG and the service can use. Training (`starrec.training.rank`) pushes the
 target's label up through the same `RankHead.label_logits`, so what is trained is
-exactly what is read (LlamaRec's verbalizer).
+exactly what is read (LlamaRec's verbalizer). With the `line` readout (`HeadSpec.readout`)
+each candidate's score is instead the logit of one score token at the last token of its
+own line, in the same forward pass: a pointwise judgement of the line just read, trained
+listwise.
 
 Modes (`student.mode`):
 - `fast`: the compact prompt of the card's `HeadSpec`, one forward pass;

@@ -1,0 +1,154 @@
+"""The ranking head against the evidence it reads and the best baseline, in one run on the
+same test tasks (issue 15).
+
+Systems, each run once on all test users with eval-200 as the same run restricted to its
+users (`starrec.evaluate_with_subset`): `cst` (the learned evidence ranker), `cst-manual`
+(hand-set weights), `sasrec`, the head in the fast mode, the head with position debiasing
+(`--debias K` shuffles), and optionally a generation student (`--student DIR`, slow: its
+records resume). Results JSON and per-task files go under `--out-dir`; the table (AvgHR
+with its interval, paired differences to cst and to SASRec with win / tie / loss, the
+rate of rankings equal to the shown order, median and p95 seconds per task) to
+`<out-dir>/<dataset>-rank-head-table.md`. A rerun evaluates only what is missing.
+
+    python benchmarks/rank_head_eval.py --head runs/rank-full
+    python benchmarks/rank_head_eval.py --head runs/rank-full --debias 5 --student runs/student
+    python benchmarks/rank_head_eval.py --dataset tiny-folder --head DIR --out-dir /tmp/t
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from starrec.config import load_config
+from starrec.data.registry import dataset_slug
+from starrec.evaluation.paired import compare_rows, read_task_rows
+from starrec.evaluation.report import load_result
+from starrec.experiment import evaluate_with_subset, load_task_set
+
+ROOT = Path(__file__).resolve().parents[1]
+USERS = ("all", "eval-200")
+REFERENCES = ("cst", "sasrec")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head", type=Path, required=True,
+                        help="a ranking-head folder (`star distill rank --out`)")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--config", type=Path,
+                        default=ROOT / "configs" / "baselines-tuned-ml-100k.yaml",
+                        help="the settings of the baseline table (tuned baselines)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="a config override, as star --set section.key=value")
+    parser.add_argument("--debias", type=int, default=5,
+                        help="shuffles of the debiased head row (1: no such row)")
+    parser.add_argument("--student", type=Path, default=None,
+                        help="a generation student folder, evaluated on the same tasks")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="default: benchmarks/results/<dataset>/rank-head")
+    parser.add_argument("--records-dir", type=Path, default=ROOT / "runs" / "rank-head-eval",
+                        help="where the LLM systems' records are kept (resume)")
+    parser.add_argument("--fresh", action="store_true", help="evaluate every system again")
+    args = parser.parse_args(argv)
+    if not args.head.is_dir():
+        parser.error(f"--head {args.head}: not a folder")
+    if args.debias < 1:
+        parser.error("--debias must be at least 1")
+    return args
+
+
+def systems(args: argparse.Namespace) -> list[tuple[str, str, list[str], Path | None, str]]:
+    """(file name, system, overrides, model, what the table calls it), in table order."""
+    rows = [("cst", "cst", [], None, "cst (learned on valid)"),
+            ("cst-manual", "cst-manual", [], None, "cst-manual (hand-set weights)"),
+            ("sasrec", "sasrec", [], None, "sasrec"),
+            ("head-fast", "star", ["student.mode=fast"], args.head, "ranking head, fast")]
+    if args.debias > 1:
+        rows.append((f"head-fast-debias{args.debias}", "star",
+                     ["student.mode=fast", f"student.debias_shuffles={args.debias}"], args.head,
+                     f"ranking head, fast, mean of {args.debias} shuffles"))
+    if args.student is not None:
+        rows.append(("student-generate", "star", ["student.mode=generate"], args.student,
+                     "generation student"))
+    return rows
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def paired_cell(path: Path, reference: Path) -> str:
+    if path == reference:
+        return "(the reference)"
+    c = compare_rows(read_task_rows(path), read_task_rows(reference)).metric("AvgHR")
+    return f"{c.difference:+.1f} [{c.ci95[0]:+.1f}, {c.ci95[1]:+.1f}], {c.wins} / {c.ties} / {c.losses}"
+
+
+def table(rows: list[tuple[str, str, Path]], references: dict[tuple[str, str], Path]) -> str:
+    """One line per (system, users)."""
+    lines = ["| system | tasks | n | AvgHR [95% CI] | HR@1 | NDCG@10 | paired AvgHR vs cst "
+             "[95% CI], W/T/L | paired AvgHR vs sasrec [95% CI], W/T/L | shown order kept % "
+             "| median s/task | p95 s/task |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, users, path in rows:
+        result = load_result(path)
+        m, ci, eff = result["metrics"], result["ci95"]["AvgHR"], result["efficiency"]
+        cells = [paired_cell(path, references[(name, users)]) for name in REFERENCES]
+        lines.append(
+            f"| {label} | test {users} | {result['n_tasks']} | {fmt(m['AvgHR'])} "
+            f"[{fmt(ci[0])}, {fmt(ci[1])}] | {fmt(m['HR@1'])} | {fmt(m['NDCG@10'])} | "
+            f"{cells[0]} | {cells[1]} | {fmt(m.get('shown_order_identity'))} | "
+            f"{fmt(eff.get('median_s'), '.3f')} | {fmt(eff.get('p95_s'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    slug = dataset_slug(args.dataset)
+    out_dir = args.out_dir or ROOT / "benchmarks" / "results" / slug / "rank-head"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, Path]] = []
+    references: dict[tuple[str, str], Path] = {}
+    for file_name, system, overrides, model, label in systems(args):
+        paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in USERS}
+        if args.fresh or not all(path.exists() for path in paths.values()):
+            config = load_config(args.config, [*args.overrides, *overrides])
+            sets = [load_task_set(args.dataset, config, users=users) for users in USERS]
+            records = None
+            if model is not None:
+                args.records_dir.mkdir(parents=True, exist_ok=True)
+                records = args.records_dir / f"{slug}-{file_name}.records.jsonl"
+                if args.fresh:
+                    records.unlink(missing_ok=True)
+            started = time.perf_counter()
+            for evaluation, path in zip(evaluate_with_subset(system, *sets, config, model=model,
+                                                             records=records),
+                                        paths.values()):
+                evaluation.write(path)
+            print(f"{file_name}: " + ", ".join(
+                f"test {users} AvgHR {load_result(path)['metrics']['AvgHR']:.1f}"
+                for users, path in paths.items())
+                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+        else:
+            print(f"{file_name}: kept {', '.join(p.name for p in paths.values())}", flush=True)
+        for users, path in paths.items():
+            rows.append((label, users, path))
+            if file_name in REFERENCES:
+                references[(file_name, users)] = path
+    rows.sort(key=lambda row: USERS.index(row[1]))
+    text = table(rows, references)
+    head = args.head.resolve()
+    shown_head = head.relative_to(ROOT) if head.is_relative_to(ROOT) else head.name
+    (out_dir / f"{slug}-rank-head-table.md").write_text(
+        f"# {slug}: the ranking head against the evidence it reads, on the test tasks\n\n"
+        f"Head: {shown_head}. Written by benchmarks/rank_head_eval.py in one run; paired "
+        f"differences on the same tasks.\n\n{text}\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
