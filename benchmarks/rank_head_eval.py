@@ -4,7 +4,7 @@ same test tasks (issue 15).
 Systems, each run once on all test users with eval-200 as the same run restricted to its
 users (`starrec.evaluate_with_subset`): `cst` (the learned evidence ranker), `cst-manual`
 (hand-set weights), `sasrec`, the head in the fast mode, the head with position debiasing
-(`--debias K` shuffles), and optionally a generation student (`--student DIR`, slow: its
+(`--debias K` shuffles, on eval-200 unless `--debias-users all`), and optionally a generation student (`--student DIR`, slow: its
 records resume). Results JSON and per-task files go under `--out-dir`; the table (AvgHR
 with its interval, paired differences to cst and to SASRec with win / tie / loss, the
 rate of rankings equal to the shown order, median and p95 seconds per task) to
@@ -26,7 +26,7 @@ from starrec.config import load_config
 from starrec.data.registry import dataset_slug
 from starrec.evaluation.paired import compare_rows, read_task_rows
 from starrec.evaluation.report import load_result
-from starrec.experiment import evaluate_with_subset, load_task_set
+from starrec.experiment import evaluate, evaluate_with_subset, load_task_set
 
 ROOT = Path(__file__).resolve().parents[1]
 USERS = ("all", "eval-200")
@@ -43,8 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the settings of the baseline table (tuned baselines)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a config override, as star --set section.key=value")
-    parser.add_argument("--debias", type=int, default=5,
+    parser.add_argument("--debias", type=int, default=3,
                         help="shuffles of the debiased head row (1: no such row)")
+    parser.add_argument("--debias-users", choices=USERS, default="eval-200",
+                        help="the debiased row costs K forward passes a task: eval-200 only "
+                             "by default")
     parser.add_argument("--student", type=Path, default=None,
                         help="a generation student folder, evaluated on the same tasks")
     parser.add_argument("--out-dir", type=Path, default=None,
@@ -60,19 +63,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def systems(args: argparse.Namespace) -> list[tuple[str, str, list[str], Path | None, str]]:
-    """(file name, system, overrides, model, what the table calls it), in table order."""
-    rows = [("cst", "cst", [], None, "cst (learned on valid)"),
-            ("cst-manual", "cst-manual", [], None, "cst-manual (hand-set weights)"),
-            ("sasrec", "sasrec", [], None, "sasrec"),
-            ("head-fast", "star", ["student.mode=fast"], args.head, "ranking head, fast")]
+def systems(args: argparse.Namespace
+            ) -> list[tuple[str, str, list[str], Path | None, str, tuple[str, ...]]]:
+    """(file name, system, overrides, model, what the table calls it, users), in table
+    order."""
+    rows = [("cst", "cst", [], None, "cst (learned on valid)", USERS),
+            ("cst-manual", "cst-manual", [], None, "cst-manual (hand-set weights)", USERS),
+            ("sasrec", "sasrec", [], None, "sasrec", USERS),
+            ("head-fast", "star", ["student.mode=fast"], args.head, "ranking head, fast", USERS)]
     if args.debias > 1:
+        users = USERS if args.debias_users == "all" else ("eval-200",)
         rows.append((f"head-fast-debias{args.debias}", "star",
                      ["student.mode=fast", f"student.debias_shuffles={args.debias}"], args.head,
-                     f"ranking head, fast, mean of {args.debias} shuffles"))
+                     f"ranking head, fast, mean of {args.debias} shuffles", users))
     if args.student is not None:
         rows.append(("student-generate", "star", ["student.mode=generate"], args.student,
-                     "generation student"))
+                     "generation student", USERS))
     return rows
 
 
@@ -112,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, Path]] = []
     references: dict[tuple[str, str], Path] = {}
-    for file_name, system, overrides, model, label in systems(args):
-        paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in USERS}
+    for file_name, system, overrides, model, label, on in systems(args):
+        paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in on}
         if args.fresh or not all(path.exists() for path in paths.values()):
             config = load_config(args.config, [*args.overrides, *overrides])
-            sets = [load_task_set(args.dataset, config, users=users) for users in USERS]
+            sets = [load_task_set(args.dataset, config, users=users) for users in on]
             records = None
             if model is not None:
                 args.records_dir.mkdir(parents=True, exist_ok=True)
@@ -124,9 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.fresh:
                     records.unlink(missing_ok=True)
             started = time.perf_counter()
-            for evaluation, path in zip(evaluate_with_subset(system, *sets, config, model=model,
-                                                             records=records),
-                                        paths.values()):
+            if len(sets) == 2:
+                evaluations = evaluate_with_subset(system, *sets, config, model=model,
+                                                   records=records)
+            else:
+                evaluations = (evaluate(system, sets[0], config, model=model, records=records),)
+            for evaluation, path in zip(evaluations, paths.values()):
                 evaluation.write(path)
             print(f"{file_name}: " + ", ".join(
                 f"test {users} AvgHR {load_result(path)['metrics']['AvgHR']:.1f}"

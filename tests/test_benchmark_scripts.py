@@ -219,18 +219,21 @@ def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_pa
             "student.llm.threads=1", *overrides(FAST)]
     assert bench.main(argv) == 0
     names = ["cst", "cst-manual", "sasrec", "head-fast", "head-fast-debias2"]
+    # the debiased row (K passes a task) runs on eval-200 only unless asked
+    assert not (out / "shop-head-fast-debias2-test-all.json").exists()
     for name in names:
-        for users in ("all", "eval-200"):
+        for users in ("all", "eval-200") if name != "head-fast-debias2" else ("eval-200",):
             result = json.loads((out / f"shop-{name}-test-{users}.json").read_text())
             assert result["n_tasks"] == 40 and result["config"]["users"] == users
             assert (out / f"shop-{name}-test-{users}.tasks.jsonl").exists()
     fast = json.loads((out / "shop-head-fast-test-all.json").read_text())
-    debiased = json.loads((out / "shop-head-fast-debias2-test-all.json").read_text())
+    debiased = json.loads((out / "shop-head-fast-debias2-test-eval-200.json").read_text())
     assert fast["config"]["params"]["mode"] == "fast"
     assert debiased["config"]["params"]["debias_shuffles"] == 2
     table = (out / "shop-rank-head-table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "test all" in line]
-    assert len(rows) == len(names)
+    assert len(rows) == len(names) - 1
+    assert sum("test eval-200" in line for line in table.splitlines()) == len(names)
     cst_row = next(line for line in rows if line.startswith("| cst (learned"))
     head_row = next(line for line in rows if line.startswith("| ranking head, fast |"))
     assert cst_row.split("|")[7].strip() == "(the reference)"

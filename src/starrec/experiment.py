@@ -324,9 +324,20 @@ def evaluate(system: str | System, task_set: TaskSet, config: StarConfig | None 
     resumed from `records` when that file was written by the same system, model,
     configuration and task file (another identity is refused; `fresh` starts it over);
     the teacher also appends its full runs to `trajectories`. A served model answers
-    `mars.llm.concurrency` (`student.llm.concurrency`) tasks at once (records written as they finish, results in task
-    order); an in-process one answers them one by one."""
-    cfg = _config(config)
+    `mars.llm.concurrency` (`student.llm.concurrency`) tasks at once (records written as
+    they finish, results in task order); an in-process one answers them one by one. The
+    results' config names the task file, its users and its scenario."""
+    evaluation = _evaluate(system, task_set, _config(config), model, records, fresh,
+                           trajectories, chat_model)
+    evaluation.result["config"].update(
+        tasks=task_set.path.name if task_set.path else None, users=task_set.users,
+        scenario=task_set.scenario)
+    return evaluation
+
+
+def _evaluate(system: str | System, task_set: TaskSet, cfg: StarConfig,
+              model: str | Path | None, records: str | Path | None, fresh: bool,
+              trajectories: str | Path | None, chat_model: ChatModel | None) -> Evaluation:
     loaded = task_set.dataset
     if not isinstance(system, str):
         from starrec.evaluation.runner import evaluate_system
@@ -374,9 +385,6 @@ def evaluate_with_subset(system: str, task_set: TaskSet, subset: TaskSet,
                          f"e.g. {missing[0]}")
     everyone = evaluate(system, task_set, cfg, model=model, records=records,
                         chat_model=chat_model)
-    everyone.result["config"].update(
-        tasks=task_set.path.name if task_set.path else None, users=task_set.users,
-        scenario=task_set.scenario)
     result = subset_result(everyone.result, everyone.records, ids, cfg,
                            tasks_sha256=file_sha256(subset.path) if subset.path else None)
     result["config"].update(tasks=subset.path.name if subset.path else None, users=subset.users)
