@@ -50,7 +50,7 @@ from starrec.core.files import write_text_atomic
 from starrec.inference.rank_head import RankHead
 from starrec.labels import candidate_labels
 from starrec.llm.card import HeadSpec, ModelCard, read_model_card, write_model_card
-from starrec.progress import progress
+from starrec.progress import progress, progress_bar
 from starrec.training.reward import FORMAT_GOOD, compare_to_start, outcome_rewards
 
 log = logging.getLogger(__name__)
@@ -269,12 +269,12 @@ def task_batches(tasks: Sequence[Task], store_for: Callable[[str], EvidenceStore
 
 
 def avghr_hook(tasks: Sequence[Task], store: EvidenceStore, limit: int | None = None,
-               chunk: int = 8) -> EvalHook:
+               chunk: int = 8, show_progress: bool = True) -> EvalHook:
     """AvgHR and HR@1 (x100) of the head in the fast mode on `tasks` (valid-200), in
     their presented order, as `RankHeadSystem` ranks them. The prompts depend on the
     head's prompt settings and tokenizer, not its weights, so they are built once (the
     evidence of 200 tasks, latent models included, is not recomputed at every point of
-    the curve) and scored `chunk` at a time."""
+    the curve) and scored `chunk` at a time, under a progress bar of tasks."""
     chosen = list(tasks)[:limit] if limit else list(tasks)
     built: dict[str, list[str]] = {}
 
@@ -284,12 +284,15 @@ def avghr_hook(tasks: Sequence[Task], store: EvidenceStore, limit: int | None = 
             built.clear()
             built[key] = [head.prompt(task, store) for task in chosen]
         texts, ranks = built[key], []
+        bar = progress_bar("valid AvgHR", total=len(chosen), unit="task", enabled=show_progress)
         for start in range(0, len(chosen), chunk):
             part = chosen[start: start + chunk]
             logits = head.scores(texts[start: start + chunk], max(len(t.candidates) for t in part))
             for task, row in zip(part, logits):
                 ranking = ranked(task.candidates, row[: len(task.candidates)])
                 ranks.append(ranking.index(task.target) + 1)
+            bar.update(len(part))
+        bar.close()
         return {"AvgHR": avg_hr(ranks), "HR@1": avg_hr_at(ranks, 1), "n_tasks": len(ranks),
                 "ranks": ranks}
 
@@ -548,7 +551,8 @@ def train_rank_on_dataset(dataset: Any, out: Path, cfg: StarConfig, settings: Ra
         allowed = task_interactions(dataset, valid_tasks, "valid")
         store = EvidenceStore(ensure_store(allowed, dataset.items, cfg.cst, dataset=dataset.name,
                                            split="valid", progress=show_progress))
-        evaluate = avghr_hook(valid_tasks, store, settings.eval_tasks)
+        evaluate = avghr_hook(valid_tasks, store, settings.eval_tasks,
+                              show_progress=show_progress)
     data_info = {"dataset": dataset.name, "train_tasks": len(tasks),
                  "users": len({t.user_id for t in tasks}),
                  "fold_stores": [str(p) for p in folds.paths],
