@@ -260,6 +260,8 @@ def test_two_steps_change_the_weights_checkpoint_resume_and_load(world, tiny_lm_
     assert [p["step"] for p in curve["eval"]] == [0, 1, 2] and "AvgHR" in curve["eval"][0]
     assert len(curve["eval"][0]["ranks"]) == 3 and "vs_step_0" not in curve["eval"][0]
     assert {"difference", "ci95", "wins"} <= set(curve["eval"][2]["vs_step_0"])
+    assert curve["n_candidates"] == 20
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = read_model_card(out)
     assert card.stage == "rank" and card.head.mode == "fast"
     assert card.head.labels == list(candidate_labels(20))

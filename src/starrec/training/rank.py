@@ -384,7 +384,35 @@ def _load_weights(folder: Path, model: Any) -> dict:
 
 
 def _write_curve(out: Path, curve: dict[str, Any]) -> None:
+    """loss.json, and loss.png beside it: the train loss against chance (ln of the
+    candidates) and the valid AvgHR against step 0 (matplotlib's Agg canvas)."""
+    from matplotlib.figure import Figure
+
     write_text_atomic(out / "loss.json", json.dumps(curve, indent=2) + "\n")
+    figure = Figure(figsize=(10, 4))
+    loss_axes, hr_axes = figure.subplots(1, 2)
+    train = curve["train"]
+    if train:
+        loss_axes.plot([p["step"] for p in train], [p["loss"] for p in train], label="train loss")
+    if curve.get("n_candidates"):
+        loss_axes.axhline(float(np.log(curve["n_candidates"])), linestyle="--", color="grey",
+                          label=f"chance: ln {curve['n_candidates']}")
+    loss_axes.set_title("train loss (per step's tasks)")
+    evaluation = curve["eval"]
+    if evaluation:
+        hr_axes.plot([p["step"] for p in evaluation], [p["AvgHR"] for p in evaluation],
+                     marker="o", label="valid AvgHR")
+        hr_axes.axhline(evaluation[0]["AvgHR"], linestyle="--", color="grey",
+                        label=f"step {evaluation[0]['step']}: {evaluation[0]['AvgHR']:.1f}")
+        hr_axes.set_title(f"valid AvgHR ({evaluation[-1].get('n_tasks')} tasks)")
+    for axes in (loss_axes, hr_axes):
+        axes.set_xlabel("optimizer step")
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize="small")
+    figure.tight_layout()
+    tmp = out / "loss.tmp.png"
+    figure.savefig(tmp, dpi=100)
+    tmp.replace(out / "loss.png")
 
 
 def _load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict:
@@ -441,6 +469,7 @@ def train_rank(base_model: str, batches: Batches, out: Path, settings: RankSetti
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
         start, curve = int(state["step"]), {"best": None, **state["curve"]}
         log.info("rank: resumed from %s", checkpoint)
+    curve["n_candidates"] = n_candidates
     if evaluate is not None and settings.eval_every and start == 0:
         model.eval()
         curve["eval"].append({"step": 0, **evaluate(head)})
