@@ -242,3 +242,30 @@ def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_pa
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert capsys.readouterr().out.count(": kept ") == len(names)
+
+
+def test_rank_head_curve_pairs_each_valid_point_with_the_references(shop, tmp_path):
+    bench = script("rank_head_curve")
+    head = tmp_path / "head"
+    head.mkdir()
+    n = 12
+    curve = {"train": [{"step": 1, "loss": 2.9}],
+             "eval": [{"step": 0, "AvgHR": 10.0, "HR@1": 0.0, "n_tasks": n, "ranks": [20] * n},
+                      {"step": 5, "AvgHR": 100.0, "HR@1": 100.0, "n_tasks": n, "ranks": [1] * n}]}
+    (head / "loss.json").write_text(json.dumps(curve))
+    out = tmp_path / "results"
+    assert bench.main(["--head", str(head), "--dataset", str(shop), "--out-dir", str(out),
+                       *overrides(FAST)]) == 0
+    summary = json.loads((out / "shop-rank-head-valid-curve.json").read_text())
+    assert summary["n_tasks"] == n and [p["step"] for p in summary["points"]] == [0, 5]
+    for name in ("cst", "sasrec"):
+        assert (out / f"shop-{name}-valid-200.tasks.jsonl").exists()
+        reference = summary["references_AvgHR"][name]
+        top, bottom = summary["points"][1][f"vs_{name}"], summary["points"][0][f"vs_{name}"]
+        # a head that ranks every target first gains exactly what the reference misses
+        assert top["difference"] == pytest.approx(100 - reference, abs=0.01)
+        assert top["losses"] == 0 and bottom["wins"] == 0
+        assert top["ci95"][0] <= top["difference"] <= top["ci95"][1]
+    assert "| 5 | 100.0 |" in (out / "shop-rank-head-valid-curve.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--head", str(tmp_path / "nothing"), "--dataset", str(shop)])
