@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from starrec.config import load_config
 from starrec.data.registry import dataset_slug
 from starrec.evaluation.paired import compare_rows, read_task_rows
 from starrec.evaluation.report import load_result
-from starrec.experiment import evaluate_with_subset, load_task_set
+from starrec.experiment import Evaluation, evaluate_with_subset, load_task_set
 
 ROOT = Path(__file__).resolve().parents[1]
 # (file name, system, config overrides, what the table calls it)
@@ -66,6 +67,33 @@ def fmt(value: float) -> str:
     return f"{value:.1f}"
 
 
+def paired_cell(path: Path, reference: Path | None) -> str:
+    """`path`'s paired AvgHR difference to `reference` on their shared tasks: mean
+    [95% interval], wins / ties / losses."""
+    if reference is None:
+        return "n/a"
+    if reference == path:
+        return "(the reference)"
+    c = compare_rows(read_task_rows(path), read_task_rows(reference)).metric("AvgHR")
+    return f"{c.difference:+.1f} [{c.ci95[0]:+.1f}, {c.ci95[1]:+.1f}], {c.wins} / {c.ties} / {c.losses}"
+
+
+def evaluate_or_keep(name: str, paths: dict[str, Path], fresh: bool,
+                     run: Callable[[], Sequence[Evaluation]]) -> None:
+    """Writes `run()`'s evaluations to `paths` (users -> results JSON, in order) unless
+    all of them exist and `fresh` is off; prints what it did."""
+    if not fresh and all(path.exists() for path in paths.values()):
+        print(f"{name}: kept {', '.join(p.name for p in paths.values())}", flush=True)
+        return
+    started = time.perf_counter()
+    for evaluation, path in zip(run(), paths.values()):
+        evaluation.write(path)
+    print(f"{name}: " + ", ".join(
+        f"test {users} AvgHR {load_result(path)['metrics']['AvgHR']:.1f}"
+        for users, path in paths.items()) + f" ({time.perf_counter() - started:.0f} s)",
+        flush=True)
+
+
 def table(rows: list[tuple[str, str, Path]], references: dict[str, Path]) -> str:
     """One line per (system, users): metrics, interval, paired AvgHR difference to SASRec
     on the same tasks with its interval and win / tie / loss."""
@@ -75,13 +103,7 @@ def table(rows: list[tuple[str, str, Path]], references: dict[str, Path]) -> str
     for label, users, path in rows:
         result = load_result(path)
         m, ci = result["metrics"], result["ci95"]["AvgHR"]
-        reference = references.get(users)
-        if reference is None or reference == path:
-            paired = "(the reference)" if reference == path else "n/a"
-        else:
-            c = compare_rows(read_task_rows(path), read_task_rows(reference)).metric("AvgHR")
-            paired = (f"{c.difference:+.1f} [{c.ci95[0]:+.1f}, {c.ci95[1]:+.1f}], "
-                      f"{c.wins} / {c.ties} / {c.losses}")
+        paired = paired_cell(path, references.get(users))
         seconds = result["efficiency"].get("median_s")
         lines.append(f"| {label} | test {users} | {result['n_tasks']} | {fmt(m['AvgHR'])} "
                      f"[{fmt(ci[0])}, {fmt(ci[1])}] | {fmt(m['HR@1'])} | {fmt(m['HR@5'])} | "
@@ -101,19 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         if file_name not in args.systems:
             continue
         paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in USERS}
-        if args.fresh or not all(path.exists() for path in paths.values()):
+
+        def run(system: str = system, overrides: list[str] = overrides) -> tuple:
             config = load_config(args.config, [*args.overrides, *overrides])
             sets = [load_task_set(args.dataset, config, users=users) for users in USERS]
-            started = time.perf_counter()
-            for evaluation, path in zip(evaluate_with_subset(system, *sets, config),
-                                        paths.values()):
-                evaluation.write(path)
-            print(f"{file_name}: " + ", ".join(
-                f"test {users} AvgHR {load_result(path)['metrics']['AvgHR']:.1f}"
-                for users, path in paths.items())
-                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
-        else:
-            print(f"{file_name}: kept {', '.join(p.name for p in paths.values())}", flush=True)
+            return evaluate_with_subset(system, *sets, config)
+
+        evaluate_or_keep(file_name, paths, args.fresh, run)
         for users, path in paths.items():
             rows.append((label, users, path))
             if file_name == REFERENCE:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
+from baseline_table import evaluate_or_keep, paired_cell  # benchmarks/, beside this script
 from starrec.config import load_config
 from starrec.data.registry import dataset_slug
-from starrec.evaluation.paired import compare_rows, read_task_rows
 from starrec.evaluation.report import load_result
 from starrec.experiment import evaluate, evaluate_with_subset, load_task_set
 
@@ -86,13 +85,6 @@ def fmt(value: float | None, spec: str = ".1f") -> str:
     return "" if value is None else format(value, spec)
 
 
-def paired_cell(path: Path, reference: Path) -> str:
-    if path == reference:
-        return "(the reference)"
-    c = compare_rows(read_task_rows(path), read_task_rows(reference)).metric("AvgHR")
-    return f"{c.difference:+.1f} [{c.ci95[0]:+.1f}, {c.ci95[1]:+.1f}], {c.wins} / {c.ties} / {c.losses}"
-
-
 def table(rows: list[tuple[str, str, Path]], references: dict[tuple[str, str], Path]) -> str:
     """One line per (system, users)."""
     lines = ["| system | tasks | n | AvgHR [95% CI] | HR@1 | NDCG@10 | paired AvgHR vs cst "
@@ -120,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     references: dict[tuple[str, str], Path] = {}
     for file_name, system, overrides, model, label, on in systems(args):
         paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in on}
-        if args.fresh or not all(path.exists() for path in paths.values()):
+
+        def run(system: str = system, overrides: list[str] = overrides,
+                model: Path | None = model, on: tuple[str, ...] = on,
+                file_name: str = file_name) -> tuple:
             config = load_config(args.config, [*args.overrides, *overrides])
             sets = [load_task_set(args.dataset, config, users=users) for users in on]
             records = None
@@ -129,20 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 records = args.records_dir / f"{slug}-{file_name}.records.jsonl"
                 if args.fresh:
                     records.unlink(missing_ok=True)
-            started = time.perf_counter()
             if len(sets) == 2:
-                evaluations = evaluate_with_subset(system, *sets, config, model=model,
-                                                   records=records)
-            else:
-                evaluations = (evaluate(system, sets[0], config, model=model, records=records),)
-            for evaluation, path in zip(evaluations, paths.values()):
-                evaluation.write(path)
-            print(f"{file_name}: " + ", ".join(
-                f"test {users} AvgHR {load_result(path)['metrics']['AvgHR']:.1f}"
-                for users, path in paths.items())
-                + f" ({time.perf_counter() - started:.0f} s)", flush=True)
-        else:
-            print(f"{file_name}: kept {', '.join(p.name for p in paths.values())}", flush=True)
+                return evaluate_with_subset(system, *sets, config, model=model, records=records)
+            return (evaluate(system, sets[0], config, model=model, records=records),)
+
+        evaluate_or_keep(file_name, paths, args.fresh, run)
         for users, path in paths.items():
             rows.append((label, users, path))
             if file_name in REFERENCES:
