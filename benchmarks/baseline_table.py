@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in USERS}
 
-        def run(system: str = system, overrides: list[str] = overrides) -> tuple:
+        def run() -> tuple:  # called at once, in this iteration
             config = load_config(args.config, [*args.overrides, *overrides])
             sets = [load_task_set(args.dataset, config, users=users) for users in USERS]
             return evaluate_with_subset(system, *sets, config)

@@ -26,7 +26,7 @@ from starrec.evaluation.paired import read_task_rows
 from starrec.evaluation.report import load_result
 from starrec.experiment import evaluate, load_task_set
 from starrec.training.rank import avg_hr
-from starrec.training.reward import paired_to_start
+from starrec.training.reward import paired_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ("cst", "sasrec")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"step": point["step"], "AvgHR": round(point["AvgHR"], 2),
                "HR@1": round(point["HR@1"], 2), "n_tasks": n}
         for name, ranks in references.items():
-            row[f"vs_{name}"] = paired_to_start(point["ranks"], [ranks[i] for i in ids])
+            row[f"vs_{name}"] = paired_ranks(point["ranks"], [ranks[i] for i in ids])
         rows.append(row)
     reference_hr = {name: round(avg_hr([ranks[i] for i in ids]), 2)
                     for name, ranks in references.items()}

@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for file_name, system, overrides, model, label, on in systems(args):
         paths = {users: out_dir / f"{slug}-{file_name}-test-{users}.json" for users in on}
 
-        def run(system: str = system, overrides: list[str] = overrides,
-                model: Path | None = model, on: tuple[str, ...] = on,
-                file_name: str = file_name) -> tuple:
+        def run() -> tuple:  # called at once, in this iteration
             config = load_config(args.config, [*args.overrides, *overrides])
             sets = [load_task_set(args.dataset, config, users=users) for users in on]
             records = None

@@ -551,7 +551,7 @@ def test_grpo_refuses_a_ranking_head_student(student_dir, splits, tmp_path):
 
 def test_every_valid_point_is_compared_with_step_0_task_by_task():
     from starrec.training.grpo_monitor import VALID, curves
-    from starrec.training.reward import paired_to_start
+    from starrec.training.reward import paired_ranks
 
     history = [{"step": 0, VALID + "AvgHR": 30.0, VALID + "ranks": [1, 4, 9, 2]},
                {"step": 1, "reward": 1.2},
@@ -565,4 +565,4 @@ def test_every_valid_point_is_compared_with_step_0_task_by_task():
     low, high = paired["ci95"]
     assert low <= paired["difference"] <= high
     with pytest.raises(ValueError, match="other tasks"):
-        paired_to_start([1, 2], [1, 2, 3])
+        paired_ranks([1, 2], [1, 2, 3])

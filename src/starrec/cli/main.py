@@ -184,8 +184,6 @@ def evaluate(
     except (DataError, ValueError, LLMError, ServerUnavailable) as error:
         raise _fail(error) from None
     result = evaluation.result
-    result["config"].update(tasks=tasks.name if tasks else f"{users}:{task_set.split}",
-                            users=users, scenario=scenario)
     per_task = evaluation.write(out)
     if records and not llm:
         write_records(evaluation.records, records)

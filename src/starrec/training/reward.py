@@ -107,14 +107,16 @@ def judge_format(answer: StudentAnswer, n_candidates: int, *,
     return FormatVerdict(not reasons, tuple(reasons))
 
 
-def paired_to_start(ranks: Sequence[int], start: Sequence[int], n_resamples: int = 1000,
-                    seed: int = 0) -> dict[str, Any]:
-    """Per-task AvgHR (x100) of `ranks` minus that of `start` on the same tasks: the
-    mean difference, its paired bootstrap 95% interval, wins / ties / losses."""
-    if len(ranks) != len(start):
-        raise ValueError(f"{len(ranks)} ranks against {len(start)} at the start: other tasks")
+def paired_ranks(ranks: Sequence[int], reference: Sequence[int], n_resamples: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Per-task AvgHR (x100) of `ranks` minus that of `reference` (the target's ranks on
+    the same tasks, in the same order: step 0 of a curve, another system): the mean
+    difference, its paired bootstrap 95% interval, wins / ties / losses."""
+    if len(ranks) != len(reference):
+        raise ValueError(f"{len(ranks)} ranks against {len(reference)} of the reference: "
+                         "other tasks")
     difference = 100 * (np.array([outcome_reward(k) for k in ranks])
-                        - np.array([outcome_reward(k) for k in start]))
+                        - np.array([outcome_reward(k) for k in reference]))
     low, high = bootstrap_ci(difference, n_resamples, seed)
     return {"difference": round(float(difference.mean()), 2),
             "ci95": [round(low, 2), round(high, 2)],
@@ -123,10 +125,10 @@ def paired_to_start(ranks: Sequence[int], start: Sequence[int], n_resamples: int
 
 
 def compare_to_start(points: Sequence[dict[str, Any]]) -> None:
-    """Adds `vs_step_0` (`paired_to_start`) to every valid-curve point after step 0 whose
+    """Adds `vs_step_0` (`paired_ranks`) to every valid-curve point after step 0 whose
     per-task `ranks` are as many as step 0's (GRPO's and the ranking head's curves)."""
     start = next((p for p in points if p["step"] == 0 and p.get("ranks")), None)
     for point in points:
         if (start is not None and point["step"] != 0 and point.get("ranks")
                 and len(point["ranks"]) == len(start["ranks"])):
-            point["vs_step_0"] = paired_to_start(point["ranks"], start["ranks"])
+            point["vs_step_0"] = paired_ranks(point["ranks"], start["ranks"])
