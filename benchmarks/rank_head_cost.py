@@ -8,8 +8,12 @@ evidence budget per candidate and the history shown are what change the length),
 forward pass over the same token count as the prefill reference. Prints a table and
 writes benchmarks/results/rank_head_cost.json.
 
-    python benchmarks/rank_head_cost.py                       # SmolLM2, ml-100k valid-200
-    python benchmarks/rank_head_cost.py --model DIR --tasks 5 --budgets 0 8 24 48
+    python benchmarks/rank_head_cost.py --model runs/rank-full   # a trained head's prompt
+    python benchmarks/rank_head_cost.py --tasks 5 --budgets 0 8 24 48   # SmolLM2, default spec
+
+A head folder's card gives the prompt it was trained on (evidence style, clauses,
+readout); only the evidence budget and the history shown vary. The cost of a forward pass
+depends on the token count, not on the weights.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ def best_of(repeats: int, run) -> float:
 
 
 def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history: list[int],
-            repeats: int, threads: int | None, store_path: str | None = None) -> list[dict]:
-    """One row per (evidence budget, history items): prompt tokens, head seconds per
-    request, plain forward seconds on the same tokens, and their tokens/s."""
+            repeats: int, threads: int | None, store_path: str | None = None
+            ) -> tuple[dict, list[dict]]:
+    """(the head's prompt spec, one row per (evidence budget, history items): prompt
+    tokens, head seconds per request, plain forward seconds on the same tokens, and their
+    tokens/s)."""
     import torch
 
     from starrec.config import CSTConfig
@@ -45,7 +51,7 @@ def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history:
     from starrec.data.registry import load_dataset
     from starrec.data.splits import task_interactions
     from starrec.inference.rank_head import RankHead, RankHeadSystem, load_head
-    from starrec.llm.card import HeadSpec
+    from starrec.llm.card import HeadSpec, read_model_card
 
     loaded = load_dataset(dataset)
     tasks = load_task_set(prepared_tasks(dataset, dataset=loaded) / "valid-200.jsonl", loaded)
@@ -57,11 +63,14 @@ def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history:
                                       split="valid"))
     store = EvidenceStore(store_path)
     base, _ = load_head(model, threads=threads)
+    card = read_model_card(model) if Path(model).is_dir() else None
+    trained = card.head if card is not None and card.head is not None else HeadSpec()
     rows = []
     for items in history:
         for budget in budgets:
             head = RankHead(base.model, base.tokenizer,
-                            HeadSpec(evidence_tokens=budget, history_items=items))
+                            trained.model_copy(update={"evidence_tokens": budget,
+                                                       "history_items": items}))
             system = RankHeadSystem(head, store, mode="fast")
             texts = [head.prompt(task, store) for task in tasks]
             tokens = sum(map(head.count, texts)) / len(texts)
@@ -77,30 +86,32 @@ def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history:
                          "prefill_tokens_per_s": round(head.count(texts[0]) / prefill, 1)})
             print(f"history {items:3d}  evidence {budget:3d}  tokens {tokens:7.1f}  "
                   f"head {per_request:7.3f} s  prefill {prefill:7.3f} s", flush=True)
-    return rows
+    return trained.model_dump(exclude={"labels", "evidence_tokens", "history_items"}), rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--store", default=None, help="an evidence store (default: valid's)")
     parser.add_argument("--tasks", type=int, default=10)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[0, 8, 16, 32, 64])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[0, 16, 32, 48, 64])
     parser.add_argument("--history", type=int, nargs="+", default=[5])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "rank_head_cost.json")
-    args = parser.parse_args()
-    rows = measure(args.model, args.dataset, args.tasks, args.budgets, args.history,
-                   args.repeats, args.threads, args.store)
+    args = parser.parse_args(argv)
+    spec, rows = measure(args.model, args.dataset, args.tasks, args.budgets, args.history,
+                         args.repeats, args.threads, args.store)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "dataset": args.dataset, "tasks": args.tasks,
-               "threads": args.threads, "machine": f"{os.cpu_count()} cores, {platform.processor()}",
+    payload = {"model": str(args.model), "dataset": args.dataset, "tasks": args.tasks,
+               "threads": args.threads, "head": spec,
+               "machine": f"{os.cpu_count()} cores, {platform.processor()}",
                "load_average": os.getloadavg(), "rows": rows}
     args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"-> {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -269,3 +269,26 @@ def test_rank_head_curve_pairs_each_valid_point_with_the_references(shop, tmp_pa
     assert "| 5 | 100.0 |" in (out / "shop-rank-head-valid-curve.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["--head", str(tmp_path / "nothing"), "--dataset", str(shop)])
+
+
+def test_rank_head_cost_renders_the_heads_own_prompt_at_each_budget(shop, tmp_path, tiny_lm_dir):
+    """The cost rows use the folder card's prompt spec (only budget and history vary), and
+    a larger evidence budget gives a longer prompt."""
+    import shutil
+
+    from starrec.llm.card import HeadSpec, ModelCard, write_model_card
+
+    head = tmp_path / "head"
+    shutil.copytree(tiny_lm_dir, head)
+    write_model_card(head, ModelCard(stage="rank", base_model="tiny", base_model_path=str(head),
+                                     head=HeadSpec(readout="line", evidence_style="compact")))
+    out = tmp_path / "cost.json"
+    argv = ["--model", str(head), "--dataset", str(shop), "--tasks", "2", "--budgets", "0", "24",
+            "--repeats", "1", "--threads", "1", "--out", str(out)]
+    assert script("rank_head_cost").main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["head"]["readout"] == "line" and record["head"]["evidence_style"] == "compact"
+    rows = record["rows"]
+    assert [row["evidence_tokens"] for row in rows] == [0, 24]
+    assert rows[0]["prompt_tokens"] < rows[1]["prompt_tokens"]
+    assert all(row["head_s"] > 0 and row["prefill_s"] > 0 for row in rows)
