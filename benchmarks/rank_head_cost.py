@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -101,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "rank_head_cost.json")
     args = parser.parse_args(argv)
+    from starrec.evaluation.provenance import code_version, machine
+
     spec, rows = measure(args.model, args.dataset, args.tasks, args.budgets, args.history,
                          args.repeats, args.threads, args.store)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": str(args.model), "dataset": args.dataset, "tasks": args.tasks,
                "threads": args.threads, "head": spec,
-               "machine": f"{os.cpu_count()} cores, {platform.processor()}",
+               "code_version": code_version(), "machine": machine(),
                "load_average": os.getloadavg(), "rows": rows}
     args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"-> {args.out}")

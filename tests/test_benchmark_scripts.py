@@ -238,6 +238,9 @@ def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_pa
     head_row = next(line for line in rows if line.startswith("| ranking head, fast |"))
     assert cst_row.split("|")[7].strip() == "(the reference)"
     assert " / " in head_row.split("|")[7] and " / " in head_row.split("|")[8]
+    manual_row = next(line for line in rows if line.startswith("| cst-manual"))
+    assert manual_row.split("|")[9].strip() == "(the reference)"
+    assert " / " in head_row.split("|")[9]
     # the LLM rows resume from their records and the rankers' files are kept
     capsys.readouterr()
     assert bench.main(argv) == 0
@@ -292,3 +295,4 @@ def test_rank_head_cost_renders_the_heads_own_prompt_at_each_budget(shop, tmp_pa
     assert [row["evidence_tokens"] for row in rows] == [0, 24]
     assert rows[0]["prompt_tokens"] < rows[1]["prompt_tokens"]
     assert all(row["head_s"] > 0 and row["prefill_s"] > 0 for row in rows)
+    assert record["machine"]["cores"] >= 1 and record["code_version"]
