@@ -112,8 +112,9 @@ def test_ml100k_baselines_are_ordered_as_expected(ml100k):
     assert avg["itemknn"] > avg["pop"]
 
 
-@pytest.mark.parametrize("negatives", [None, 4])
-def test_sasrec_learns_an_obvious_sequential_pattern(negatives):
+@pytest.mark.parametrize("negatives,sampling", [(None, "uniform"), (4, "uniform"),
+                                                (4, "popularity")])
+def test_sasrec_learns_an_obvious_sequential_pattern(negatives, sampling):
     """Every user walks the same cycle a0 -> a1 -> ... -> a9 -> a0 from a random start, so
     the next item is fully determined by the last one; co-occurrence alone cannot tell
     which of the cycle's items comes next, order can."""
@@ -128,7 +129,8 @@ def test_sasrec_learns_an_obvious_sequential_pattern(negatives):
     items = pd.DataFrame({"title": [f"A {i}" for i in range(10)]}, index=[f"a{i}" for i in range(10)])
     # full softmax, or a sampled one against 4 of the 10 items per batch
     model = SASRec(max_len=8, hidden=32, blocks=1, heads=1, dropout=0.0, lr=5e-3, epochs=40,
-                   batch_size=32, progress=False, negatives=negatives)
+                   batch_size=32, progress=False, negatives=negatives,
+                   negative_sampling=sampling)
     model.fit(FitData(frame, items, "test"))
     hits = 0
     for last in range(10):
@@ -191,9 +193,53 @@ def test_sasrec_sampled_softmax_settings():
 
     with pytest.raises(ValueError, match="negatives"):
         SASRec(negatives=0)
+    with pytest.raises(ValueError, match="negative_sampling"):
+        SASRec(negatives=8, negative_sampling="hard")
     # the store's own SASRec trained another way is another store
-    assert versioned_settings(CSTConfig(latent_sasrec={"negatives": 64})) != \
-        versioned_settings(CSTConfig())
+    uniform = versioned_settings(CSTConfig(latent_sasrec={"negatives": 64}))
+    assert uniform != versioned_settings(CSTConfig())
+    assert versioned_settings(CSTConfig(latent_sasrec={
+        "negatives": 64, "negative_sampling": "popularity"})) != uniform
+    # a setting added later leaves the version of the stores built before it alone
+    assert b"negative_sampling" not in uniform
+    assert versioned_settings(CSTConfig(latent_sasrec={
+        "negatives": 64, "negative_sampling": "uniform"})) == uniform
+
+
+def test_sampled_softmax_loss_against_every_item_is_the_full_softmax():
+    """Drawing every item once, the sampled loss is the full cross-entropy (the target's
+    own draw does not count twice); with a draw distribution q every logit is lowered by
+    log q, the target's too."""
+    import torch
+    import torch.nn.functional as F
+
+    from starrec.latent.sasrec import sampled_softmax_loss
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 4, generator=generator)  # id 0 is padding, items 1..6
+    states = torch.randn(5, 4, generator=generator)
+    targets = torch.tensor([1, 3, 6, 2, 3])
+    every = torch.arange(1, 7)
+    full = F.cross_entropy(states @ weight[1:].T, targets - 1)
+    assert torch.allclose(sampled_softmax_loss(states, weight, targets, every), full, atol=1e-5)
+    log_q = torch.log(torch.tensor([0.4, 0.2, 0.1, 0.1, 0.1, 0.1]))
+    corrected = F.cross_entropy(states @ weight[1:].T - log_q, targets - 1)
+    assert torch.allclose(sampled_softmax_loss(states, weight, targets, every, log_q), corrected,
+                          atol=1e-5)
+    assert not torch.allclose(corrected, full, atol=1e-3)
+
+
+def test_popularity_negatives_are_drawn_in_proportion_to_frequency():
+    """The draw's log-probabilities follow the fit data's item counts (plus one, so a
+    catalogue-only item can be drawn); a uniform draw needs none."""
+    from starrec.latent.sasrec import SASRec
+
+    model = SASRec(negatives=2, negative_sampling="popularity")
+    log_q = model._draw_log_probabilities(np.array([1, 1, 1, 2, 3, 3]), 4)
+    assert np.allclose(log_q.exp().numpy(), np.array([4, 2, 3, 1]) / 10)
+    assert SASRec(negatives=2)._draw_log_probabilities(np.array([1, 2]), 4) is None
+    assert SASRec(negatives=8, negative_sampling="popularity")._draw_log_probabilities(
+        np.array([1, 2]), 4) is None  # more negatives than items: the full softmax
 
 
 def test_one_rule_turns_scores_into_a_ranking():

@@ -78,8 +78,11 @@ class SASRecConfig(Strict):
     seed: int = 0
     negatives: int | None = Field(None, ge=1, description=(
         "None: full softmax over the catalogue at every position; N: sampled softmax, each "
-        "position's next item against N items drawn uniformly per batch (for large "
-        "catalogues, where the full softmax is most of the training time)"))
+        "position's next item against N items drawn per batch (for large catalogues, "
+        "where the full softmax is most of the training time)"))
+    negative_sampling: Literal["uniform", "popularity"] = Field("uniform", description=(
+        "how the N negatives are drawn: uniformly, or in proportion to item frequency with "
+        "the log-probability correction of the sampled softmax"))
 
 
 class BaselinesConfig(Strict):

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -77,6 +77,9 @@ EXECUTION_SETTINGS = frozenset({"engine", "duckdb_memory_limit", "duckdb_threads
 RANKER_SETTINGS = frozenset({"ranker", "ranker_trees", "ranker_leaves", "ranker_learning_rate",
                              "ranker_min_data", "ranker_holdout", "ranker_seed"})
 UNVERSIONED = EXECUTION_SETTINGS | RANKER_SETTINGS
+# settings added after stores were built, versioned only away from their default, so that
+# a store built before they existed keeps its version: (section, field) -> default
+LATER_SETTINGS = {("latent_sasrec", "negative_sampling"): "uniform"}
 
 
 def inputs_hash(interactions: pd.DataFrame, items: pd.DataFrame, config: CSTConfig) -> str:
@@ -94,7 +97,11 @@ def inputs_hash(interactions: pd.DataFrame, items: pd.DataFrame, config: CSTConf
 def versioned_settings(config: CSTConfig) -> bytes:
     """The CST settings a store's version covers: all but how it is computed and the
     ranker fitted on it."""
-    return config.model_dump_json(exclude=set(UNVERSIONED)).encode()
+    exclude: dict[str, Any] = {name: True for name in UNVERSIONED}
+    for (section, name), default in LATER_SETTINGS.items():
+        if getattr(getattr(config, section), name) == default:
+            exclude[section] = {name}
+    return config.model_dump_json(exclude=exclude).encode()
 
 
 def default_store_path(dataset: str, split: str, version: str) -> Path:
