@@ -218,7 +218,7 @@ def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_pa
             str(out), "--records-dir", str(tmp_path / "records"), "--set",
             "student.llm.threads=1", *overrides(FAST)]
     assert bench.main(argv) == 0
-    names = ["cst", "cst-manual", "sasrec", "head-fast", "head-fast-debias2"]
+    names = ["cst", "cst-nolatent", "cst-manual", "sasrec", "head-fast", "head-fast-debias2"]
     # the debiased row (K passes a task) runs on eval-200 only unless asked
     assert not (out / "shop-head-fast-debias2-test-all.json").exists()
     for name in names:
@@ -234,7 +234,7 @@ def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_pa
     rows = [line for line in table.splitlines() if line.startswith("| ") and "test all" in line]
     assert len(rows) == len(names) - 1
     assert sum("test eval-200" in line for line in table.splitlines()) == len(names)
-    cst_row = next(line for line in rows if line.startswith("| cst (learned"))
+    cst_row = next(line for line in rows if line.startswith("| cst (learned on valid, latent"))
     head_row = next(line for line in rows if line.startswith("| ranking head, fast |"))
     assert cst_row.split("|")[7].strip() == "(the reference)"
     assert " / " in head_row.split("|")[7] and " / " in head_row.split("|")[8]
