@@ -1,12 +1,13 @@
 """Cost per request of the ranking head in fast mode against prompt length (issue 15).
 
 The head's cost is one prefill (no decoding), so its distance to the physical limit is
-the gap between its time per request and the machine's prefill rate on the same number
-of tokens. This script builds fast-mode prompts of growing length on real tasks (the
-evidence budget per candidate and the history shown are what change the length), times
-`RankHead.scores` on each (best of `--repeats`, one thread count), and times a plain
-forward pass over the same token count as the prefill reference. Prints a table and
-writes benchmarks/results/rank_head_cost.json.
+the gap between its time per request and a bare forward pass of the same model over the
+same prompt. This script builds fast-mode prompts of growing length on real valid tasks
+(the evidence budget per candidate and the history shown are what change the length)
+and, per task, times the whole request (`RankHeadSystem.answer`: evidence lookup, prompt,
+tokenizing, the pass, the readout) and a bare forward pass over that request's own
+tokens, each the best of `--repeats`; a row is the mean over the tasks. Prints a table
+and writes benchmarks/results/rank_head_cost.json.
 
     python benchmarks/rank_head_cost.py --model runs/rank-full   # a trained head's prompt
     python benchmarks/rank_head_cost.py --tasks 5 --budgets 0 8 24 48   # SmolLM2, default spec
@@ -36,12 +37,12 @@ def best_of(repeats: int, run) -> float:
     return min(times)
 
 
-def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history: list[int],
-            repeats: int, threads: int | None, store_path: str | None = None
-            ) -> tuple[dict, list[dict]]:
-    """(the head's prompt spec, one row per (evidence budget, history items): prompt
-    tokens, head seconds per request, plain forward seconds on the same tokens, and their
-    tokens/s)."""
+def measure(model: str, dataset: str, n_tasks: int, budgets: list[int],
+            history: list[int] | None, repeats: int, threads: int | None,
+            store_path: str | None = None) -> tuple[dict, list[dict]]:
+    """(the head's prompt spec, one row per (history items, evidence budget): mean prompt
+    tokens, mean head seconds per request, and mean seconds of a bare forward pass over
+    each request's own prompt, with their tokens/s). `history` None: the card's."""
     import torch
 
     from starrec.config import CSTConfig
@@ -65,7 +66,7 @@ def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history:
     card = read_model_card(model) if Path(model).is_dir() else None
     trained = card.head if card is not None and card.head is not None else HeadSpec()
     rows = []
-    for items in history:
+    for items in history or [trained.history_items]:
         for budget in budgets:
             head = RankHead(base.model, base.tokenizer,
                             trained.model_copy(update={"evidence_tokens": budget,
@@ -74,17 +75,21 @@ def measure(model: str, dataset: str, n_tasks: int, budgets: list[int], history:
             texts = [head.prompt(task, store) for task in tasks]
             tokens = sum(map(head.count, texts)) / len(texts)
             head.scores(texts[:1], 20)  # warm-up
-            per_request = sum(best_of(repeats, lambda t=t: system.answer(t)) for t in tasks) / len(tasks)
-            ids = head.encode(texts[:1])
-            with torch.inference_mode():
-                prefill = best_of(repeats, lambda: head.model(**ids, logits_to_keep=1))
+            answer = forward = 0.0
+            for task, text in zip(tasks, texts):
+                answer += best_of(repeats, lambda t=task: system.answer(t))
+                ids = head.encode([text])
+                with torch.inference_mode():
+                    forward += best_of(repeats, lambda i=ids: head.model(**i, logits_to_keep=1))
+            answer, forward = answer / len(tasks), forward / len(tasks)
             rows.append({"history_items": items, "evidence_tokens": budget,
-                         "prompt_tokens": round(tokens, 1), "head_s": round(per_request, 4),
-                         "prefill_s": round(prefill, 4),
-                         "head_tokens_per_s": round(tokens / per_request, 1),
-                         "prefill_tokens_per_s": round(head.count(texts[0]) / prefill, 1)})
+                         "prompt_tokens": round(tokens, 1), "head_s": round(answer, 4),
+                         "prefill_s": round(forward, 4),
+                         "head_tokens_per_s": round(tokens / answer, 1),
+                         "prefill_tokens_per_s": round(tokens / forward, 1)})
             print(f"history {items:3d}  evidence {budget:3d}  tokens {tokens:7.1f}  "
-                  f"head {per_request:7.3f} s  prefill {prefill:7.3f} s", flush=True)
+                  f"head {answer:7.3f} s  forward {forward:7.3f} s  "
+                  f"({answer / forward:.2f}x)", flush=True)
     return trained.model_dump(exclude={"labels", "evidence_tokens", "history_items"}), rows
 
 
@@ -95,17 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default=None, help="an evidence store (default: valid's)")
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--budgets", type=int, nargs="+", default=[0, 16, 32, 48, 64])
-    parser.add_argument("--history", type=int, nargs="+", default=[5])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--history", type=int, nargs="+", default=None,
+                        help="history titles shown (default: the head card's)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N, per request")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS / "rank_head_cost.json")
     args = parser.parse_args(argv)
+    from starrec.evaluation.identity import model_hash
     from starrec.evaluation.provenance import code_version, machine
 
     spec, rows = measure(args.model, args.dataset, args.tasks, args.budgets, args.history,
                          args.repeats, args.threads, args.store)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": str(args.model), "dataset": args.dataset, "tasks": args.tasks,
+    payload = {"model": str(args.model), "model_hash": model_hash(args.model),
+               "dataset": args.dataset, "tasks": args.tasks, "repeats": args.repeats,
                "threads": args.threads, "head": spec,
                "code_version": code_version(), "machine": machine(),
                "load_average": os.getloadavg(), "rows": rows}

@@ -7,9 +7,10 @@ without the latent signals), `cst-manual` (hand-set weights), `sasrec`, the head
 fast mode, the head with position debiasing (`--debias K` shuffles, on eval-200 unless
 `--debias-users all`), and optionally a generation student (`--student DIR`, slow: its
 records resume). Results JSON and per-task files go under `--out-dir`; the table (AvgHR
-with its interval, paired differences to cst, to SASRec and to cst-manual with win / tie /
-loss, the rate of rankings equal to the shown order, median and p95 seconds per task) to
-`<out-dir>/<dataset>-rank-head-table.md`. A rerun evaluates only what is missing.
+with its interval, paired differences to cst, to SASRec, to cst-manual and to cst without
+the latent signals, with win / tie / loss, the rate of rankings equal to the shown order,
+median and p95 seconds per task) to `<out-dir>/<dataset>-rank-head-table.md`. A rerun
+evaluates only what is missing.
 
     python benchmarks/rank_head_eval.py --head runs/rank-full
     python benchmarks/rank_head_eval.py --head runs/rank-full --debias 5 --student runs/student
@@ -30,9 +31,10 @@ from starrec.experiment import evaluate, evaluate_with_subset, load_task_set
 
 ROOT = Path(__file__).resolve().parents[1]
 USERS = ("all", "eval-200")
-# the evidence ranker the head reads (learned), the best baseline, and the hand-set ranker
-# over the same evidence (the first target is measured against it)
-REFERENCES = ("cst", "sasrec", "cst-manual")
+# the evidence ranker over all the head reads (learned), the best baseline, the hand-set
+# ranker (the first target is measured against it) and the learned ranker over the
+# count evidence alone (what the hand-set one reads)
+REFERENCES = ("cst", "sasrec", "cst-manual", "cst-nolatent")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     shown_head = head.relative_to(ROOT) if head.is_relative_to(ROOT) else head.name
     (out_dir / f"{slug}-rank-head-table.md").write_text(
         f"# {slug}: the ranking head against the evidence it reads, on the test tasks\n\n"
-        f"Head: {shown_head}. Written by benchmarks/rank_head_eval.py in one run; paired "
-        f"differences on the same tasks.\n\n{text}\n", encoding="utf-8")
+        f"Head: {shown_head}. Written by benchmarks/rank_head_eval.py: each system evaluated "
+        f"once on these tasks (a rerun keeps the results it finds; each JSON's provenance "
+        f"gives the code that wrote it); paired differences on the same tasks.\n\n{text}\n",
+        encoding="utf-8")
     print(text)
     return 0
 

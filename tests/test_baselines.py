@@ -242,6 +242,39 @@ def test_popularity_negatives_are_drawn_in_proportion_to_frequency():
         np.array([1, 2]), 4) is None  # more negatives than items: the full softmax
 
 
+def test_popularity_loss_draws_real_items_and_corrects_with_their_probabilities(monkeypatch):
+    """`_loss` draws ids 1..n (never the padding id 0) from q and passes log q on: the
+    loss equals `sampled_softmax_loss` on the same draw with the correction."""
+    import torch
+
+    import starrec.latent.sasrec as sasrec_module
+    from starrec.latent.sasrec import SASRec, _SASRecNet, sampled_softmax_loss
+
+    model = SASRec(negatives=3, negative_sampling="popularity")
+    # item 4 is by far the most frequent: nearly every draw is id 4
+    model._log_q = model._draw_log_probabilities(np.array([1, 2, 3] + [4] * 500), 4)
+    net = _SASRecNet(5, 4, 8, 1, 1, 0.0)
+    states, targets = torch.randn(6, 8), torch.tensor([1, 2, 3, 4, 1, 2])
+    drawn_seen = []
+    real = sasrec_module.sampled_softmax_loss
+
+    def spy(states_, weight, targets_, drawn, log_q=None):
+        drawn_seen.append(drawn)
+        assert log_q is model._log_q
+        return real(states_, weight, targets_, drawn, log_q)
+
+    monkeypatch.setattr(sasrec_module, "sampled_softmax_loss", spy)
+    torch.manual_seed(0)
+    loss = model._loss(net, states, targets)
+    drawn = drawn_seen[0]
+    assert drawn.shape == (3,) and int(drawn.min()) >= 1 and int(drawn.max()) <= 4
+    assert (drawn == 4).sum() >= 2
+    assert torch.allclose(loss, sampled_softmax_loss(states, net.item.weight, targets, drawn,
+                                                     model._log_q))
+    with pytest.raises(ValueError, match="needs negatives"):
+        SASRec(negative_sampling="popularity")
+
+
 def test_one_rule_turns_scores_into_a_ranking():
     """Descending score, ties in the order given: every ranker, the service and the
     benchmarks rank through `starrec.core.score_order`."""

@@ -226,6 +226,9 @@ def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_pa
             result = json.loads((out / f"shop-{name}-test-{users}.json").read_text())
             assert result["n_tasks"] == 40 and result["config"]["users"] == users
             assert (out / f"shop-{name}-test-{users}.tasks.jsonl").exists()
+    nolatent = json.loads((out / "shop-cst-nolatent-test-all.json").read_text())
+    assert nolatent["config"]["params"]["latent"] is False
+    assert json.loads((out / "shop-cst-test-all.json").read_text())["config"]["params"]["latent"]
     fast = json.loads((out / "shop-head-fast-test-all.json").read_text())
     debiased = json.loads((out / "shop-head-fast-debias2-test-eval-200.json").read_text())
     assert fast["config"]["params"]["mode"] == "fast"
@@ -240,7 +243,9 @@ def test_rank_head_eval_pairs_the_head_to_cst_and_sasrec_in_one_run(shop, tmp_pa
     assert " / " in head_row.split("|")[7] and " / " in head_row.split("|")[8]
     manual_row = next(line for line in rows if line.startswith("| cst-manual"))
     assert manual_row.split("|")[9].strip() == "(the reference)"
-    assert " / " in head_row.split("|")[9]
+    assert " / " in head_row.split("|")[9] and " / " in head_row.split("|")[10]
+    nolatent_row = next(line for line in rows if "no latent signals) |" in line)
+    assert nolatent_row.split("|")[10].strip() == "(the reference)"
     # the LLM rows resume from their records and the rankers' files are kept
     capsys.readouterr()
     assert bench.main(argv) == 0
@@ -284,7 +289,8 @@ def test_rank_head_cost_renders_the_heads_own_prompt_at_each_budget(shop, tmp_pa
     head = tmp_path / "head"
     shutil.copytree(tiny_lm_dir, head)
     write_model_card(head, ModelCard(stage="rank", base_model="tiny", base_model_path=str(head),
-                                     head=HeadSpec(readout="line", evidence_style="compact")))
+                                     head=HeadSpec(readout="line", evidence_style="compact",
+                                                   history_items=3)))
     out = tmp_path / "cost.json"
     argv = ["--model", str(head), "--dataset", str(shop), "--tasks", "2", "--budgets", "0", "24",
             "--repeats", "1", "--threads", "1", "--out", str(out)]
@@ -293,6 +299,8 @@ def test_rank_head_cost_renders_the_heads_own_prompt_at_each_budget(shop, tmp_pa
     assert record["head"]["readout"] == "line" and record["head"]["evidence_style"] == "compact"
     rows = record["rows"]
     assert [row["evidence_tokens"] for row in rows] == [0, 24]
+    assert {row["history_items"] for row in rows} == {3}  # the card's, unless asked
+    assert record["model_hash"] and record["repeats"] == 1
     assert rows[0]["prompt_tokens"] < rows[1]["prompt_tokens"]
     assert all(row["head_s"] > 0 and row["prefill_s"] > 0 for row in rows)
     assert record["machine"]["cores"] >= 1 and record["code_version"]

@@ -176,3 +176,25 @@ def test_the_dump_writes_long_descriptions_as_comment_lines_above_their_key():
     assert "  llm:  # the teacher's LLM: engine, model, server" in lines
     assert "  llm:  # the student's LLM: engine, server (the model is --model, a student folder)" \
         in lines
+
+
+def test_a_setting_added_later_leaves_earlier_run_identities_alone():
+    """`negative_sampling` at its default hashes as the settings without it did, for a
+    SASRec baseline and for the cst store's own SASRec; set away from it, it counts."""
+    from starrec.evaluation.identity import config_hash
+
+    cfg = StarConfig()
+    sasrec = cfg.baselines.sasrec.model_dump()
+    before = {k: v for k, v in sasrec.items() if k != "negative_sampling"}
+    assert config_hash({"system": "sasrec", "params": sasrec}) == \
+        config_hash({"system": "sasrec", "params": before})
+    assert config_hash({"system": "sasrec", "params": {
+        **sasrec, "negatives": 64, "negative_sampling": "popularity"}}) != \
+        config_hash({"system": "sasrec", "params": {**sasrec, "negatives": 64}})
+    cst = cfg.cst.model_dump()
+    cst_before = {**cst, "latent_sasrec": {k: v for k, v in cst["latent_sasrec"].items()
+                                           if k != "negative_sampling"}}
+    assert config_hash({"system": "cst", "params": cst}) == \
+        config_hash({"system": "cst", "params": cst_before})
+    with pytest.raises(ValidationError, match="needs negatives"):
+        StarConfig.model_validate({"baselines": {"sasrec": {"negative_sampling": "popularity"}}})

@@ -84,6 +84,12 @@ class SASRecConfig(Strict):
         "how the N negatives are drawn: uniformly, or in proportion to item frequency with "
         "the log-probability correction of the sampled softmax"))
 
+    @model_validator(mode="after")
+    def _sampling_needs_negatives(self) -> SASRecConfig:
+        if self.negative_sampling != "uniform" and self.negatives is None:
+            raise ValueError("negative_sampling needs negatives (the full softmax draws none)")
+        return self
+
 
 class BaselinesConfig(Strict):
     random: RandomConfig = RandomConfig()

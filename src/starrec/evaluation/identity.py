@@ -34,7 +34,10 @@ OPERATIONAL_KEYS = ("model", "fit_s", "llm.model", "llm.api_key_env", "llm.timeo
 WHETHER_SET_KEYS = ("llm.base_url",)
 # settings added after records files were written: left out of the hash while at their
 # default, so that those files still resume
-UNHASHED_DEFAULTS: dict[str, Any] = {"llm.served_model": None}
+UNHASHED_DEFAULTS: dict[str, Any] = {"llm.served_model": None,
+                                     # a SASRec baseline's settings, and the cst store's
+                                     "params.negative_sampling": "uniform",
+                                     "params.latent_sasrec.negative_sampling": "uniform"}
 # files up to this size are hashed whole; larger ones (weights) by size, head and tail, so
 # that identifying a model of several GB takes milliseconds, not a minute
 WHOLE_FILE_BYTES = 8 << 20

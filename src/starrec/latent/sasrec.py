@@ -197,6 +197,9 @@ class SASRec(Recommender):
         if negative_sampling not in NEGATIVE_SAMPLING:
             raise ValueError(f"SASRec: negative_sampling {negative_sampling!r}: one of "
                              f"{list(NEGATIVE_SAMPLING)}")
+        if negative_sampling != "uniform" and negatives is None:
+            raise ValueError("SASRec: negative_sampling needs negatives (the full softmax "
+                             "draws none)")
         self.negatives = negatives
         self.negative_sampling = negative_sampling
         self._log_q: torch.Tensor | None = None  # log-probability of drawing each id (1..n)
