@@ -349,3 +349,17 @@ def test_build_laps_keep_each_stages_own_peak_memory():
     assert laps.peak_mb["large"] >= laps.peak_mb["before"] + 32
     # the peak is set back after each stage: the next stage does not inherit it
     assert laps.peak_mb["after"] <= laps.peak_mb["large"] - 32
+
+
+def test_item_embeddings_keep_the_given_order_when_batched_by_length():
+    """Texts of very different lengths, batched by length: each row is the embedding of
+    its own text, as embedding it alone gives (padding is masked out)."""
+    from starrec.cst.content import embed_texts
+
+    texts = ["Heat (1995). Action, Crime, Thriller, and a long description " * 4, "Up (2009)",
+             "Toy Story (1995). Animation, Children's, Comedy", "Alien (1979)"]
+    together = embed_texts(texts, batch_size=2, progress=False)
+    alone = np.concatenate([embed_texts([text], progress=False) for text in texts])
+    assert together.shape == (4, 384)
+    assert np.allclose(together, alone, atol=1e-4)
+    assert embed_texts([], progress=False).shape == (0, 384)

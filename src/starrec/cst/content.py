@@ -36,21 +36,29 @@ def item_texts(items: pd.DataFrame) -> list[str]:
 
 def embed_texts(texts: list[str], model_path: Path | None = None, batch_size: int = 64,
                 progress: bool = True) -> np.ndarray:
-    """Mean-pooled, L2-normalised sentence embeddings (the model's own recipe)."""
+    """Mean-pooled, L2-normalised sentence embeddings (the model's own recipe), one row per
+    text in the order given. Texts are batched by token length, so a batch pads to a
+    length close to its own texts' (a title-only catalogue is mostly short texts with a
+    few long ones); the mask keeps padding out of every embedding."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     path = model_path or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
-    out = []
+    if not texts:
+        return np.zeros((0, model.config.hidden_size), np.float32)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(texts), model.config.hidden_size), np.float32)
     with torch.inference_mode():
         for start in progress_bar(range(0, len(texts), batch_size), "embed items",
                                   unit="batch", enabled=progress):
-            batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+            rows = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
                               max_length=128, return_tensors="pt")
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)
+            out[rows] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+    return out
