@@ -679,6 +679,11 @@ def test_scrapes_racing_the_sharing_thread_never_fail(tmp_path):
     run_together([scrape] * 3)
     assert not errors
     own = tmp_path / f"{metrics.snapshot()['pid']}.json"
+    # the thread keeps writing: a listing may catch one write in flight, whose temporary
+    # file is renamed a moment later; a temporary file left behind would stay
+    deadline = time.monotonic() + 2.0
+    while [p.name for p in tmp_path.iterdir()] != [own.name] and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert [p.name for p in tmp_path.iterdir()] == [own.name]
     own.unlink()  # the sharing thread, still running, writes it again
     for _ in range(200):

@@ -38,8 +38,12 @@ def browser(profile: Path):
 
 
 def test_a_person_filters_opens_a_run_and_sees_the_target_and_the_tool_calls(files):  # noqa: F811
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    # an element read while the page is being replaced goes stale: look again
+    retry = (StaleElementReferenceException,)
 
     trajectories, records, _ = files
     runs = load_runs([trajectories, records])
@@ -52,13 +56,13 @@ def test_a_person_filters_opens_a_run_and_sees_the_target_and_the_tool_calls(fil
             Select(driver.find_element(By.NAME, "system")).select_by_visible_text("mars")
             driver.find_element(By.CSS_SELECTOR, "form.filters button").click()
             # the filter submits the form: wait for the new page, not the old one's rows
-            WebDriverWait(driver, 20).until(
+            WebDriverWait(driver, 20, ignored_exceptions=retry).until(
                 lambda d: "3 of 5 runs" in d.find_element(By.ID, "count").text)
             shown = driver.find_elements(By.CSS_SELECTOR, "tr.run")
             assert len(shown) == 3 and "3 of 5 runs" in driver.find_element(By.ID, "count").text
             driver.find_element(By.CSS_SELECTOR, f'tr.run[data-key="{best.key}"] a').click()
 
-            target = WebDriverWait(driver, 20).until(
+            target = WebDriverWait(driver, 20, ignored_exceptions=retry).until(
                 lambda d: d.find_element(By.CSS_SELECTOR, "#ranking tr.target"))
             assert best.target in target.text and target.is_displayed()
             calls = driver.find_elements(By.CSS_SELECTOR, ".tool-call .tool-name")
