@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     spec, rows = measure(args.model, args.dataset, args.tasks, args.budgets, args.history,
                          args.repeats, args.threads, args.store)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": str(args.model), "model_hash": model_hash(args.model),
+    payload = {"model": args.model, "model_hash": model_hash(args.model),
                "dataset": args.dataset, "tasks": args.tasks, "repeats": args.repeats,
                "threads": args.threads, "head": spec,
                "code_version": code_version(), "machine": machine(),

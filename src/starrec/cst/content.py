@@ -48,15 +48,15 @@ def embed_texts(texts: list[str], model_path: Path | None = None, batch_size: in
     model = AutoModel.from_pretrained(path).eval()
     if not texts:
         return np.zeros((0, model.config.hidden_size), np.float32)
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
-    order = np.argsort(lengths, kind="stable")
+    encoded = tokenizer(texts, truncation=True, max_length=128)["input_ids"]  # once, unpadded
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")
     out = np.zeros((len(texts), model.config.hidden_size), np.float32)
     with torch.inference_mode():
         for start in progress_bar(range(0, len(texts), batch_size), "embed items",
                                   unit="batch", enabled=progress):
             rows = order[start : start + batch_size]
-            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                              max_length=128, return_tensors="pt")
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]},
+                                  return_tensors="pt")
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -100,7 +100,7 @@ def versioned_settings(config: CSTConfig) -> bytes:
     exclude: dict[str, Any] = {name: True for name in UNVERSIONED}
     for (section, name), default in LATER_SETTINGS.items():
         if getattr(getattr(config, section), name) == default:
-            exclude[section] = {name}
+            exclude.setdefault(section, set()).add(name)
     return config.model_dump_json(exclude=exclude).encode()
 
 

@@ -312,11 +312,14 @@ class SASRec(Recommender):
                  len(windows), self.epochs, self.fit_seconds)
         return self
 
+    def _full_softmax(self, n_items: int) -> bool:
+        """Whether the loss runs over the whole catalogue (no negatives, or as many as items)."""
+        return self.negatives is None or self.negatives >= n_items
+
     def _draw_log_probabilities(self, codes: np.ndarray, n_items: int) -> torch.Tensor | None:
         """log q(id) for ids 1..n_items under `negative_sampling` (None when the loss is the
         full softmax or the draw is uniform, whose correction is a constant)."""
-        if self.negatives is None or self.negatives >= n_items or \
-                self.negative_sampling == "uniform":
+        if self._full_softmax(n_items) or self.negative_sampling == "uniform":
             return None
         counts = np.bincount(codes, minlength=n_items + 1)[1:].astype(np.float64)
         counts += 1.0  # an item seen only in the catalogue can still be drawn
@@ -327,7 +330,7 @@ class SASRec(Recommender):
         catalogue, or with `negatives` against that many items drawn for the batch."""
         weight = net.item.weight
         n_items = weight.shape[0] - 1
-        if self.negatives is None or self.negatives >= n_items:
+        if self._full_softmax(n_items):
             logits = states @ weight[1:].T  # the pad token is never a class
             return F.cross_entropy(logits, targets - 1)
         if self._log_q is None:
