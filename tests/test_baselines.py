@@ -206,6 +206,19 @@ def test_sasrec_sampled_softmax_settings():
         "negatives": 64, "negative_sampling": "uniform"})) == uniform
 
 
+def test_later_settings_of_one_section_each_leave_the_version_alone(monkeypatch):
+    from starrec.config import CSTConfig
+    from starrec.cst import store
+
+    before = store.versioned_settings(CSTConfig())
+    monkeypatch.setattr(store, "LATER_SETTINGS", {
+        ("latent_sasrec", "negative_sampling"): "uniform",
+        ("latent_sasrec", "negatives"): CSTConfig().latent_sasrec.negatives})
+    both = store.versioned_settings(CSTConfig())
+    assert b"negative_sampling" not in both and b'"negatives"' not in both
+    assert both != before  # one more setting left out than before
+
+
 def test_sampled_softmax_loss_against_every_item_is_the_full_softmax():
     """Drawing every item once, the sampled loss is the full cross-entropy (the target's
     own draw does not count twice); with a draw distribution q every logit is lowered by
