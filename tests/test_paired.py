@@ -133,3 +133,23 @@ def test_paired_needs_per_task_rows(tiny, tmp_path):
                                                              n_resamples=10)))
     with pytest.raises(ValueError, match="no per-task file"):
         paired_comparison(tmp_path / "r.json", tmp_path / "r.json")
+
+
+def test_first_place_moves_counts_positions_ranker_ranks_and_targets():
+    from starrec.evaluation.paired import first_place_moves
+
+    shown = [{"task_id": "t1", "ranking": ["a", "b", "c", "d"]},
+             {"task_id": "t2", "ranking": ["e", "f", "g", "h"]},
+             {"task_id": "t3", "ranking": ["i", "j", "k", "l"]}]
+    ranker = [{"task_id": "t1", "ranking": ["c", "a", "b", "d"]},
+              {"task_id": "t2", "ranking": ["e", "g", "h", "f"]},
+              {"task_id": "t3", "ranking": ["l", "k", "j", "i"]}]
+    rows = [{"task_id": "t1", "target": "b", "ranking": ["b", "a", "c", "d"]},  # 2nd shown
+            {"task_id": "t2", "target": "e", "ranking": ["e", "f", "g", "h"]},  # kept
+            {"task_id": "t3", "target": "l", "ranking": ["l", "i", "j", "k"]}]  # 4th shown
+    moves = first_place_moves(rows, shown, ranker)
+    assert (moves.n_tasks, moves.moved, moves.targets) == (3, 2, 2)
+    assert moves.shown_positions == {2: 1, 4: 1}
+    assert moves.mean_ranker_rank == 2.0 and moves.chance_rank == 2.5  # ranks 3 and 1
+    with pytest.raises(ValueError, match="missing"):
+        first_place_moves(rows, shown[:2], ranker)

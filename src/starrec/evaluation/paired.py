@@ -144,3 +144,43 @@ def paired_markdown(comparison: PairedComparison) -> str:
         lines.append(f"| {m.metric} | {m.a:.1f} | {m.b:.1f} | {m.difference:+.1f} "
                      f"[{m.ci95[0]:+.1f}, {m.ci95[1]:+.1f}] | {m.wins} / {m.ties} / {m.losses} |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class FirstPlaceMoves:
+    """Where a system put first an item other than the one shown first (DESIGN.md 3.7):
+    on how many tasks (`moved` of `n_tasks`), from which shown positions (1-based, as
+    position -> count), the promoted items' mean rank under a reference ranker (chance:
+    (candidates + 1) / 2), and how many of them were the target."""
+
+    n_tasks: int
+    moved: int
+    shown_positions: dict[int, int]
+    mean_ranker_rank: float | None
+    chance_rank: float | None
+    targets: int
+
+
+def first_place_moves(rows: list[dict[str, Any]], shown_rows: list[dict[str, Any]],
+                      ranker_rows: list[dict[str, Any]]) -> FirstPlaceMoves:
+    """What a system's first places read: `rows` its per-task rows (with `ranking`),
+    `shown_rows` those of the order it was shown (the `presented` system), `ranker_rows`
+    those of a ranker whose order measures evidence. Tasks missing from either reference
+    are refused: these numbers are about the same tasks."""
+    shown = {r["task_id"]: r["ranking"] for r in shown_rows}
+    ranker = {r["task_id"]: r["ranking"] for r in ranker_rows}
+    missing = [r["task_id"] for r in rows if r["task_id"] not in shown or r["task_id"] not in ranker]
+    if missing:
+        raise ValueError(f"{len(missing)} task(s) missing from the shown order or the ranker, "
+                         f"e.g. {missing[0]}")
+    moved = [r for r in rows if r["ranking"][0] != shown[r["task_id"]][0]]
+    positions: dict[int, int] = {}
+    for r in moved:
+        position = shown[r["task_id"]].index(r["ranking"][0]) + 1
+        positions[position] = positions.get(position, 0) + 1
+    ranks = [ranker[r["task_id"]].index(r["ranking"][0]) + 1 for r in moved]
+    return FirstPlaceMoves(
+        n_tasks=len(rows), moved=len(moved), shown_positions=dict(sorted(positions.items())),
+        mean_ranker_rank=round(float(np.mean(ranks)), 2) if ranks else None,
+        chance_rank=(len(rows[0]["ranking"]) + 1) / 2 if rows else None,
+        targets=sum(r["ranking"][0] == r["target"] for r in moved))
