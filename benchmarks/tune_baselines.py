@@ -14,7 +14,8 @@ benchmarks/results/<dataset>/tuned_baselines.json and a config with the chosen
     star eval --system sasrec --config configs/baselines-tuned-ml-100k.yaml --out r.json
 
     python benchmarks/tune_baselines.py --dataset ml-100k
-    python benchmarks/tune_baselines.py --dataset amazon-games
+    python benchmarks/tune_baselines.py --dataset amazon-games --limit 5000 \\
+        --sasrec-hidden 64 --sasrec-epochs 10,15,20,25,30
     python benchmarks/tune_baselines.py --grid smoke --limit 50 --out-dir /tmp/tune  # a check
 """
 
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sasrec-epochs", type=lambda text: [int(x) for x in text.split(",")],
                         default=None, help="the SASRec epoch counts scored, e.g. 10,20,30 "
                         "(default: the grid's); a larger log affords fewer")
+    parser.add_argument("--sasrec-hidden", type=lambda text: [int(x) for x in text.split(",")],
+                        default=None, help="the SASRec sizes trained, e.g. 64 (default: the "
+                        "grid's); each size is one training run to the largest epoch count")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a config override of the base settings, as star --set "
                         "section.key=value")
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     grid = {**GRIDS[args.grid]}
     if args.sasrec_epochs:
         grid["sasrec"] = {**grid["sasrec"], "epochs": sorted(args.sasrec_epochs)}
+    if args.sasrec_hidden:
+        grid["sasrec"] = {**grid["sasrec"], "hidden": args.sasrec_hidden}
     result = tune(config, args.dataset, grid, args.grid, args.limit)
     slug = result["dataset"]
     if args.out_dir is None:

@@ -103,7 +103,8 @@ def test_tune_baselines_writes_the_chosen_settings(shop, tmp_path):
     bench = script("tune_baselines")
     out = tmp_path / "tuned"
     bench.main(["--dataset", str(shop), "--grid", "smoke", "--out-dir", str(out),
-                "--sasrec-epochs", "2", *overrides(["eval.bootstrap_resamples=20"])])
+                "--sasrec-epochs", "2", "--sasrec-hidden", "8",
+                *overrides(["eval.bootstrap_resamples=20"])])
     result = json.loads((out / "tuned_baselines.json").read_text())
     chosen = yaml.safe_load((out / "baselines-tuned-shop.yaml").read_text())["baselines"]
     assert result["split"] == "valid" and result["n_tasks"] == 40
@@ -113,6 +114,9 @@ def test_tune_baselines_writes_the_chosen_settings(shop, tmp_path):
         assert {k: chosen[name][k] for k in best["params"]} == best["params"]
     # --sasrec-epochs replaces the grid's epoch counts (the smoke grid's are 1 and 2)
     assert {r["params"]["epochs"] for r in result["scores"]["sasrec"]} == {2}
+    # --sasrec-hidden replaces the grid's sizes (the smoke grid's is 16)
+    assert {r["params"]["hidden"] for r in result["scores"]["sasrec"]} == {8}
+    assert chosen["sasrec"]["hidden"] == 8
 
 
 def test_load_api_smoke_run_against_real_servers(shop, tmp_path):
