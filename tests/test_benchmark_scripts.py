@@ -308,3 +308,15 @@ def test_rank_head_cost_renders_the_heads_own_prompt_at_each_budget(shop, tmp_pa
     assert rows[0]["prompt_tokens"] < rows[1]["prompt_tokens"]
     assert all(row["head_s"] > 0 and row["prefill_s"] > 0 for row in rows)
     assert record["machine"]["cores"] >= 1 and record["code_version"]
+
+
+def test_sasrec_threads_times_every_case(shop, tmp_path):
+    bench = script("sasrec_threads")
+    out = tmp_path / "threads.json"
+    assert bench.main(["--dataset", str(shop), "--threads", "1", "--negatives", "full,8",
+                       "--epochs", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(c["negatives"], c["threads"]) for c in result["cases"]] == [("full softmax", 1), (8, 1)]
+    assert all(c["s_per_epoch"] > 0 for c in result["cases"]) and result["rows"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--dataset", str(shop), "--negatives", "all"])
