@@ -153,6 +153,15 @@ def test_cst_build_benchmark_on_a_real_dataset_folder(shop, tmp_path):
     # wall time and peak memory of each stage, the latent models among them
     assert set(case["stages_s"]) == set(case["stages_peak_rss_mb"])
     assert any("latent" in stage for stage in case["stages_s"])
+    # the build resets the high-water mark per stage: the case's peak still covers them all
+    assert case["peak_rss_mb"] >= round(max(case["stages_peak_rss_mb"].values()))
+
+
+def test_cst_build_peak_counts_the_stage_peaks(monkeypatch):
+    bench = script("cst_build")
+    monkeypatch.setattr(bench, "rss_mb", lambda: 500.0)
+    assert bench.peak_mb({"graph": 300.0, "content embeddings": 1867.4}) == 1867
+    assert bench.peak_mb({"graph": 300.0}) == 500 and bench.peak_mb(None) == 500
 
 
 def test_cst_build_benchmark_on_a_synthetic_log_and_over_a_memory_cap(tmp_path):
