@@ -226,10 +226,9 @@ def test_batched_answers_are_the_answers_alone_and_batches_form(system, request,
     assert all(r.json()["timings"]["batch_size"] == 1 for r in alone)
     for one, many in zip(answers(alone), answers(batched)):
         assert [item for item, _ in one] == [item for item, _ in many]
-        if system in ("sasrec", "cst"):  # the same floats: each task is computed as alone
-            assert one == many
-        else:  # left padding changes float rounding only
-            assert [s for _, s in one] == pytest.approx([s for _, s in many], abs=1e-5)
+        # a batch runs the models on other shapes than one request alone: float rounding
+        # (left padding, and some CPUs' kernels for other batch sizes) only
+        assert [s for _, s in one] == pytest.approx([s for _, s in many], abs=1e-5)
     # in process, one by one: what `star recommend` answers
     from starrec.api.schemas import RecommendRequest
 

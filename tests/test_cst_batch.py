@@ -245,6 +245,12 @@ def test_evidence_records_equal_the_reference(built, content):
                 [e.to_dict() for e in reference_evidence(store, task)], task.task_id
 
 
+def close(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal up to float rounding: a batch of histories runs the sequence model on other
+    shapes than one history alone, and some CPUs' kernels round those differently."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("content", [False, True])
 def test_batched_features_and_scores_equal_the_reference(built, content):
     tasks, path, plain = built
@@ -257,25 +263,26 @@ def test_batched_features_and_scores_equal_the_reference(built, content):
     wanted = {"cst": [learned.model.score(x) for x in features],
               "cst-manual": [reference_manual(CONFIG, r) for r in references]}
     for x, task in zip(features, everything):
-        np.testing.assert_array_equal(task_features(store, task), x)
+        close(task_features(store, task), x)
     for size in (1, 3, len(everything)):  # alone, mixed small batches, all at once
         batches = [everything[i:i + size] for i in range(0, len(everything), size)]
         got = [x for batch in batches for x in task_features_many(store, batch)]
         for x, y in zip(got, features):
-            np.testing.assert_array_equal(x, y)
+            close(x, y)
         for ranker in (learned, manual):
             scores = [s for batch in batches for s in ranker.score_many(batch)]
-            assert [s.tolist() for s in scores] == [s.tolist() for s in wanted[ranker.name]]
+            for got_scores, want in zip(scores, wanted[ranker.name]):
+                close(got_scores, want)
     for ranker in (learned, manual):
-        assert [ranker.score(t).tolist() for t in everything] == \
-            [s.tolist() for s in wanted[ranker.name]]
+        for task, want in zip(everything, wanted[ranker.name]):
+            close(ranker.score(task), want)
     # a store without latent models: no sequence or factor features, the same scores
     bare = opened(plain, content)
     bare_tasks = odd_tasks(tasks, bare)
     rows = [reference_features(reference_evidence(bare, t), len(t.history)) for t in bare_tasks]
     assert np.isnan(np.vstack(rows)[:, FEATURE_NAMES.index("sequence_score")]).all()
     for x, y in zip(task_features_many(bare, bare_tasks), rows):
-        np.testing.assert_array_equal(x, y)
+        close(x, y)
     assert [s.tolist() for s in ManualCSTRanker.on_store(bare, CONFIG).score_many(bare_tasks)] == \
         [reference_manual(CONFIG, reference_evidence(bare, t)).tolist() for t in bare_tasks]
 
@@ -284,7 +291,7 @@ def test_the_fit_matrix_is_the_reference_features(built):
     tasks, path, _ = built
     store = opened(path, False)
     x, y, sizes = task_matrix(store, tasks)
-    np.testing.assert_array_equal(
+    close(
         x, np.vstack([reference_features(reference_evidence(store, t), len(t.history))
                       for t in tasks]))
     assert sizes.tolist() == [len(t.candidates) for t in tasks] and y.sum() == len(tasks)
