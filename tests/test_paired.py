@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import replace
 
@@ -11,12 +10,7 @@ from typer.testing import CliRunner
 
 from starrec.cli.main import app
 from starrec.data.tasks import build_split_tasks
-from starrec.evaluation.paired import (
-    compare_rows,
-    paired_comparison,
-    paired_markdown,
-    read_task_rows,
-)
+from starrec.evaluation.paired import compare_rows, paired_comparison, paired_markdown
 from starrec.evaluation.runner import (
     Recommendation,
     candidates_sha256,
@@ -104,15 +98,6 @@ def test_per_task_file_beside_results_and_paired_report(tiny, tmp_path):
                                  str(tmp_path / "one.json")])
     assert result.exit_code == 0, result.output
     assert "zero (zero.json)" in result.output and "| HR@1 |" in result.output
-
-    # a per-task file kept gzipped (large committed runs) is read as the plain one
-    plain = read_task_rows(tmp_path / "one.json")
-    one_rows = task_file_path(tmp_path / "one.json")
-    packed = one_rows.with_name(one_rows.name + ".gz")
-    packed.write_bytes(gzip.compress(one_rows.read_bytes()))
-    one_rows.unlink()
-    assert read_task_rows(tmp_path / "one.json") == plain
-    assert paired_comparison(tmp_path / "zero.json", tmp_path / "one.json").metric("HR@1").wins == hr1.wins
 
     # results of another task file: same ids, other candidates
     other = [replace(t, candidates=list(reversed(t.candidates))[:-1] + ["new"])

@@ -10,7 +10,6 @@ differs between the two files is refused: those are different tasks.
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,18 +57,12 @@ class PairedComparison:
 
 
 def read_task_rows(results: Path) -> list[dict[str, Any]]:
-    """The per-task rows of a results JSON: its `.tasks.jsonl` (or that file gzipped,
-    `.tasks.jsonl.gz`, as large committed runs are kept), else (results written before
-    per-task files existed) the `.records.jsonl` an LLM evaluation keeps beside it."""
+    """The per-task rows of a results JSON: its `.tasks.jsonl`, else (results written
+    before per-task files existed) the `.records.jsonl` an LLM evaluation keeps beside it."""
     rows_path = task_file_path(results)
-    packed = rows_path.with_name(rows_path.name + ".gz")
-    if not rows_path.exists() and packed.exists():
-        rows_path = packed
     if rows_path.exists():
         rows = []
-        raw = rows_path.read_bytes()
-        text = (gzip.decompress(raw) if rows_path.suffix == ".gz" else raw).decode("utf-8")
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(rows_path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
