@@ -489,6 +489,8 @@ def test_two_grpo_steps_change_the_weights_checkpoint_and_resume(student_dir, sp
     assert [p["step"] for p in curves["train"]] == [1, 2]
     assert {"reward", "reward_std", "format_rate", "kl", "outcome"} <= set(curves["train"][0])
     assert any(p["reward_std"] > 0 for p in curves["train"])
+    # one group a step: a step whose rewards spread has no zero-spread group
+    assert all(p["zero_spread"] == (0.0 if p["reward_std"] > 0 else 1.0) for p in curves["train"])
     assert [p["step"] for p in curves["valid"]] == [0, 2]
     assert curves["valid"][0]["n_tasks"] == 2 and 0 <= curves["valid"][0]["AvgHR"] <= 100
     assert len(curves["valid"][0]["ranks"]) == 2 and "vs_step_0" in curves["valid"][1]

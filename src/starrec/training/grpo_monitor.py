@@ -14,7 +14,8 @@ Three `transformers.TrainerCallback`s for `starrec.training.grpo`:
   and a resumed run goes on from them;
 - `CurveCallback`: `curves.json` and `curves.png` in the output folder after every
   checkpoint and at the end, read from that log history: mean and spread of the reward,
-  the outcome and the format rate, the KL to the starting model, the valid AvgHR
+  the outcome and the format rate, the share of groups whose passes all got one reward
+  (no advantage, so no learning signal), the KL to the starting model, the valid AvgHR
   against its step-0 value.
 """
 
@@ -158,6 +159,9 @@ def curves(log_history: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                       "reward_std": entry.get("reward_std"),
                       "outcome": entry.get("rewards/outcome/mean"),
                       "format_rate": None if form is None else (form + 1) / 2,
+                      # groups whose passes all got one reward: zero advantage, nothing learnt
+                      "zero_spread": entry.get("frac_reward_zero_std"),
+                      "entropy": entry.get("entropy"),
                       "kl": entry.get("kl"), "step_time": entry.get("step_time"),
                       "completion_length": entry.get("completions/mean_length")})
     valid = [{"step": e["step"], **{k[len(VALID):]: v for k, v in e.items() if k.startswith(VALID)}}
@@ -191,8 +195,10 @@ def write_curves(curve: dict[str, list[dict[str, Any]]], out: Path) -> None:
     panels[1].plot(*_points(train, "format_rate"))
     panels[1].set_title("format rate (well formed as written)")
     panels[1].set_ylim(-0.05, 1.05)
-    panels[2].plot(*_points(train, "kl"))
-    panels[2].set_title("KL to the starting model")
+    panels[2].plot(*_points(train, "kl"), label="KL to the starting model")
+    panels[2].plot(*_points(train, "zero_spread"), label="groups with one reward (no signal)")
+    panels[2].set_title("KL and groups without signal")
+    panels[2].legend(fontsize="small")
     steps, hr = _points(valid, "AvgHR")
     if steps:
         panels[3].plot(steps, hr, marker="o")
