@@ -329,3 +329,37 @@ def test_sasrec_threads_times_every_case(shop, tmp_path):
     assert all(c["s_per_epoch"] > 0 for c in result["cases"]) and result["rows"] > 0
     with pytest.raises(SystemExit):
         bench.main(["--dataset", str(shop), "--negatives", "all"])
+
+
+def test_spread_share_counts_the_subsets_whose_rewards_differ():
+    bench = script("grpo_spread")
+    assert bench.spread_share([[1.0, 1.0, 1.0, 1.0]], 2) == 0
+    # one odd pass among four: 3 of the 6 pairs hold it, 3 of the 4 triples
+    assert bench.spread_share([[0.0, 1.0, 1.0, 1.0]], 2) == pytest.approx(0.5)
+    assert bench.spread_share([[0.0, 1.0, 1.0, 1.0]], 3) == pytest.approx(0.75)
+    assert bench.spread_share([[0.0, 1.0, 1.0, 1.0]], 4) == 1
+    assert bench.spread_share([[0.0, 0.0], [0.0, 1.0]], 2) == pytest.approx(0.5)
+
+
+def test_grpo_spread_samples_every_group_at_every_temperature(shop, tmp_path, tiny_lm_dir):
+    bench = script("grpo_spread")
+    out = tmp_path / "spread.json"
+    assert bench.main(["--model", str(tiny_lm_dir), "--dataset", str(shop), "--prompts", "3",
+                       "--group", "3", "--temperatures", "0.7,1.5", "--out", str(out),
+                       "--set", "grpo.max_completion_length=12",
+                       "--set", "grpo.difficulty_ratio=[1,1,1]", *overrides(FAST)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["by_temperature"]) == {"0.7", "1.5"}
+    rows = [json.loads(line) for line in out.with_suffix(".tasks.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 * 3
+    for temperature, summary in result["by_temperature"].items():
+        mine = [r for r in rows if r["temperature"] == float(temperature)]
+        assert summary["passes"] == 9 and summary["prompts"] == 3
+        assert all(r["task_id"].startswith("train") for r in mine)
+        assert set(summary["spread_share"]) == {"2", "3"}
+        assert 0 <= summary["spread_share"]["2"] <= summary["spread_share"]["3"] <= 1
+        assert summary["reward"] == pytest.approx(sum(r["reward"] for r in mine) / 9)
+        # the passes of a group are seeded apart: the same seeds at both temperatures
+        assert len({r["seed"] for r in mine}) == 3
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tiny_lm_dir), "--temperatures", "0"])

@@ -1,0 +1,173 @@
+"""How much a GRPO group can teach a student: the reward spread of its sampled passes on
+train prompts, per sampling temperature (issue 14, the CPU preset's temperature and group
+size).
+
+GRPO's advantage is a pass's reward minus its group's mean: a group whose passes all
+earned the same reward teaches nothing. A student that returns the order it is shown at
+every temperature earns one outcome per prompt, however many passes it samples. For each
+temperature this samples `--group` passes (seeded as `star distill grpo` seeds them) on
+each of `--prompts` train prompts drawn by difficulty as GRPO draws them, through the
+rollout code GRPO itself runs (CST tool calls answered from the train store), and
+reports:
+
+- `spread_share[G]`: the share of groups of G passes whose rewards are not all equal, for
+  every G up to `--group` (for G below it, exactly: the mean over all G-subsets of each
+  sampled group), and the same for the outcome alone;
+- distinct rankings per group, the share of passes that return the shown order, the share
+  whose first label is the first shown, the format rate (well formed as written), the
+  mean reward and outcome, and the seconds per pass (median).
+
+Train prompts only (no valid or test target is read). Results JSON and a per-task file (one row per pass):
+
+    python benchmarks/grpo_spread.py --model runs/issue14/sft --temperatures 0.7,1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from math import comb
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from starrec.config import load_config
+from starrec.data.prepared import load_task_set, prepared_tasks
+from starrec.data.registry import dataset_slug, load_dataset
+from starrec.llm.card import read_model_card
+from starrec.progress import progress_bar
+from starrec.training.grpo import student_format
+from starrec.training.grpo_data import draw_prompts, split_store
+from starrec.training.reward import format_reward, outcome_reward
+from starrec.training.rollout import PolicyModel, pass_seed, run_passes
+from starrec.training.sft import load_base, resolve_base_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help="the student GRPO would start from (a student folder or model spec)")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="a config override, as star --set section.key=value")
+    parser.add_argument("--temperatures", default="0.7,1.0",
+                        help="comma-separated sampling temperatures")
+    parser.add_argument("--prompts", type=int, default=10,
+                        help="train prompts, drawn by grpo.difficulty_ratio")
+    parser.add_argument("--group", type=int, default=4, help="passes per prompt")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/<dataset>/grpo_spread.json")
+    args = parser.parse_args(argv)
+    try:
+        args.temperatures = [float(t) for t in args.temperatures.split(",")]
+    except ValueError:
+        parser.error(f"--temperatures {args.temperatures!r}: not comma-separated numbers")
+    if any(t <= 0 for t in args.temperatures):
+        parser.error("--temperatures must be above 0 (GRPO samples)")
+    if args.prompts < 1 or args.group < 2:
+        parser.error("--prompts must be at least 1 and --group at least 2")
+    return args
+
+
+def spread_share(groups: list[list[float]], size: int) -> float:
+    """The share of `size`-subsets of the groups whose values are not all equal, over all
+    groups (each group weighted alike): 1 - sum over values of C(count, size) / C(n, size)."""
+    shares = []
+    for values in groups:
+        counts = [values.count(v) for v in set(values)]
+        shares.append(1 - sum(comb(c, size) for c in counts) / comb(len(values), size))
+    return float(np.mean(shares))
+
+
+def summarise(passes: list[dict[str, Any]], group: int) -> dict[str, Any]:
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for row in passes:
+        by_task.setdefault(row["task_id"], []).append(row)
+    rewards = [[r["reward"] for r in rows] for rows in by_task.values()]
+    outcomes = [[r["outcome"] for r in rows] for rows in by_task.values()]
+    sizes = range(2, group + 1)
+    return {
+        "prompts": len(by_task), "passes": len(passes),
+        "spread_share": {g: round(spread_share(rewards, g), 4) for g in sizes},
+        "outcome_spread_share": {g: round(spread_share(outcomes, g), 4) for g in sizes},
+        "distinct_rankings_per_group": float(np.mean(
+            [len({tuple(r["ranking"]) for r in rows}) for rows in by_task.values()])),
+        "shown_order_share": float(np.mean([r["shown_order"] for r in passes])),
+        "first_shown_first_share": float(np.mean([r["first_is_first_shown"] for r in passes])),
+        "format_rate": float(np.mean([r["well_formed"] for r in passes])),
+        "reward": float(np.mean([r["reward"] for r in passes])),
+        "outcome": float(np.mean([r["outcome"] for r in passes])),
+        "tool_calls": float(np.mean([r["tool_calls"] for r in passes])),
+        "seconds_per_pass_median": float(np.median([r["seconds"] for r in passes])),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    settings = cfg.grpo
+    loaded = load_dataset(args.dataset, cfg.data.source, cfg.data.columns)
+    folder = prepared_tasks(args.dataset, cfg.data.source, cfg.data.seed, dataset=loaded)
+    train = load_task_set(folder / "train.jsonl", loaded)
+    store = split_store(loaded, train, cfg.cst, name=args.dataset)
+    prompts = draw_prompts(train, store, args.prompts, settings.difficulty_ratio,
+                           settings.difficulty_bounds, settings.seed)
+    path = resolve_base_model(args.model)
+    card = read_model_card(path) if Path(path).is_dir() else None
+    fmt = student_format(card, settings)
+    plans = card.plan_choices if card is not None else []
+    cap = card.max_reflection_tokens if card is not None else None
+    model, tokenizer = load_base(path)
+    sampler = PolicyModel(model, tokenizer)
+    out = args.out or ROOT / "benchmarks" / "results" / dataset_slug(args.dataset) / "grpo_spread.json"
+    passes: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    bar = progress_bar("grpo-spread", total=len(args.temperatures) * len(prompts.tasks) * args.group,
+                       unit="pass")
+    for temperature in args.temperatures:
+        student = cfg.student.model_copy(update={
+            "temperature": temperature, "max_new_tokens": settings.max_completion_length})
+        mine = []
+        for task in prompts.tasks:
+            jobs = [(task, pass_seed(settings.seed, 0, i)) for i in range(args.group)]
+            for rollout in run_passes(sampler, jobs, store, fmt, student, plan_choices=plans,
+                                      reflection_cap=cap, learn_masked=settings.learn_masked):
+                ranking = rollout.answer.completed.ranking
+                outcome = outcome_reward(rollout.rank)
+                mine.append({
+                    "temperature": temperature, "task_id": task.task_id,
+                    "difficulty": prompts.difficulty[task.task_id],
+                    "cst_rank": prompts.ranks[task.task_id], "seed": rollout.seed,
+                    "rank": rollout.rank, "outcome": outcome,
+                    "well_formed": rollout.verdict.well_formed,
+                    "reward": outcome + format_reward(rollout.verdict.well_formed),
+                    "ranking": ranking, "shown_order": ranking == list(task.candidates),
+                    "first_is_first_shown": bool(ranking) and ranking[0] == task.candidates[0],
+                    "tool_calls": len(rollout.answer.tool_calls),
+                    "seconds": round(rollout.seconds, 2)})
+                bar.update(1)
+        passes += mine
+        summary[str(temperature)] = summarise(mine, args.group)
+        print(f"temperature {temperature}: " + json.dumps(summary[str(temperature)]))
+    bar.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"model": args.model, "card_stage": card.stage if card else None,
+              "dataset": args.dataset, "group": args.group, "prompts": prompts.report,
+              "candidate_order": fmt.candidate_order, "overrides": args.overrides,
+              "max_completion_length": settings.max_completion_length,
+              "by_temperature": summary}
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    with out.with_suffix(".tasks.jsonl").open("w", encoding="utf-8") as handle:
+        for row in passes:
+            handle.write(json.dumps(row) + "\n")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
