@@ -363,3 +363,27 @@ def test_grpo_spread_samples_every_group_at_every_temperature(shop, tmp_path, ti
         assert len({r["seed"] for r in mine}) == 3
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tiny_lm_dir), "--temperatures", "0"])
+
+
+def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
+    import subprocess
+
+    def stage(*args: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "R": str(tmp_path / "runs"), "STAR": "echo star",
+               "PY": "echo python"}
+        return subprocess.run(["bash", str(ROOT / "benchmarks" / "grpo_study.sh"), *args],
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    runs = tmp_path / "runs"
+    assert stage("sft").stdout.split() == [
+        "star", "distill", "sft", "--trajectories", f"{runs}/teacher-train.jsonl", "--top-k",
+        "5", "--out", f"{runs}/sft", "--resume"]
+    grpo = stage("grpo", "--max-steps", "3").stdout.split()
+    assert grpo[:3] == ["star", "distill", "grpo"] and grpo[-2:] == ["--max-steps", "3"]
+    assert "--resume" in grpo and f"{runs}/sft" in grpo
+    evaluated = stage("eval-grpo").stdout.split()
+    assert f"{runs}/grpo" in evaluated and evaluated[evaluated.index("--users") + 1] == "eval-200"
+    assert evaluated[-1].endswith("grpo-study/ml-100k-star-grpo-test-eval-200.json")
+    assert "grpo_spread.py" in stage("spread").stdout
+    wrong = stage("nonsense")
+    assert wrong.returncode == 2 and "usage" in wrong.stderr

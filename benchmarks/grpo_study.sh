@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GRPO study on ML-100K (issue 14), one stage at a time: each stage is hours of CPU,
+# resumes when run again, and should run alone on the cores.
+#
+#   bash benchmarks/grpo_study.sh STAGE
+#
+# Stages, in order:
+#   teach       the teacher on 100 train tasks, shuffled presentation (trajectories)
+#   sft         the SFT student on the runs with the target in the first 5
+#   spread      the reward spread of the SFT student's sampled groups per temperature
+#   grpo        GRPO from the SFT student (the CPU preset)
+#   eval-sft    the SFT student on eval-200 (the teacher's tasks)
+#   eval-grpo   the GRPO student on eval-200
+#   table       the paired table of the teacher and the students on eval-200
+#
+# Environment: R, where runs go (default runs/grpo-study); STAR, the star command
+# (default star); PY, the Python (default python). Run from the repository root.
+set -euo pipefail
+R=${R:-runs/grpo-study}
+STAR=${STAR:-star}
+PY=${PY:-python}
+RESULTS=benchmarks/results/ml-100k/grpo-study
+mkdir -p "$R" "$RESULTS"
+stage=${1:-}
+case $stage in
+  teach) $STAR teach --users all --split train --limit 100 --out "$R/teacher-train.jsonl" ;;
+  # a teacher at chance keeps about 5 of 100 runs at top 1; the first 5 teach the format
+  # and the tool use, not the ranking (that is GRPO's to learn)
+  sft) $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft" --resume ;;
+  spread) $PY benchmarks/grpo_spread.py --model "$R/sft" --temperatures 0.7,1.0 --prompts 10 \
+            --group 4 --out "$RESULTS/grpo_spread.json" ;;
+  grpo) $STAR distill grpo --model "$R/sft" --out "$R/grpo" --preset cpu --resume "${@:2}" ;;
+  eval-sft|eval-grpo)
+    name=${stage#eval-}
+    $STAR eval --system star --model "$R/$name" --users eval-200 \
+      --records "$R/star-$name-records.jsonl" --out "$RESULTS/ml-100k-star-$name-test-eval-200.json" ;;
+  table)
+    teacher=benchmarks/results/ml-100k/ml-100k-mars-test-eval-200.json
+    $STAR report "$teacher" "$RESULTS"/ml-100k-star-*-test-eval-200.json --out "$RESULTS/table.md"
+    for student in "$RESULTS"/ml-100k-star-*-test-eval-200.json; do
+      $STAR report --paired "$student" "$teacher"
+    done
+    if [ -f "$RESULTS/ml-100k-star-grpo-test-eval-200.json" ]; then
+      $STAR report --paired "$RESULTS/ml-100k-star-grpo-test-eval-200.json" \
+        "$RESULTS/ml-100k-star-sft-test-eval-200.json"
+    fi ;;
+  *) echo "usage: bash benchmarks/grpo_study.sh teach|sft|spread|grpo|eval-sft|eval-grpo|table" >&2
+     exit 2 ;;
+esac
