@@ -594,3 +594,22 @@ def test_inserted_spans_follow_a_repair(world):
     assert [answer.text[a:b] for a, b in answer.inserted] == [
         answer.text[answer.text.index("</tool_call>"):answer.text.index("</tool_response>") + 16],
         "</recommend>"]
+
+
+def test_without_evidence_a_call_that_runs_is_answered_with_the_fixed_line(world):
+    store, tasks = world
+    task = tasks[0]
+    final = f"\n<reflection>r</reflection>\n<recommend>{order([1, 0])}</recommend>"
+    script = ["<plan>p</plan>\n" + tool_call("item_neighbours", item_id=task.history[-1]),
+              "\n" + tool_call("item_neighbours", item_id="nope"), final]
+    answer = Student(ScriptedModel(list(script)), store,
+                     config=StudentConfig(evidence=False)).answer(task)
+    responses = [answer.text[a:b] for a, b in tool_response_spans(answer.text)]
+    assert len(responses) == 2 and [c.ok for c in answer.tool_calls] == [True, False]
+    # the call that ran reads no evidence; the one the tool rejected still reads its error
+    assert "No evidence is available for this call." in responses[0]
+    assert "Error: Unknown item id 'nope'" in responses[1]
+    assert answer.parsed.well_formed and answer.stop == "recommend"
+    with_evidence = Student(ScriptedModel(list(script)), store).answer(task)
+    evidence = [with_evidence.text[a:b] for a, b in tool_response_spans(with_evidence.text)]
+    assert "No evidence" not in evidence[0] and evidence[1] == responses[1]

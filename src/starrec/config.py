@@ -535,6 +535,11 @@ class StudentConfig(Strict):
         "max_trained_tokens), so it only stops a pass that rambles"))
     temperature: float = 0.0
     seed: int | None = None
+    evidence: bool = Field(True, description=(
+        "False: ablation without CST evidence: a tool call that runs is answered with a "
+        "fixed line (prompts/student_no_evidence.md) instead of its evidence, so the "
+        "student keeps its calls and reads none of what they would return; errors still "
+        "come back"))
     constrain: bool = Field(True, description=(
         "where the backend can, decode the format's structure under masks "
         "(inference/student.py): the plan among the card's plan_choices, the part after "

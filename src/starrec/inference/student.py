@@ -7,7 +7,9 @@ pauses at `</tool_call>`, the call runs against the CST store, the response is a
 and the same generation goes on. The pass ends at `</recommend>` ("recommend"), at the
 end-of-turn token ("end"), with the token budget spent ("length"), at a backend error
 ("error"), or at the second call past `max_tool_calls`, the first one being answered
-with a "limit reached" message ("tool_cap").
+with a "limit reached" message ("tool_cap"). With `student.evidence` off (an ablation), a
+call that runs is answered with a fixed line instead of its evidence: the student keeps
+its calls and reads no CST evidence.
 
 With `student.constrain` and a backend that masks tokens, the format's structure is
 decoded under masks and its content left to the student (each is a way a trained 135M
@@ -277,6 +279,8 @@ class _Pass:
             if self.constrain and self.left() > 0 and not _runnable(call_content(self.text), self.tools):
                 self.repair_call()
             response = _execute(self.text, self.tools, self.answer.tool_calls)
+            if not self.config.evidence and self.answer.tool_calls[-1].ok:
+                response = prompt_text("student_no_evidence.md").strip()
         self.add(wrap(TOOL_RESPONSE, response), inserted=True)
         return self.next(TOOL_RESPONSE)
 
