@@ -5,7 +5,8 @@
 #   bash benchmarks/grpo_study.sh STAGE
 #
 # Stages, in order:
-#   teach       the teacher on 100 train tasks, shuffled presentation (trajectories)
+#   teach       the teacher on 100 train tasks, shuffled presentation (trajectories,
+#               committed with their summary)
 #   sft         the SFT student on the runs with the target in the first 5
 #   spread      the reward spread of the SFT student's sampled groups per temperature
 #   grpo        GRPO from the SFT student (the CPU preset)
@@ -23,7 +24,11 @@ RESULTS=benchmarks/results/ml-100k/grpo-study
 mkdir -p "$R" "$RESULTS"
 stage=${1:-}
 case $stage in
-  teach) $STAR teach --users all --split train --limit 100 --out "$R/teacher-train.jsonl" ;;
+  teach)
+    $STAR teach --users all --split train --limit 100 --out "$R/teacher-train.jsonl"
+    # the trajectories are the record of this stage (the per-task file of its summary)
+    $PY benchmarks/teacher_runs.py "$R/teacher-train.jsonl" --out "$RESULTS/teacher-train.json"
+    cp "$R/teacher-train.jsonl" "$RESULTS/teacher-train.tasks.jsonl" ;;
   # a teacher at chance keeps about 5 of 100 runs at top 1; the first 5 teach the format
   # and the tool use, not the ranking (that is GRPO's to learn)
   sft) $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft" --resume ;;
