@@ -319,6 +319,49 @@ def test_no_valid_or_test_target_reaches_a_rollout(tokenizer, splits):
     assert set(data.column_names) == {"prompt", "difficulty", "cst_rank"}
 
 
+def test_dynamic_sampling_replaces_a_flat_group_with_a_group_on_another_train_prompt(
+        tokenizer, splits):
+    _, tasks, stores = splits
+    store = stores["train"]
+    prompts = draw_prompts(tasks["train"], store, None, [1, 1, 1], [3, 10])
+    answer = f"<plan>{PLAN}</plan>\n<reflection>r</reflection>\n<recommend>{PERMUTATION}</recommend>"
+    first, second = prompts.tasks[0].task_id, prompts.tasks[1].task_id
+    ids = [first, first, second, second]
+
+    class Trainer:
+        class state:  # noqa: N801
+            global_step = 5
+
+    def run(resample_flat, script):
+        settings = GRPOSettings(group_size=2, prompts_per_step=2, resample_flat=resample_flat)
+        rollout = make_rollout_func(prompts.tasks, store, StudentFormatConfig(), StudentConfig(),
+                                    settings, difficulty=prompts.difficulty,
+                                    sampler_for=lambda trainer: trainer.sampler)
+        trainer = Trainer()
+        sampler = ScriptedSampler(tokenizer, script)
+        trainer.sampler = contextlib_of(sampler)
+        return rollout(ids, trainer)
+
+    # group 1 flat (both well formed, the same ranking), group 2 spread (one pass malformed);
+    # group 1's replacement spreads too
+    script = [answer, answer, answer, "no idea", answer, "no idea"]
+    plain = run(0, script[:4])
+    assert plain["task_id"] == ids and "resampled" not in plain
+    assert plain["difficulty"] == [prompts.difficulty[i] for i in ids]
+    out = run(1, script)
+    kept = out["task_id"]
+    assert kept[2:] == [second, second] and out["resampled"] == [1, 1, 0, 0]
+    assert kept[0] == kept[1] and kept[0] not in (first, second)
+    assert kept[0] in {t.task_id for t in prompts.tasks}  # a drawn train prompt
+    assert out["well_formed"] == [True, False, True, False]
+    assert out["difficulty"][0] == prompts.difficulty[kept[0]]
+    assert len(out["completion_ids"]) == len(out["prompt_ids"]) == 4
+    assert run(1, script)["task_id"] == kept  # seeded by (seed, step, round): a resume draws the same
+    # a replacement that is flat again is kept when the rounds are spent
+    again = run(1, [answer, answer, answer, "no idea", answer, answer])
+    assert again["resampled"] == [1, 1, 0, 0] and again["well_formed"][:2] == [True, True]
+
+
 def contextlib_of(sampler):
     import contextlib
 
@@ -457,7 +500,8 @@ def settings(**changes) -> GRPOSettings:
     # model) differ in where the target lands, so advantages are not all zero
     base = dict(steps=2, group_size=8, prompts_per_step=1, learning_rate=5e-2,
                 max_completion_length=12, save_steps=1, eval_steps=2, valid_tasks=2,
-                train_tasks=6, difficulty_ratio=[1, 1, 1], lora_r=4, lora_alpha=8)
+                train_tasks=6, difficulty_ratio=[1, 1, 1], lora_r=4, lora_alpha=8,
+                resample_flat=1)
     return GRPOSettings(**{**base, **changes})
 
 
@@ -491,6 +535,7 @@ def test_two_grpo_steps_change_the_weights_checkpoint_and_resume(student_dir, sp
     assert any(p["reward_std"] > 0 for p in curves["train"])
     # one group a step: a step whose rewards spread has no zero-spread group
     assert all(p["zero_spread"] == (0.0 if p["reward_std"] > 0 else 1.0) for p in curves["train"])
+    assert all(p["resampled"] in (0.0, 1.0) for p in curves["train"])  # one group a step
     assert [p["step"] for p in curves["valid"]] == [0, 2]
     assert curves["valid"][0]["n_tasks"] == 2 and 0 <= curves["valid"][0]["AvgHR"] <= 100
     assert len(curves["valid"][0]["ranks"]) == 2 and "vs_step_0" in curves["valid"][1]

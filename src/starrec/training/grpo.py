@@ -140,6 +140,9 @@ def format_(prompts: list, completions: list, well_formed: list, **kwargs: Any) 
     log_metric, calls = kwargs.get("log_metric"), kwargs.get("tool_calls")
     if log_metric is not None and calls:
         log_metric("rollout/tool_calls", sum(calls) / len(calls))
+    resampled = kwargs.get("resampled")
+    if log_metric is not None and resampled:  # passes of groups sampled in place of flat ones
+        log_metric("rollout/resampled", sum(r > 0 for r in resampled) / len(resampled))
     return [format_reward(w) for w in well_formed]
 
 
@@ -195,7 +198,8 @@ def train_grpo(base_model: str, prompts: PromptSet, store: EvidenceStore, out: P
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     rollout = make_rollout_func(prompts.tasks, store, fmt, student, settings,
-                                plan_choices=plans, reflection_cap=cap)
+                                plan_choices=plans, reflection_cap=cap,
+                                difficulty=prompts.difficulty)
     valid = ValidCallback(list(valid_tasks)[:settings.valid_tasks], valid_store, fmt, student,
                           settings.eval_steps, plan_choices=plans, reflection_cap=cap) \
         if valid_tasks and valid_store is not None else None

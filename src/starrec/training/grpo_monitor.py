@@ -161,6 +161,8 @@ def curves(log_history: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                       "format_rate": None if form is None else (form + 1) / 2,
                       # groups whose passes all got one reward: zero advantage, nothing learnt
                       "zero_spread": entry.get("frac_reward_zero_std"),
+                      # passes of groups sampled in place of flat ones (grpo.resample_flat)
+                      "resampled": entry.get("rollout/resampled"),
                       "entropy": entry.get("entropy"),
                       "kl": entry.get("kl"), "step_time": entry.get("step_time"),
                       "completion_length": entry.get("completions/mean_length")})

@@ -79,6 +79,12 @@ def format_reward(well_formed: bool) -> float:
     return FORMAT_GOOD if well_formed else FORMAT_BAD
 
 
+def total_reward(rank: int | None, well_formed: bool) -> float:
+    """R = R_outcome + R_format of one pass (DESIGN.md 3.6): what GRPO's two reward
+    functions sum to."""
+    return outcome_reward(rank) + format_reward(well_formed)
+
+
 def judge_format(answer: StudentAnswer, n_candidates: int, *,
                  runtime_closed: Sequence[str] = ()) -> FormatVerdict:
     """The format verdict of one student pass (`starrec.inference.student.StudentAnswer`).

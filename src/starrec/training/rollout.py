@@ -36,9 +36,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 from starrec.config import GRPOSettings, StudentConfig, StudentFormatConfig
 from starrec.core import Task
@@ -55,7 +57,7 @@ from starrec.trajectories.format import (
     close_tag,
     tool_response_spans,
 )
-from starrec.training.reward import FormatVerdict, judge_format, target_rank
+from starrec.training.reward import FormatVerdict, judge_format, target_rank, total_reward
 
 log = logging.getLogger(__name__)
 
@@ -428,10 +430,13 @@ def run_passes(sampler: Sampler, jobs: Sequence[tuple[Task, int]], store: Eviden
         return list(pool.map(one, jobs))
 
 
-def rollout_batch(rollouts: Sequence[Rollout], with_logprobs: bool) -> dict[str, list]:
+def rollout_batch(rollouts: Sequence[Rollout], with_logprobs: bool,
+                  difficulty: Mapping[str, str] | None = None,
+                  resampled: Sequence[int] | None = None) -> dict[str, list]:
     """TRL's rollout output: the three required lists, `env_mask`, and per-completion
-    fields its reward functions receive by name."""
-    return {
+    fields its reward functions receive by name (they replace the dataset's columns of the
+    same name, so a group sampled in place of a flat one carries its own difficulty)."""
+    out = {
         "prompt_ids": [r.prompt_ids for r in rollouts],
         "completion_ids": [r.completion_ids for r in rollouts],
         "logprobs": [r.logprobs for r in rollouts] if with_logprobs else None,
@@ -441,7 +446,29 @@ def rollout_batch(rollouts: Sequence[Rollout], with_logprobs: bool) -> dict[str,
         "format_reasons": ["; ".join(r.verdict.reasons) for r in rollouts],
         "rollout_stop": [r.answer.stop for r in rollouts],
         "tool_calls": [len(r.answer.tool_calls) for r in rollouts],
+        "task_id": [r.task.task_id for r in rollouts],
     }
+    if difficulty is not None:
+        out["difficulty"] = [difficulty.get(r.task.task_id, "") for r in rollouts]
+    if resampled is not None:
+        out["resampled"] = list(resampled)
+    return out
+
+
+def groups_of(prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """(start, end) of each run of one prompt: TRL repeats a prompt once per pass of its
+    group, one after another."""
+    spans, start = [], 0
+    for i in range(1, len(prompts) + 1):
+        if i == len(prompts) or prompts[i] != prompts[start]:
+            spans.append((start, i))
+            start = i
+    return spans
+
+
+def is_flat(rollouts: Sequence[Rollout]) -> bool:
+    """Whether every pass of a group earned the same reward (no advantage: nothing to learn)."""
+    return len({total_reward(r.rank, r.verdict.well_formed) for r in rollouts}) == 1
 
 
 RolloutFunc = Callable[[list[str], Any], dict[str, Any]]
@@ -450,12 +477,18 @@ RolloutFunc = Callable[[list[str], Any], dict[str, Any]]
 def make_rollout_func(tasks: Sequence[Task], store: EvidenceStore, fmt: StudentFormatConfig,
                       student: StudentConfig, settings: GRPOSettings, *,
                       plan_choices: Sequence[str] = (), reflection_cap: int | None = None,
+                      difficulty: Mapping[str, str] | None = None,
                       sampler_for: Callable[[Any], contextlib.AbstractContextManager[Sampler]]
                       | None = None) -> RolloutFunc:
     """TRL's `rollout_func`: the prompts are task ids (each repeated `group_size` times by
     TRL's sampler), answered by student passes on the trainer's live model, sampled at
     `settings.temperature` with one seed per pass. Only `tasks` can be answered: a prompt
-    naming any other task stops the run (the training prompts are train tasks only)."""
+    naming any other task stops the run (the training prompts are train tasks only).
+
+    With `settings.resample_flat` (dynamic sampling), a group whose passes all earned one
+    reward is replaced by a group on another of `tasks` not in this batch, drawn with a
+    generator seeded by (seed, step, round), up to that many rounds; every group sampled is
+    still a real pass on a train task, and the replaced ones are only not trained on."""
     by_id = {task.task_id: task for task in tasks}
     config = student.model_copy(update={"temperature": settings.temperature,
                                         "max_new_tokens": settings.max_completion_length})
@@ -467,13 +500,36 @@ def make_rollout_func(tasks: Sequence[Task], store: EvidenceStore, fmt: StudentF
             raise KeyError(f"rollout prompts that are no training task: {unknown[:3]}")
         step = int(trainer.state.global_step)
         jobs = [(by_id[p], pass_seed(settings.seed, step, i)) for i, p in enumerate(prompts)]
+        resampled = [0] * len(prompts)
         with open_sampler(trainer) as sampler:
-            rollouts = run_passes(sampler, jobs, store, fmt, config,
+            def run(batch: Sequence[tuple[Task, int]]) -> list[Rollout]:
+                return run_passes(sampler, batch, store, fmt, config,
                                   concurrent=getattr(sampler, "concurrent", False),
                                   plan_choices=plan_choices, reflection_cap=reflection_cap,
                                   learn_masked=settings.learn_masked)
+
+            rollouts = run(jobs)
+            used = set(prompts)
+            for round_ in range(1, settings.resample_flat + 1):
+                flat = [(a, b) for a, b in groups_of(prompts) if is_flat(rollouts[a:b])]
+                pool = sorted(set(by_id) - used)
+                if not flat or not pool:
+                    break
+                rng = np.random.default_rng([settings.seed, step, round_])
+                picks = [pool[int(i)] for i in rng.permutation(len(pool))[:len(flat)]]
+                redo = []
+                for (a, b), task_id in zip(flat, picks):
+                    used.add(task_id)
+                    redo += [(by_id[task_id], pass_seed(settings.seed, step,
+                                                        round_ * len(prompts) + i))
+                             for i in range(a, b)]
+                again = iter(run(redo))
+                for (a, b), _ in zip(flat, picks):
+                    for i in range(a, b):
+                        rollouts[i], resampled[i] = next(again), round_
         # None where a token's was not reported: TRL reads it as NaN and leaves it uncorrected
-        return rollout_batch(rollouts, getattr(sampler, "reports_logprobs", False))
+        return rollout_batch(rollouts, getattr(sampler, "reports_logprobs", False), difficulty,
+                             resampled if settings.resample_flat else None)
 
     return rollout
 
