@@ -17,7 +17,9 @@ reports:
   whose first label is the first shown, the format rate (well formed as written), the
   mean reward and outcome, and the seconds per pass (median).
 
-Train prompts only (no valid or test target is read). Results JSON and a per-task file (one row per pass):
+Train prompts only (no valid or test target is read). Results JSON and a per-task file
+(one row per pass). Passes are appended to the per-task file as they finish, and a rerun
+with the same settings samples only the missing ones (`--fresh` starts over):
 
     python benchmarks/grpo_spread.py --model runs/issue14/sft --temperatures 0.7,1.0
 """
@@ -62,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group", type=int, default=4, help="passes per prompt")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/<dataset>/grpo_spread.json")
+    parser.add_argument("--fresh", action="store_true",
+                        help="sample every pass again instead of resuming")
     args = parser.parse_args(argv)
     try:
         args.temperatures = [float(t) for t in args.temperatures.split(",")]
@@ -107,6 +111,22 @@ def summarise(passes: list[dict[str, Any]], group: int) -> dict[str, Any]:
     }
 
 
+def read_done(rows_file: Path, identity: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
+    """The passes an earlier run with the same settings wrote, by (temperature, task,
+    seed); SystemExit when the file holds another run's."""
+    if not rows_file.is_file():
+        return {}
+    done = {}
+    for line in rows_file.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if any(row.get(k) != v for k, v in identity.items()):
+            raise SystemExit(f"{rows_file} holds passes of other settings; --fresh to replace them")
+        done[(row["temperature"], row["task_id"], row["seed"])] = row
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -125,46 +145,59 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_base(path)
     sampler = PolicyModel(model, tokenizer)
     out = args.out or ROOT / "benchmarks" / "results" / dataset_slug(args.dataset) / "grpo_spread.json"
+    rows_file = out.with_suffix(".tasks.jsonl")
+    identity = {"model": args.model, "dataset": args.dataset, "overrides": args.overrides,
+                "group": args.group, "prompts": [t.task_id for t in prompts.tasks]}
+    done = read_done(rows_file, identity) if not args.fresh else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh or not done:
+        rows_file.write_text("", encoding="utf-8")
     passes: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    bar = progress_bar("grpo-spread", total=len(args.temperatures) * len(prompts.tasks) * args.group,
-                       unit="pass")
+    total = len(args.temperatures) * len(prompts.tasks) * args.group
+    bar = progress_bar("grpo-spread", total=total, unit="pass", initial=len(done))
     for temperature in args.temperatures:
         student = cfg.student.model_copy(update={
             "temperature": temperature, "max_new_tokens": settings.max_completion_length})
         mine = []
         for task in prompts.tasks:
-            jobs = [(task, pass_seed(settings.seed, 0, i)) for i in range(args.group)]
-            for rollout in run_passes(sampler, jobs, store, fmt, student, plan_choices=plans,
-                                      reflection_cap=cap, learn_masked=settings.learn_masked):
+            for i in range(args.group):
+                seed = pass_seed(settings.seed, 0, i)
+                key = (temperature, task.task_id, seed)
+                if key in done:
+                    mine.append(done[key])
+                    continue
+                rollout, = run_passes(sampler, [(task, seed)], store, fmt, student,
+                                      plan_choices=plans, reflection_cap=cap,
+                                      learn_masked=settings.learn_masked)
                 ranking = rollout.answer.completed.ranking
                 outcome = outcome_reward(rollout.rank)
-                mine.append({
-                    "temperature": temperature, "task_id": task.task_id,
+                row = {
+                    **identity, "temperature": temperature, "task_id": task.task_id,
                     "difficulty": prompts.difficulty[task.task_id],
                     "cst_rank": prompts.ranks[task.task_id], "seed": rollout.seed,
                     "rank": rollout.rank, "outcome": outcome,
                     "well_formed": rollout.verdict.well_formed,
+                    "format_reasons": list(rollout.verdict.reasons),
                     "reward": outcome + format_reward(rollout.verdict.well_formed),
                     "ranking": ranking, "shown_order": ranking == list(task.candidates),
                     "first_is_first_shown": bool(ranking) and ranking[0] == task.candidates[0],
                     "tool_calls": len(rollout.answer.tool_calls),
-                    "seconds": round(rollout.seconds, 2)})
+                    "seconds": round(rollout.seconds, 2)}
+                with rows_file.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                mine.append(row)
                 bar.update(1)
         passes += mine
         summary[str(temperature)] = summarise(mine, args.group)
         print(f"temperature {temperature}: " + json.dumps(summary[str(temperature)]))
     bar.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "card_stage": card.stage if card else None,
               "dataset": args.dataset, "group": args.group, "prompts": prompts.report,
               "candidate_order": fmt.candidate_order, "overrides": args.overrides,
               "max_completion_length": settings.max_completion_length,
               "by_temperature": summary}
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    with out.with_suffix(".tasks.jsonl").open("w", encoding="utf-8") as handle:
-        for row in passes:
-            handle.write(json.dumps(row) + "\n")
     print(f"-> {out}")
     return 0
 

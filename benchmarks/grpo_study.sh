@@ -33,7 +33,7 @@ case $stage in
   # and the tool use, not the ranking (that is GRPO's to learn)
   sft) $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft" --resume ;;
   spread) $PY benchmarks/grpo_spread.py --model "$R/sft" --temperatures 0.7,1.0 --prompts 10 \
-            --group 4 --out "$RESULTS/grpo_spread.json" ;;
+            --group 4 --out "$RESULTS/grpo_spread.json" "${@:2}" ;;
   grpo) $STAR distill grpo --model "$R/sft" --out "$R/grpo" --preset cpu --resume "${@:2}" ;;
   eval-sft|eval-grpo)
     name=${stage#eval-}

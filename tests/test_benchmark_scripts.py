@@ -361,6 +361,19 @@ def test_grpo_spread_samples_every_group_at_every_temperature(shop, tmp_path, ti
         assert summary["reward"] == pytest.approx(sum(r["reward"] for r in mine) / 9)
         # the passes of a group are seeded apart: the same seeds at both temperatures
         assert len({r["seed"] for r in mine}) == 3
+    # a rerun samples nothing again (a resume), and other settings are refused
+    argv = ["--model", str(tiny_lm_dir), "--dataset", str(shop), "--prompts", "3",
+            "--temperatures", "0.7,1.5", "--out", str(out), "--set",
+            "grpo.max_completion_length=12", "--set", "grpo.difficulty_ratio=[1,1,1]",
+            *overrides(FAST)]
+    before = out.with_suffix(".tasks.jsonl").read_text()
+    assert bench.main([*argv, "--group", "3"]) == 0
+    assert out.with_suffix(".tasks.jsonl").read_text() == before
+    assert json.loads(out.read_text())["by_temperature"] == result["by_temperature"]
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--group", "2"])
+    assert bench.main([*argv, "--group", "2", "--fresh"]) == 0
+    assert len(out.with_suffix(".tasks.jsonl").read_text().splitlines()) == 2 * 3 * 2
     with pytest.raises(SystemExit):
         bench.main(["--model", str(tiny_lm_dir), "--temperatures", "0"])
 
