@@ -10,7 +10,13 @@ from typer.testing import CliRunner
 
 from starrec.cli.main import app
 from starrec.data.tasks import build_split_tasks
-from starrec.evaluation.paired import compare_rows, paired_comparison, paired_markdown
+from starrec.evaluation import runner as runner_module
+from starrec.evaluation.paired import (
+    compare_rows,
+    paired_comparison,
+    paired_markdown,
+    read_task_rows,
+)
 from starrec.evaluation.runner import (
     Recommendation,
     candidates_sha256,
@@ -79,7 +85,7 @@ def write(system, tasks, path):
     return write_results(result, records, path), records
 
 
-def test_per_task_file_beside_results_and_paired_report(tiny, tmp_path):
+def test_per_task_file_beside_results_and_paired_report(tiny, tmp_path, monkeypatch):
     tasks = build_split_tasks(tiny, "test")[:8]
     targets = [t.target_index for t in tasks]
     rows_path, records = write(Fixed("zero", 0), tasks, tmp_path / "zero.json")
@@ -98,6 +104,25 @@ def test_per_task_file_beside_results_and_paired_report(tiny, tmp_path):
                                  str(tmp_path / "one.json")])
     assert result.exit_code == 0, result.output
     assert "zero (zero.json)" in result.output and "| HR@1 |" in result.output
+
+    # a large run keeps its per-task file gzipped, read as the plain one; the plain file
+    # an earlier run left is removed, so the two cannot disagree
+    plain = read_task_rows(tmp_path / "one.json")
+    monkeypatch.setattr(runner_module, "PACK_TASK_FILE_OVER", len(tasks) - 1)
+    packed_path, _ = write(Fixed("one", 1), tasks, tmp_path / "one.json")
+    assert packed_path == tmp_path / "one.tasks.jsonl.gz" and packed_path.read_bytes()[:2] == b"\x1f\x8b"
+    assert not (tmp_path / "one.tasks.jsonl").exists()
+    def timeless(rows):  # a second run takes other seconds
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert timeless(read_task_rows(tmp_path / "one.json")) == timeless(plain)
+    assert paired_comparison(tmp_path / "zero.json", tmp_path / "one.json").metric("HR@1").wins == hr1.wins
+    monkeypatch.setattr(runner_module, "PACK_TASK_FILE_OVER", len(tasks))
+    assert write(Fixed("one", 1), tasks, tmp_path / "one.json")[0].suffix == ".jsonl"
+    assert not packed_path.exists()
+    (tmp_path / "one.tasks.jsonl").unlink()
+    with pytest.raises(ValueError, match="no per-task file beside it"):
+        read_task_rows(tmp_path / "one.json")
 
     # results of another task file: same ids, other candidates
     other = [replace(t, candidates=list(reversed(t.candidates))[:-1] + ["new"])

@@ -10,6 +10,7 @@ differs between the two files is refused: those are different tasks.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,13 @@ import numpy as np
 
 from starrec.evaluation.metrics import bootstrap_ci, per_task_metrics
 from starrec.evaluation.report import load_result
-from starrec.evaluation.runner import candidates_sha256, read_records, task_file_path, task_row
+from starrec.evaluation.runner import (
+    candidates_sha256,
+    existing_task_file,
+    read_records,
+    task_file_path,
+    task_row,
+)
 
 PAIRED_METRICS = ("AvgHR", "HR@1", "NDCG@10", "MRR")
 
@@ -57,12 +64,15 @@ class PairedComparison:
 
 
 def read_task_rows(results: Path) -> list[dict[str, Any]]:
-    """The per-task rows of a results JSON: its `.tasks.jsonl`, else (results written
-    before per-task files existed) the `.records.jsonl` an LLM evaluation keeps beside it."""
-    rows_path = task_file_path(results)
-    if rows_path.exists():
+    """The per-task rows of a results JSON: its `.tasks.jsonl` (`.tasks.jsonl.gz` for a
+    large run), else (results written before per-task files existed) the `.records.jsonl`
+    an LLM evaluation keeps beside it."""
+    rows_path = existing_task_file(results)
+    if rows_path is not None:
+        raw = rows_path.read_bytes()
+        text = (gzip.decompress(raw) if rows_path.suffix == ".gz" else raw).decode("utf-8")
         rows = []
-        for number, line in enumerate(rows_path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -75,7 +85,8 @@ def read_task_rows(results: Path) -> list[dict[str, Any]]:
     records = results.with_suffix(".records.jsonl")
     if records.exists():
         return [task_row(r) for r in read_records(records).values()]
-    raise ValueError(f"{results}: no per-task file beside it ({rows_path.name}); rerun "
+    expected = task_file_path(results).name
+    raise ValueError(f"{results}: no per-task file beside it ({expected}); rerun "
                      "`star eval` to write one")
 
 

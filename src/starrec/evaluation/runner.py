@@ -11,6 +11,7 @@ the order it was shown, and where the number came from (`provenance`).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -435,9 +436,21 @@ def candidates_sha256(items: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:16]
 
 
-def task_file_path(results: Path) -> Path:
-    """The per-task file beside a results JSON: `x.json` -> `x.tasks.jsonl`."""
-    return results.with_suffix(".tasks.jsonl")
+# runs of more tasks than this keep their per-task file gzipped: an Amazon Games run over all
+# 50,546 test users is 16 MB plain, a quarter of that packed
+PACK_TASK_FILE_OVER = 10_000
+
+
+def task_file_path(results: Path, packed: bool = False) -> Path:
+    """The per-task file beside a results JSON: `x.json` -> `x.tasks.jsonl`, or
+    `x.tasks.jsonl.gz` when `packed`."""
+    return results.with_suffix(".tasks.jsonl.gz" if packed else ".tasks.jsonl")
+
+
+def existing_task_file(results: Path) -> Path | None:
+    """The per-task file a results JSON has beside it, plain or packed; None if neither."""
+    return next((path for packed in (False, True)
+                 if (path := task_file_path(results, packed)).exists()), None)
 
 
 def task_row(record: TaskRecord) -> dict[str, Any]:
@@ -450,18 +463,25 @@ def task_row(record: TaskRecord) -> dict[str, Any]:
 
 
 def write_task_file(records: list[TaskRecord], path: Path) -> None:
+    """One `task_row` a line; gzipped when `path` ends in `.gz` (mtime 0: the same rows
+    give the same bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(task_row(record)) + "\n")
+    text = "".join(json.dumps(task_row(record)) + "\n" for record in records)
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    else:
+        path.write_text(text, encoding="utf-8")
 
 
 def write_results(result: dict[str, Any], records: list[TaskRecord], path: Path) -> Path:
     """The results JSON at `path` and its per-task file beside it (DESIGN.md 3.4), which
-    `star report --paired` compares; returns the per-task file's path."""
+    `star report --paired` compares, gzipped for runs of more than PACK_TASK_FILE_OVER
+    tasks; returns the per-task file's path."""
     write_json(result, path)
-    tasks_path = task_file_path(path)
+    packed = len(records) > PACK_TASK_FILE_OVER
+    tasks_path = task_file_path(path, packed)
     write_task_file(records, tasks_path)
+    task_file_path(path, not packed).unlink(missing_ok=True)  # an earlier run's, now stale
     return tasks_path
 
 
