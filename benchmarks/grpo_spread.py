@@ -42,7 +42,7 @@ from starrec.llm.card import read_model_card
 from starrec.progress import progress_bar
 from starrec.training.grpo import student_format
 from starrec.training.grpo_data import draw_prompts, split_store
-from starrec.training.reward import format_reward, outcome_reward
+from starrec.training.reward import outcome_reward, total_reward
 from starrec.training.rollout import PolicyModel, pass_seed, run_passes
 from starrec.training.sft import load_base, resolve_base_model
 
@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.fresh or not done:
         rows_file.write_text("", encoding="utf-8")
-    passes: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     total = len(args.temperatures) * len(prompts.tasks) * args.group
     bar = progress_bar("grpo-spread", total=total, unit="pass", initial=len(done))
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rank": rollout.rank, "outcome": outcome,
                     "well_formed": rollout.verdict.well_formed,
                     "format_reasons": list(rollout.verdict.reasons),
-                    "reward": outcome + format_reward(rollout.verdict.well_formed),
+                    "reward": total_reward(rollout.rank, rollout.verdict.well_formed),
                     "ranking": ranking, "shown_order": ranking == list(task.candidates),
                     "first_is_first_shown": bool(ranking) and ranking[0] == task.candidates[0],
                     "tool_calls": len(rollout.answer.tool_calls),
@@ -188,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
                     handle.write(json.dumps(row) + "\n")
                 mine.append(row)
                 bar.update(1)
-        passes += mine
         summary[str(temperature)] = summarise(mine, args.group)
         print(f"temperature {temperature}: " + json.dumps(summary[str(temperature)]))
     bar.close()

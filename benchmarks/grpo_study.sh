@@ -26,8 +26,9 @@ stage=${1:-}
 case $stage in
   teach)
     $STAR teach --users all --split train --limit 100 --out "$R/teacher-train.jsonl"
-    # the trajectories are the record of this stage (the per-task file of its summary)
-    $PY benchmarks/teacher_runs.py "$R/teacher-train.jsonl" --out "$RESULTS/teacher-train.json"
+    # the trajectories are the record of this stage (the per-task file of its summary:
+    # shown order kept, hits at 1, 3 and 5, tool calls, seconds)
+    $STAR view "$R/teacher-train.jsonl" --summary --json > "$RESULTS/teacher-train.json"
     cp "$R/teacher-train.jsonl" "$RESULTS/teacher-train.tasks.jsonl" ;;
   # a teacher at chance keeps about 5 of 100 runs at top 1; the first 5 teach the format
   # and the tool use, not the ranking (that is GRPO's to learn)

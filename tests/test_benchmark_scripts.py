@@ -401,31 +401,3 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     wrong = stage("nonsense")
     assert wrong.returncode == 2 and "usage" in wrong.stderr
 
-
-def test_teacher_runs_summary_counts_what_the_sft_filter_keeps(tmp_path):
-    bench = script("teacher_runs")
-    candidates = [str(i) for i in range(20)]
-
-    def run(task_id, target, order, status="ok"):
-        ranking = [candidates[i] for i in order] if order else None
-        return {"task_id": task_id, "task": {"target": target, "candidates": candidates},
-                "ranking": ranking, "ranking_indices": order, "status": status,
-                "tool_calls": 2, "seconds": 10.0}
-
-    identity = list(range(20))
-    rows = [run("train-1", "0", identity),                    # rank 1, the shown order
-            run("train-2", "4", identity),                    # rank 5
-            run("train-10", "3", [5, 4, 3] + [i for i in identity if i not in (3, 4, 5)]),
-            run("train-3", "7", None, status="error")]        # no ranking
-    summary = bench.summarise(rows)
-    assert summary["runs"] == 4 and summary["status"] == {"ok": 3, "error": 1}
-    assert summary["target_at_1"] == 1 and summary["target_in_first_5"] == 3
-    assert summary["shown_order_identity"] == 2
-    assert summary["AvgHR"] == pytest.approx(100 * (1 + 1 / 3 + 2 / 3 + 0) / 4, abs=0.05)
-    assert summary["tasks"] == ["train-1", "train-2", "train-3", "train-10"]
-    path = tmp_path / "t.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert bench.main([str(path), "--out", str(tmp_path / "s.json")]) == 0
-    assert json.loads((tmp_path / "s.json").read_text())["runs"] == 4
-    with pytest.raises(SystemExit):
-        bench.main([str(tmp_path / "missing.jsonl")])

@@ -445,7 +445,7 @@ class GRPOSettings(FineTuneSettings):
     learn_masked: bool = Field(True, description=(
         "loss on the tokens sampled under a mask too (a choice among the format's options, "
         "a repaired call or list); False: the student's free text only"))
-    resample_flat: int = Field(0, description=(
+    resample_flat: int = Field(0, ge=0, description=(
         "dynamic sampling (DAPO's): a group whose passes all earned one reward has no "
         "advantage and teaches nothing, so it is dropped and a group on another drawn train "
         "prompt sampled in its place, up to this many times per group (the last one is kept "
@@ -493,8 +493,6 @@ class GRPOSettings(FineTuneSettings):
     @model_validator(mode="after")
     def _batches(self) -> GRPOSettings:
         passes = self.prompts_per_step * self.group_size
-        if self.resample_flat < 0:
-            raise ValueError("resample_flat must be 0 (off) or more")
         if self.prompts_per_step < 1 or self.batch < 1 or passes % self.batch:
             raise ValueError(f"micro_batch={self.batch} must divide the {passes} passes "
                              "of a step (prompts_per_step x group_size)")
