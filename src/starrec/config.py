@@ -402,12 +402,14 @@ class GRPOSettings(FineTuneSettings):
 
     The defaults are the CPU preset (`--preset cpu`), sized so that a 135M student moves
     within hours on 2 cores: a step is `prompts_per_step` x `group_size` passes of up to
-    `max_completion_length` tokens decoded one after another. They are
-    starting values, each to be chosen by a measurement on train tasks or valid-200, never
-    on eval-200 (DESIGN.md 3.2): `group_size` by the share of groups whose rewards all tie
-    (TRL's frac_reward_zero_std: such a group teaches nothing) against the seconds per
-    step; `learning_rate` by the weight change per step (benchmarks/weight_change.py) and
-    the reward and valid curves (a rising reward with a falling valid AvgHR is too high);
+    `max_completion_length` tokens decoded one after another. Each is chosen by a
+    measurement on train tasks or valid-200, never on eval-200 (DESIGN.md 3.2; the numbers
+    are in docs/experiment-log.md, "Measurements behind the defaults"): `temperature`,
+    `group_size` and `resample_flat` by benchmarks/grpo_spread.py, the share of an SFT
+    student's sampled groups on train prompts whose rewards spread (a group whose rewards
+    all tie, TRL's frac_reward_zero_std, teaches nothing) against the seconds per pass;
+    `learning_rate` by the weight change per step (benchmarks/weight_change.py) and the
+    reward and valid curves (a rising reward with a falling valid AvgHR is too high);
     `steps`, `eval_steps` and `valid_tasks` by the hours a run may take. `--preset gpu`
     (configs/grpo-gpu.yaml) holds the paper's values: group 8, learning rate 1e-6, KL
     0.001, temperature 0.7, full fine-tune, vLLM generation."""
@@ -415,10 +417,10 @@ class GRPOSettings(FineTuneSettings):
     base_model: str = "smollm2"  # the student to improve: an SFT student folder (its card gives the format)
     lora_dropout: float = 0.0  # rollouts decode without dropout; the trained pass should be the same model
     learning_rate: float | None = None  # None: 5e-5 with LoRA, 1e-6 (the paper's) for a full fine-tune
-    group_size: int = 4  # completions per prompt (G); the paper's 8 doubles a CPU step
+    group_size: int = 4  # completions per prompt (G): most groups of 4 spread; the paper's 8 doubles a CPU step
     prompts_per_step: int = 1  # prompts per optimizer step (and process, under accelerate): prompts_per_step x group_size passes
     micro_batch: int | None = None  # passes per forward/backward (TRL's per_device_train_batch_size); None: a group
-    temperature: float = 0.7  # sampling temperature of the rollouts (the paper's)
+    temperature: float = 0.7  # sampling temperature of the rollouts (the paper's; 1.0 spread less)
     beta: float = 0.001  # KL coefficient to the starting model (the paper's); 0 drops the reference pass
     max_completion_length: int = Field(768, description=(
         "the student's own tokens per rollout pass (tool responses not counted), as "
