@@ -613,3 +613,32 @@ def test_every_valid_point_is_compared_with_step_0_task_by_task():
     assert low <= paired["difference"] <= high
     with pytest.raises(ValueError, match="other tasks"):
         paired_ranks([1, 2], [1, 2, 3])
+
+
+def test_a_valid_point_shows_a_bar_over_passes_decoded_one_after_another(monkeypatch, capfd):
+    from types import SimpleNamespace
+
+    import starrec.training.grpo_monitor as monitor
+
+    tasks = [SimpleNamespace(task_id=f"valid-{i}", candidates=["a", "b", "c"]) for i in range(3)]
+    calls = []
+
+    def fake_run_passes(sampler, jobs, store, fmt, student, *, concurrent, **kwargs):
+        calls.append(([job[0].task_id for job in jobs], concurrent))
+        return [SimpleNamespace(rank=1 + i, task=task,
+                                answer=SimpleNamespace(completed=SimpleNamespace(ranking=task.candidates)),
+                                verdict=SimpleNamespace(well_formed=True))
+                for i, (task, _) in enumerate(jobs)]
+
+    monkeypatch.setattr(monitor, "run_passes", fake_run_passes)
+    metrics = monitor.evaluate_valid(SimpleNamespace(), tasks, None, None, StudentConfig())
+    assert calls == [(["valid-0"], False), (["valid-1"], False), (["valid-2"], False)]
+    assert metrics["n_tasks"] == 3 and metrics["AvgHR"] == pytest.approx(100.0)
+    err = capfd.readouterr().err
+    assert "grpo valid" in err and "3/3" in err
+    calls.clear()
+    monitor.evaluate_valid(SimpleNamespace(), tasks, None, None, StudentConfig(), show_progress=False)
+    assert "grpo valid" not in capfd.readouterr().err
+    # an engine that batches passes (vLLM) gets them all at once, without a bar
+    monitor.evaluate_valid(SimpleNamespace(concurrent=True), tasks, None, None, StudentConfig())
+    assert calls[-1] == (["valid-0", "valid-1", "valid-2"], True)

@@ -201,7 +201,8 @@ def train_grpo(base_model: str, prompts: PromptSet, store: EvidenceStore, out: P
                                 plan_choices=plans, reflection_cap=cap,
                                 difficulty=prompts.difficulty)
     valid = ValidCallback(list(valid_tasks)[:settings.valid_tasks], valid_store, fmt, student,
-                          settings.eval_steps, plan_choices=plans, reflection_cap=cap) \
+                          settings.eval_steps, plan_choices=plans, reflection_cap=cap,
+                          show_progress=show_progress) \
         if valid_tasks and valid_store is not None else None
     callbacks = [ProgressCallback(show_progress), *([valid] if valid else []), CurveCallback(out)]
     with warnings.catch_warnings():  # TRL flags rollout_func as experimental on every run

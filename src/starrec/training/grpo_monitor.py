@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from starrec.config import StudentConfig, StudentFormatConfig
 from starrec.core import Task
 from starrec.cst.store import EvidenceStore
-from starrec.progress import progress_bar
+from starrec.progress import progress, progress_bar
 from starrec.training.reward import compare_to_start, outcome_reward
 from starrec.training.rollout import Rollout, Sampler, live_sampler, run_passes
 
@@ -60,14 +60,21 @@ def valid_metrics(rollouts: Sequence[Rollout]) -> dict[str, Any]:
 
 def evaluate_valid(sampler: Sampler, tasks: Sequence[Task], store: EvidenceStore,
                    fmt: StudentFormatConfig, student: StudentConfig, *,
-                   plan_choices: Sequence[str] = (), reflection_cap: int | None = None
-                   ) -> dict[str, float]:
+                   plan_choices: Sequence[str] = (), reflection_cap: int | None = None,
+                   show_progress: bool = True) -> dict[str, float]:
     """`valid_metrics` of one pass per task, decoded as `student` says (greedy by
-    default, as `star eval` does)."""
-    rollouts = run_passes(sampler, [(task, student.seed or 0) for task in tasks], store, fmt,
-                          student, concurrent=getattr(sampler, "concurrent", False),
+    default, as `star eval` does). Passes decoded one after another show a bar: a valid
+    point on a CPU is minutes of passes between two steps."""
+    jobs = [(task, student.seed or 0) for task in tasks]
+
+    def run(batch: Sequence[tuple[Task, int]], concurrent: bool) -> list[Rollout]:
+        return run_passes(sampler, batch, store, fmt, student, concurrent=concurrent,
                           plan_choices=plan_choices, reflection_cap=reflection_cap)
-    return valid_metrics(rollouts)
+
+    if getattr(sampler, "concurrent", False):
+        return valid_metrics(run(jobs, True))
+    bar = progress(jobs, "grpo valid", total=len(jobs), unit="task", enabled=show_progress)
+    return valid_metrics([run([job], False)[0] for job in bar])
 
 
 class ValidCallback(TrainerCallback):
@@ -75,7 +82,7 @@ class ValidCallback(TrainerCallback):
 
     def __init__(self, tasks: Sequence[Task], store: EvidenceStore, fmt: StudentFormatConfig,
                  student: StudentConfig, every: int, *, plan_choices: Sequence[str] = (),
-                 reflection_cap: int | None = None) -> None:
+                 reflection_cap: int | None = None, show_progress: bool = True) -> None:
         self.tasks = list(tasks)
         self.store = store
         self.fmt = fmt
@@ -83,6 +90,7 @@ class ValidCallback(TrainerCallback):
         self.every = every
         self.plan_choices = plan_choices
         self.reflection_cap = reflection_cap
+        self.show_progress = show_progress
         self.trainer: Any = None
 
     def _evaluate(self, state: Any) -> None:
@@ -94,7 +102,8 @@ class ValidCallback(TrainerCallback):
         with live_sampler(trainer) as sampler:
             metrics = evaluate_valid(sampler, self.tasks, self.store, self.fmt, self.student,
                                      plan_choices=self.plan_choices,
-                                     reflection_cap=self.reflection_cap)
+                                     reflection_cap=self.reflection_cap,
+                                     show_progress=self.show_progress)
         entry = {"step": state.global_step, **{VALID + k: v for k, v in metrics.items()},
                  VALID + "seconds": round(time.perf_counter() - started, 1)}
         state.log_history.append(entry)
