@@ -540,6 +540,8 @@ def test_two_grpo_steps_change_the_weights_checkpoint_and_resume(student_dir, sp
     assert curves["valid"][0]["n_tasks"] == 2 and 0 <= curves["valid"][0]["AvgHR"] <= 100
     assert len(curves["valid"][0]["ranks"]) == 2 and "vs_step_0" in curves["valid"][1]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    start = json.loads((out / "valid-start.json").read_text())  # kept before any checkpoint
+    assert start["entry"]["step"] == 0 and start["key"]["base_model"]["files"]
     kept = read_prompts(out / "prompts.json", tasks["train"])  # what a resume trains on
     assert [t.task_id for t in kept.tasks] == [t.task_id for t in prompts.tasks]
     assert kept.ranks == prompts.ranks and kept.report == prompts.report
@@ -642,3 +644,40 @@ def test_a_valid_point_shows_a_bar_over_passes_decoded_one_after_another(monkeyp
     # an engine that batches passes (vLLM) gets them all at once, without a bar
     monitor.evaluate_valid(SimpleNamespace(concurrent=True), tasks, None, None, StudentConfig())
     assert calls[-1] == (["valid-0", "valid-1", "valid-2"], True)
+
+
+def test_the_step_0_valid_point_survives_a_run_stopped_before_its_first_checkpoint(
+        monkeypatch, tmp_path):
+    import contextlib
+    from types import SimpleNamespace
+
+    import starrec.training.grpo_monitor as monitor
+
+    measured = []
+
+    def fake_evaluate(sampler, tasks, *args, **kwargs):
+        measured.append([t.task_id for t in tasks])
+        return {"AvgHR": 25.0, "format_rate": 50.0, "n_tasks": len(tasks), "ranks": [1, 7]}
+
+    monkeypatch.setattr(monitor, "evaluate_valid", fake_evaluate)
+    monkeypatch.setattr(monitor, "live_sampler", lambda trainer: contextlib.nullcontext(None))
+    tasks = [SimpleNamespace(task_id=f"valid-{i}") for i in range(2)]
+    start = tmp_path / monitor.VALID_START
+
+    def begin(tasks, key):
+        callback = monitor.ValidCallback(tasks, None, StudentFormatConfig(), StudentConfig(), 10,
+                                         start_file=start, start_key=key)
+        callback.trainer = SimpleNamespace()
+        state = SimpleNamespace(global_step=0, log_history=[])
+        callback.on_train_begin(None, state, None)
+        return state.log_history
+
+    first = begin(tasks, {"base_model": "a"})
+    assert len(measured) == 1 and first[0][monitor.VALID + "AvgHR"] == 25.0
+    assert begin(tasks, {"base_model": "a"}) == first and len(measured) == 1  # read back
+    begin(tasks, {"base_model": "b"})  # other starting weights: measured again
+    begin(tasks[:1], {"base_model": "b"})  # other tasks: measured again
+    assert measured == [["valid-0", "valid-1"]] * 2 + [["valid-0"]]
+    start.write_text("{not json")
+    begin(tasks[:1], {"base_model": "b"})
+    assert len(measured) == 4

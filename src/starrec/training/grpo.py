@@ -53,6 +53,7 @@ from starrec.training.grpo_data import (
 from starrec.training.grpo_monitor import (
     CurveCallback,
     ProgressCallback,
+    VALID_START,
     ValidCallback,
     curves,
     write_curves,
@@ -161,6 +162,15 @@ def student_format(base_card: ModelCard | None, settings: GRPOSettings) -> Stude
     return fmt.model_copy(update={"candidate_order": settings.candidate_order})
 
 
+def _weights_identity(path: str) -> dict[str, Any]:
+    """The starting model as a stored step-0 valid point records it: its path, and its
+    weight files' sizes and times, so a student trained again into that folder differs."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return {"path": str(path), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                         for f in files]}
+
+
 def train_grpo(base_model: str, prompts: PromptSet, store: EvidenceStore, out: Path,
                settings: GRPOSettings, *, student: StudentConfig | None = None,
                valid_tasks: Sequence[Task] = (), valid_store: EvidenceStore | None = None,
@@ -202,7 +212,8 @@ def train_grpo(base_model: str, prompts: PromptSet, store: EvidenceStore, out: P
                                 difficulty=prompts.difficulty)
     valid = ValidCallback(list(valid_tasks)[:settings.valid_tasks], valid_store, fmt, student,
                           settings.eval_steps, plan_choices=plans, reflection_cap=cap,
-                          show_progress=show_progress) \
+                          show_progress=show_progress, start_file=out / VALID_START,
+                          start_key={"base_model": _weights_identity(path)}) \
         if valid_tasks and valid_store is not None else None
     callbacks = [ProgressCallback(show_progress), *([valid] if valid else []), CurveCallback(out)]
     with warnings.catch_warnings():  # TRL flags rollout_func as experimental on every run

@@ -11,7 +11,10 @@ Three `transformers.TrainerCallback`s for `starrec.training.grpo`:
   paired bootstrap interval, wins / ties / losses): on a few dozen tasks two AvgHR
   values apart by less than their intervals' width say nothing, their paired difference
   may. Its points go into the trainer state's log history, so a checkpoint keeps them
-  and a resumed run goes on from them;
+  and a resumed run goes on from them. The step-0 point, which comes before the first
+  checkpoint, is also written to `valid-start.json` with what it measured (the starting
+  weights, the tasks, the decoding), so a run stopped before its first checkpoint does
+  not measure it again;
 - `CurveCallback`: `curves.json` and `curves.png` in the output folder after every
   checkpoint and at the end, read from that log history: mean and spread of the reward,
   the outcome and the format rate, the share of groups whose passes all got one reward
@@ -41,6 +44,7 @@ from starrec.training.rollout import Rollout, Sampler, live_sampler, run_passes
 log = logging.getLogger(__name__)
 
 VALID = "valid/"  # prefix of the valid metrics in the log history
+VALID_START = "valid-start.json"
 CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"
 
@@ -82,7 +86,9 @@ class ValidCallback(TrainerCallback):
 
     def __init__(self, tasks: Sequence[Task], store: EvidenceStore, fmt: StudentFormatConfig,
                  student: StudentConfig, every: int, *, plan_choices: Sequence[str] = (),
-                 reflection_cap: int | None = None, show_progress: bool = True) -> None:
+                 reflection_cap: int | None = None, show_progress: bool = True,
+                 start_file: Path | None = None, start_key: dict[str, Any] | None = None
+                 ) -> None:
         self.tasks = list(tasks)
         self.store = store
         self.fmt = fmt
@@ -91,7 +97,22 @@ class ValidCallback(TrainerCallback):
         self.plan_choices = plan_choices
         self.reflection_cap = reflection_cap
         self.show_progress = show_progress
+        self.start_file = start_file
+        # what the step-0 point measured: a stored point counts only for the same
+        self.start_key = {**(start_key or {}), "tasks": [t.task_id for t in self.tasks],
+                          "student": student.model_dump(mode="json"),
+                          "format": fmt.model_dump(mode="json"),
+                          "plan_choices": list(plan_choices), "reflection_cap": reflection_cap}
         self.trainer: Any = None
+
+    def _stored_start(self) -> dict[str, Any] | None:
+        if self.start_file is None or not self.start_file.is_file():
+            return None
+        try:
+            stored = json.loads(self.start_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return stored.get("entry") if stored.get("key") == self.start_key else None
 
     def _evaluate(self, state: Any) -> None:
         trainer = self.trainer
@@ -107,6 +128,8 @@ class ValidCallback(TrainerCallback):
         entry = {"step": state.global_step, **{VALID + k: v for k, v in metrics.items()},
                  VALID + "seconds": round(time.perf_counter() - started, 1)}
         state.log_history.append(entry)
+        if state.global_step == 0 and self.start_file is not None:
+            self.start_file.write_text(json.dumps({"key": self.start_key, "entry": entry}))
         log.info("grpo: step %d, valid AvgHR %.1f, format rate %.0f%% (%d tasks, %.0f s)",
                  state.global_step, metrics["AvgHR"], metrics["format_rate"],
                  metrics["n_tasks"], entry[VALID + "seconds"])
@@ -114,7 +137,13 @@ class ValidCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         done = any(VALID + "AvgHR" in e and e["step"] == 0 for e in state.log_history)
         if self.every and self.tasks and state.global_step == 0 and not done:
-            self._evaluate(state)
+            stored = self._stored_start()
+            if stored is not None:
+                state.log_history.append(stored)
+                log.info("grpo: step 0, valid AvgHR %.1f (measured before, %s)",
+                         stored[VALID + "AvgHR"], self.start_file)
+            else:
+                self._evaluate(state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
