@@ -419,7 +419,10 @@ class GRPOSettings(FineTuneSettings):
     learning_rate: float | None = None  # None: 5e-5 with LoRA, 1e-6 (the paper's) for a full fine-tune
     group_size: int = 4  # completions per prompt (G): most groups of 4 spread; the paper's 8 doubles a CPU step
     prompts_per_step: int = 1  # prompts per optimizer step (and process, under accelerate): prompts_per_step x group_size passes
-    micro_batch: int | None = None  # passes per forward/backward (TRL's per_device_train_batch_size); None: a group
+    micro_batch: int | None = Field(1, description=(
+        "passes per forward/backward (TRL's per_device_train_batch_size); None: a group. 1 "
+        "on a CPU: a group of full passes (prompt, tool responses, completion) in one "
+        "forward/backward went past a 24 GiB machine's memory"))
     temperature: float = 0.7  # sampling temperature of the rollouts (the paper's; 1.0 spread less)
     beta: float = 0.001  # KL coefficient to the starting model (the paper's); 0 drops the reference pass
     max_completion_length: int = Field(768, description=(
@@ -518,7 +521,7 @@ class GRPOSettings(FineTuneSettings):
 GRPO_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "gpu": {"lora": False, "learning_rate": 1e-6, "group_size": 8, "temperature": 0.7,
-            "beta": 0.001, "use_vllm": True, "prompts_per_step": 16,
+            "beta": 0.001, "use_vllm": True, "prompts_per_step": 16, "micro_batch": None,
             "steps": 500, "save_steps": 25, "eval_steps": 25, "valid_tasks": 200,
             "gradient_checkpointing": True},
 }
