@@ -10,20 +10,21 @@ from typer.testing import CliRunner
 
 from starrec.cli.main import app
 from starrec.data.tasks import build_split_tasks
-from starrec.evaluation import runner as runner_module
+from starrec.evaluation import task_file as task_file_module
 from starrec.evaluation.paired import (
     compare_rows,
+    first_place_moves,
     paired_comparison,
     paired_markdown,
     read_task_rows,
 )
-from starrec.evaluation.runner import (
-    Recommendation,
+from starrec.evaluation.runner import Recommendation, results_json, run_tasks, write_results
+from starrec.evaluation.task_file import (
     candidates_sha256,
-    results_json,
-    run_tasks,
+    expand_rankings,
+    labels_ranking,
+    ranking_labels,
     task_file_path,
-    write_results,
 )
 
 runner = CliRunner()
@@ -105,21 +106,36 @@ def test_per_task_file_beside_results_and_paired_report(tiny, tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     assert "zero (zero.json)" in result.output and "| HR@1 |" in result.output
 
-    # a large run keeps its per-task file gzipped, read as the plain one; the plain file
-    # an earlier run left is removed, so the two cannot disagree
+    # a large run writes its per-task file compact (a header, then one array a row, the
+    # ranking as letters); it reads back as the same rows and compares the same, and the
+    # tasks give its rankings back as item ids
     plain = read_task_rows(tmp_path / "one.json")
-    monkeypatch.setattr(runner_module, "PACK_TASK_FILE_OVER", len(tasks) - 1)
-    packed_path, _ = write(Fixed("one", 1), tasks, tmp_path / "one.json")
-    assert packed_path == tmp_path / "one.tasks.jsonl.gz" and packed_path.read_bytes()[:2] == b"\x1f\x8b"
-    assert not (tmp_path / "one.tasks.jsonl").exists()
+    monkeypatch.setattr(task_file_module, "COMPACT_OVER", len(tasks) - 1)
+    compact_path, _ = write(Fixed("one", 1), tasks, tmp_path / "one.json")
+    assert compact_path == tmp_path / "one.tasks.jsonl"
+    lines = compact_path.read_text().splitlines()
+    assert json.loads(lines[0])["columns"][3] == "ranking" and len(lines) == len(tasks) + 1
+    assert all(isinstance(json.loads(line), list) for line in lines[1:])
+    assert len(compact_path.read_bytes()) < len(json.dumps(plain)) / 2
+    compact = read_task_rows(tmp_path / "one.json")
+    assert all("ranking" not in r and len(r["ranking_labels"]) == len(tasks[0].candidates)
+               for r in compact)
+
     def timeless(rows):  # a second run takes other seconds
         return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
-    assert timeless(read_task_rows(tmp_path / "one.json")) == timeless(plain)
+    assert timeless(expand_rankings(compact, tasks)) == [
+        {**r, "ranking_labels": c["ranking_labels"]} for r, c in zip(timeless(plain), compact)]
     assert paired_comparison(tmp_path / "zero.json", tmp_path / "one.json").metric("HR@1").wins == hr1.wins
-    monkeypatch.setattr(runner_module, "PACK_TASK_FILE_OVER", len(tasks))
-    assert write(Fixed("one", 1), tasks, tmp_path / "one.json")[0].suffix == ".jsonl"
-    assert not packed_path.exists()
+    with pytest.raises(ValueError, match="other candidates"):
+        expand_rankings(compact, [replace(t, candidates=t.candidates[:-1] + ["new"]) for t in tasks])
+    with pytest.raises(ValueError, match="not among the tasks"):
+        expand_rankings(compact, tasks[1:])
+    with pytest.raises(ValueError, match="expand_rankings"):
+        first_place_moves(compact, plain, plain)
+    monkeypatch.setattr(task_file_module, "COMPACT_OVER", len(tasks))
+    write(Fixed("one", 1), tasks, tmp_path / "one.json")
+    assert timeless(read_task_rows(tmp_path / "one.json")) == timeless(plain)
     (tmp_path / "one.tasks.jsonl").unlink()
     with pytest.raises(ValueError, match="no per-task file beside it"):
         read_task_rows(tmp_path / "one.json")
@@ -178,3 +194,17 @@ def test_first_place_moves_counts_positions_ranker_ranks_and_targets():
     assert moves.mean_ranker_rank == 2.0 and moves.chance_rank == 2.5  # ranks 3 and 1
     with pytest.raises(ValueError, match="missing"):
         first_place_moves(rows, shown[:2], ranker)
+
+
+def test_compact_ranking_letters_round_trip_and_refuse_what_is_not_a_permutation():
+    candidates = ["9", "10", "100", "2"]  # ids sort as strings: "10" < "100" < "2" < "9"
+    assert ranking_labels(["9", "10", "100", "2"]) == "DABC"
+    assert labels_ranking("DABC", reversed(candidates)) == candidates
+    many = [f"i{n:02d}" for n in range(62)]  # the most letters there are, in sorted order
+    assert labels_ranking(ranking_labels(many[::-1]), many) == many[::-1]
+    for bad in (many + ["i99"], ["a", "a"]):
+        with pytest.raises(ValueError, match="distinct items"):
+            ranking_labels(bad)
+    for bad in ("DAB", "DABB", "DABZ"):
+        with pytest.raises(ValueError, match="candidates"):
+            labels_ranking(bad, candidates)

@@ -10,7 +10,6 @@ differs between the two files is refused: those are different tasks.
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,8 @@ import numpy as np
 
 from starrec.evaluation.metrics import bootstrap_ci, per_task_metrics
 from starrec.evaluation.report import load_result
-from starrec.evaluation.runner import (
-    candidates_sha256,
-    existing_task_file,
-    read_records,
-    task_file_path,
-    task_row,
-)
+from starrec.evaluation.runner import read_records
+from starrec.evaluation.task_file import candidates_sha256, read_task_file, task_file_path, task_row
 
 PAIRED_METRICS = ("AvgHR", "HR@1", "NDCG@10", "MRR")
 
@@ -64,29 +58,16 @@ class PairedComparison:
 
 
 def read_task_rows(results: Path) -> list[dict[str, Any]]:
-    """The per-task rows of a results JSON: its `.tasks.jsonl` (`.tasks.jsonl.gz` for a
-    large run), else (results written before per-task files existed) the `.records.jsonl`
-    an LLM evaluation keeps beside it."""
-    rows_path = existing_task_file(results)
-    if rows_path is not None:
-        raw = rows_path.read_bytes()
-        text = (gzip.decompress(raw) if rows_path.suffix == ".gz" else raw).decode("utf-8")
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                row["task_id"], row["target"], row["rank"], row["candidates_sha256"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{rows_path}:{number}: not a per-task row ({error})") from None
-            rows.append(row)
-        return rows
+    """The per-task rows of a results JSON (`task_file.read_task_file`), else (results
+    written before per-task files existed) those of the `.records.jsonl` an LLM evaluation
+    keeps beside it."""
+    rows_path = task_file_path(results)
+    if rows_path.exists():
+        return read_task_file(rows_path)
     records = results.with_suffix(".records.jsonl")
     if records.exists():
         return [task_row(r) for r in read_records(records).values()]
-    expected = task_file_path(results).name
-    raise ValueError(f"{results}: no per-task file beside it ({expected}); rerun "
+    raise ValueError(f"{results}: no per-task file beside it ({rows_path.name}); rerun "
                      "`star eval` to write one")
 
 
@@ -97,7 +78,7 @@ def _label(result: dict[str, Any], path: Path) -> str:
 def compare_rows(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], a: str = "A",
                  b: str = "B", n_resamples: int = 1000, seed: int = 0) -> PairedComparison:
     """Paired comparison of two sets of per-task rows (`task_id`, `target`, `rank`,
-    `candidates_sha256`, as `runner.task_row` writes them). Raises `ValueError` when
+    `candidates_sha256`, as `task_file.task_row` writes them). Raises `ValueError` when
     they share no task, or when a shared task id names different tasks."""
     by_a = {r["task_id"]: r for r in rows_a}
     by_b = {r["task_id"]: r for r in rows_b}
@@ -178,6 +159,9 @@ def first_place_moves(rows: list[dict[str, Any]], shown_rows: list[dict[str, Any
     `shown_rows` those of the order it was shown (the `presented` system), `ranker_rows`
     those of a ranker whose order measures evidence. Tasks missing from either reference
     are refused: these numbers are about the same tasks."""
+    if any("ranking" not in r for r in (*rows, *shown_rows, *ranker_rows)):
+        raise ValueError("compact per-task rows name their rankings by letters: give them "
+                         "their item ids first with task_file.expand_rankings and the tasks")
     shown = {r["task_id"]: r["ranking"] for r in shown_rows}
     ranker = {r["task_id"]: r["ranking"] for r in ranker_rows}
     missing = [r["task_id"] for r in rows if r["task_id"] not in shown or r["task_id"] not in ranker]

@@ -11,8 +11,6 @@ the order it was shown, and where the number came from (`provenance`).
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +31,7 @@ from starrec.data.splits import check_no_leak, fit_interactions
 from starrec.evaluation.identity import RunIdentity, run_identity
 from starrec.evaluation.metrics import complete_ranking, kendall_tau, summarize
 from starrec.evaluation.provenance import provenance as provenance_block
+from starrec.evaluation.task_file import task_file_path, write_task_file
 from starrec.llm.concurrency import as_finished
 from starrec.progress import progress as progress_bar
 
@@ -430,58 +429,13 @@ def write_records(records: list[TaskRecord], path: Path, identity: RunIdentity |
             handle.write(json.dumps(asdict(record)) + "\n")
 
 
-def candidates_sha256(items: Iterable[str]) -> str:
-    """16 hex digits of the candidate set (order ignored): two per-task rows of one task id
-    are the same task only if their targets and candidate sets agree."""
-    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:16]
-
-
-# runs of more tasks than this keep their per-task file gzipped: an Amazon Games run over all
-# 50,546 test users is 16 MB plain, a quarter of that packed
-PACK_TASK_FILE_OVER = 10_000
-
-
-def task_file_path(results: Path, packed: bool = False) -> Path:
-    """The per-task file beside a results JSON: `x.json` -> `x.tasks.jsonl`, or
-    `x.tasks.jsonl.gz` when `packed`."""
-    return results.with_suffix(".tasks.jsonl.gz" if packed else ".tasks.jsonl")
-
-
-def existing_task_file(results: Path) -> Path | None:
-    """The per-task file a results JSON has beside it, plain or packed; None if neither."""
-    return next((path for packed in (False, True)
-                 if (path := task_file_path(results, packed)).exists()), None)
-
-
-def task_row(record: TaskRecord) -> dict[str, Any]:
-    """One line of the per-task file: enough to compare two systems task by task."""
-    return {"task_id": record.task_id, "target": record.target, "rank": record.rank,
-            "ranking": record.ranking, "valid": record.valid,
-            "well_formed": record.well_formed_or_valid, "seconds": round(record.seconds, 6),
-            # the completed ranking is a permutation of the candidates
-            "candidates_sha256": candidates_sha256(record.ranking)}
-
-
-def write_task_file(records: list[TaskRecord], path: Path) -> None:
-    """One `task_row` a line; gzipped when `path` ends in `.gz` (mtime 0: the same rows
-    give the same bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(task_row(record)) + "\n" for record in records)
-    if path.suffix == ".gz":
-        path.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
-    else:
-        path.write_text(text, encoding="utf-8")
-
-
 def write_results(result: dict[str, Any], records: list[TaskRecord], path: Path) -> Path:
-    """The results JSON at `path` and its per-task file beside it (DESIGN.md 3.4), which
-    `star report --paired` compares, gzipped for runs of more than PACK_TASK_FILE_OVER
-    tasks; returns the per-task file's path."""
+    """The results JSON at `path` and its per-task file beside it (DESIGN.md 3.4, written
+    by `task_file`), which `star report --paired` compares; returns the per-task file's
+    path."""
     write_json(result, path)
-    packed = len(records) > PACK_TASK_FILE_OVER
-    tasks_path = task_file_path(path, packed)
+    tasks_path = task_file_path(path)
     write_task_file(records, tasks_path)
-    task_file_path(path, not packed).unlink(missing_ok=True)  # an earlier run's, now stale
     return tasks_path
 
 
