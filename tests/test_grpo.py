@@ -22,6 +22,7 @@ from starrec.config import (
     preset_overrides,
 )
 from starrec.core import complete_ranking
+from starrec.core.fingerprint import model_hash
 from starrec.cst.tools import ToolExecutor
 from starrec.data.tasks import build_split_tasks
 from starrec.inference.student import StudentAnswer
@@ -541,7 +542,7 @@ def test_two_grpo_steps_change_the_weights_checkpoint_and_resume(student_dir, sp
     assert len(curves["valid"][0]["ranks"]) == 2 and "vs_step_0" in curves["valid"][1]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     start = json.loads((out / "valid-start.json").read_text())  # kept before any checkpoint
-    assert start["entry"]["step"] == 0 and start["key"]["base_model"]["files"]
+    assert start["entry"]["step"] == 0 and start["key"]["base_model"] == model_hash(student_dir)
     kept = read_prompts(out / "prompts.json", tasks["train"])  # what a resume trains on
     assert [t.task_id for t in kept.tasks] == [t.task_id for t in prompts.tasks]
     assert kept.ranks == prompts.ranks and kept.report == prompts.report

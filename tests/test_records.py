@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from starrec.data.tasks import build_split_tasks, write_tasks
-from starrec.evaluation import identity as identity_module
+from starrec.core import fingerprint as fingerprint_module
 from starrec.evaluation.identity import (
     RunIdentity,
     code_version,
@@ -172,8 +172,8 @@ def test_identity_hashes(tiny, tmp_path):
 
 
 def test_model_hash_of_a_large_file_reads_its_edges(tmp_path, monkeypatch):
-    monkeypatch.setattr(identity_module, "WHOLE_FILE_BYTES", 64)
-    monkeypatch.setattr(identity_module, "EDGE_BYTES", 16)
+    monkeypatch.setattr(fingerprint_module, "WHOLE_FILE_BYTES", 64)
+    monkeypatch.setattr(fingerprint_module, "EDGE_BYTES", 16)
     path = tmp_path / "m.gguf"
     path.write_bytes(bytes(range(200)))
     first = model_hash(path)

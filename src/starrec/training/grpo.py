@@ -36,6 +36,7 @@ from typing import Any
 
 from starrec.config import GRPOSettings, StarConfig, StudentConfig, StudentFormatConfig
 from starrec.core import Task
+from starrec.core.fingerprint import model_hash
 from starrec.cst.store import EvidenceStore
 from starrec.data.registry import dataset_slug
 from starrec.data.schema import Dataset
@@ -162,15 +163,6 @@ def student_format(base_card: ModelCard | None, settings: GRPOSettings) -> Stude
     return fmt.model_copy(update={"candidate_order": settings.candidate_order})
 
 
-def _weights_identity(path: str) -> dict[str, Any]:
-    """The starting model as a stored step-0 valid point records it: its path, and its
-    weight files' sizes and times, so a student trained again into that folder differs."""
-    folder = Path(path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return {"path": str(path), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
-                                         for f in files]}
-
-
 def train_grpo(base_model: str, prompts: PromptSet, store: EvidenceStore, out: Path,
                settings: GRPOSettings, *, student: StudentConfig | None = None,
                valid_tasks: Sequence[Task] = (), valid_store: EvidenceStore | None = None,
@@ -213,7 +205,7 @@ def train_grpo(base_model: str, prompts: PromptSet, store: EvidenceStore, out: P
     valid = ValidCallback(list(valid_tasks)[:settings.valid_tasks], valid_store, fmt, student,
                           settings.eval_steps, plan_choices=plans, reflection_cap=cap,
                           show_progress=show_progress, start_file=out / VALID_START,
-                          start_key={"base_model": _weights_identity(path)}) \
+                          start_key={"base_model": model_hash(path)}) \
         if valid_tasks and valid_store is not None else None
     callbacks = [ProgressCallback(show_progress), *([valid] if valid else []), CurveCallback(out)]
     with warnings.catch_warnings():  # TRL flags rollout_func as experimental on every run
