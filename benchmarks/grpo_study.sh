@@ -12,6 +12,9 @@
 #   grpo        GRPO from the SFT student (the CPU preset)
 #   eval-sft    the SFT student on eval-200 (the teacher's tasks)
 #   eval-grpo   the GRPO student on eval-200
+#   ablate-sft  the SFT students without reflection and without tool calls (same runs)
+#   eval-ablate the ablations on eval-200: those two students, and the GRPO student with
+#               its tool calls answered by a fixed line (no CST evidence)
 #   table       the paired table of the teacher and the students on eval-200
 #
 # Environment: R, where runs go (default runs/grpo-study); STAR, the star command
@@ -40,6 +43,20 @@ case $stage in
     name=${stage#eval-}
     $STAR eval --system star --model "$R/$name" --users eval-200 \
       --records "$R/star-$name-records.jsonl" --out "$RESULTS/ml-100k-star-$name-test-eval-200.json" ;;
+  ablate-sft)
+    for ablation in no-reflection no-tools; do
+      $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft-$ablation" \
+        --"$ablation" --resume
+    done ;;
+  eval-ablate)
+    for ablation in no-reflection no-tools; do
+      $STAR eval --system star --model "$R/sft-$ablation" --users eval-200 \
+        --records "$R/star-sft-$ablation-records.jsonl" \
+        --out "$RESULTS/ml-100k-star-sft-$ablation-test-eval-200.json"
+    done
+    $STAR eval --system star --model "$R/grpo" --users eval-200 --set student.evidence=false \
+      --records "$R/star-grpo-no-evidence-records.jsonl" \
+      --out "$RESULTS/ml-100k-star-grpo-no-evidence-test-eval-200.json" ;;
   table)
     teacher=benchmarks/results/ml-100k/ml-100k-mars-test-eval-200.json
     $STAR report "$teacher" "$RESULTS"/ml-100k-star-*-test-eval-200.json --out "$RESULTS/table.md"
@@ -50,6 +67,6 @@ case $stage in
       $STAR report --paired "$RESULTS/ml-100k-star-grpo-test-eval-200.json" \
         "$RESULTS/ml-100k-star-sft-test-eval-200.json"
     fi ;;
-  *) echo "usage: bash benchmarks/grpo_study.sh teach|sft|spread|grpo|eval-sft|eval-grpo|table" >&2
+  *) echo "usage: bash benchmarks/grpo_study.sh teach|sft|spread|grpo|eval-sft|eval-grpo|ablate-sft|eval-ablate|table" >&2
      exit 2 ;;
 esac

@@ -398,6 +398,15 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     assert f"{runs}/grpo" in evaluated and evaluated[evaluated.index("--users") + 1] == "eval-200"
     assert evaluated[-1].endswith("grpo-study/ml-100k-star-grpo-test-eval-200.json")
     assert "grpo_spread.py" in stage("spread").stdout
+    ablated = [line.split() for line in stage("ablate-sft").stdout.splitlines()]
+    assert [(a[a.index("--out") + 1], a[-2]) for a in ablated] == [
+        (f"{runs}/sft-no-reflection", "--no-reflection"), (f"{runs}/sft-no-tools", "--no-tools")]
+    evals = [line.split() for line in stage("eval-ablate").stdout.splitlines()]
+    assert [e[e.index("--model") + 1] for e in evals] == [
+        f"{runs}/sft-no-reflection", f"{runs}/sft-no-tools", f"{runs}/grpo"]
+    assert all(e[e.index("--users") + 1] == "eval-200" for e in evals)
+    assert evals[2][evals[2].index("--set") + 1] == "student.evidence=false"
+    assert len({e[-1] for e in evals}) == 3 and all(e[-1].endswith("-test-eval-200.json") for e in evals)
     wrong = stage("nonsense")
     assert wrong.returncode == 2 and "usage" in wrong.stderr
 
