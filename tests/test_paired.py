@@ -208,3 +208,16 @@ def test_compact_ranking_letters_round_trip_and_refuse_what_is_not_a_permutation
     for bad in ("DAB", "DABB", "DABZ"):
         with pytest.raises(ValueError, match="candidates"):
             labels_ranking(bad, candidates)
+
+
+def test_a_large_run_whose_rankings_outnumber_the_letters_is_written_plain(tmp_path, monkeypatch):
+    monkeypatch.setattr(task_file_module, "COMPACT_OVER", 1)
+    items = [f"i{n:02d}" for n in range(63)]
+    rows = [{"task_id": f"t{n}", "target": items[n], "rank": n + 1, "ranking": items,
+             "valid": True, "well_formed": True, "seconds": 0.1,
+             "candidates_sha256": candidates_sha256(items)} for n in range(2)]
+    task_file_module.write_task_rows(rows, tmp_path / "wide.tasks.jsonl")
+    assert task_file_module.read_task_file(tmp_path / "wide.tasks.jsonl") == rows
+    task_file_module.write_task_rows([{**r, "ranking": items[:62]} for r in rows],
+                                     tmp_path / "narrow.tasks.jsonl")
+    assert "columns" in (tmp_path / "narrow.tasks.jsonl").read_text().splitlines()[0]

@@ -48,4 +48,3 @@ def model_hash(spec: str | Path | None) -> str | None:
     else:
         digest.update(f"spec\n{spec}".encode())
     return digest.hexdigest()[:16]
-

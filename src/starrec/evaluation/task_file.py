@@ -77,10 +77,20 @@ def labels_ranking(labels: str, candidates: Iterable[str]) -> list[str]:
         raise ValueError(f"ranking {labels!r} names a label beyond {len(ordered)} candidates") from None
 
 
-def _compactable(rows: list[dict[str, Any]]) -> bool:
-    return len(rows) > COMPACT_OVER and all(
-        len(r["ranking"]) <= len(LABELS) and len(set(r["ranking"])) == len(r["ranking"])
-        for r in rows)
+def _compact_lines(rows: list[dict[str, Any]]) -> list[str] | None:
+    """The compact form of `rows` (header first), or None when a ranking has more items
+    than there are letters."""
+    header = {"columns": list(COLUMNS), "ranking": _LABELS_NOTE}
+    lines = [json.dumps(header)]
+    for row in rows:
+        try:
+            labels = ranking_labels(row["ranking"])
+        except ValueError:
+            return None
+        values = {**row, "ranking": labels, "valid": int(row["valid"]),
+                  "well_formed": int(row["well_formed"])}
+        lines.append(json.dumps([values[c] for c in COLUMNS], separators=(",", ":")))
+    return lines
 
 
 def write_task_rows(rows: list[dict[str, Any]], path: Path) -> None:
@@ -88,16 +98,10 @@ def write_task_rows(rows: list[dict[str, Any]], path: Path) -> None:
     array a row) for more than `COMPACT_OVER` rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not _compactable(rows):
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-        return
-    header = {"columns": list(COLUMNS), "ranking": _LABELS_NOTE}
-    lines = [json.dumps(header)]
-    for row in rows:
-        values = {**row, "ranking": ranking_labels(row["ranking"]),
-                  "valid": int(row["valid"]), "well_formed": int(row["well_formed"])}
-        lines.append(json.dumps([values[c] for c in COLUMNS], separators=(",", ":")))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines = _compact_lines(rows) if len(rows) > COMPACT_OVER else None
+    if lines is None:
+        lines = [json.dumps(row) for row in rows]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def write_task_file(records: list[TaskRecord], path: Path) -> None:
