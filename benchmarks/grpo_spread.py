@@ -22,6 +22,9 @@ Train prompts only (no valid or test target is read). Results JSON and a per-tas
 with the same settings samples only the missing ones (`--fresh` starts over):
 
     python benchmarks/grpo_spread.py --model runs/issue14/sft --temperatures 0.7,1.0
+
+With `--set grpo.explore_ranking=T` the lists are sampled as GRPO's exploration samples
+them (under the permutation mask at T), to see whether it gives the groups their spread.
 """
 
 from __future__ import annotations
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 rollout, = run_passes(sampler, [(task, seed)], store, fmt, student,
                                       plan_choices=plans, reflection_cap=cap,
-                                      learn_masked=settings.learn_masked)
+                                      learn_masked=settings.learn_masked,
+                                      explore_ranking=settings.explore_ranking)
                 ranking = rollout.answer.completed.ranking
                 outcome = outcome_reward(rollout.rank)
                 row = {

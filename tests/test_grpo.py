@@ -147,6 +147,7 @@ class ScriptedSampler:
         self.script = list(script)
         self._supports = supports
         self.prompts: list[str] = []
+        self.temperatures: list[float] = []
 
     def supports(self, constraint) -> bool:
         return isinstance(constraint, self._supports)
@@ -157,6 +158,7 @@ class ScriptedSampler:
 
     def sample(self, prompt, *, max_tokens, temperature, stop, constraint, seed):
         self.prompts.append(prompt)
+        self.temperatures.append(temperature)
         answer = self.script.pop(0)
         if callable(answer):
             answer = answer(prompt, constraint)
@@ -248,6 +250,64 @@ def test_what_the_runtime_writes_or_repairs_is_masked_and_judged(tokenizer, spli
     rollout = rollout_pass(again, task, store, fmt, StudentConfig(max_tool_calls=0), seed=1,
                            plan_choices=plans, learn_masked=False)
     assert tokenizer.decode([t for t, m in zip(rollout.completion_ids, rollout.env_mask) if m]) == "r"
+
+
+def test_exploration_samples_the_list_under_the_mask_at_its_own_temperature(tokenizer, splits):
+    _, tasks, stores = splits
+    task, store = tasks["train"][1], stores["train"]
+    plans = ("recent: what they watched last", "long_term: what they always liked")
+    masks = (ChoiceConstraint, PermutationConstraint)
+
+    def choose(prompt, constraint):
+        assert isinstance(constraint, ChoiceConstraint)
+        return constraint.options[0]
+
+    def permute(prompt, constraint):
+        assert isinstance(constraint, PermutationConstraint) and constraint.n == N
+        assert prompt.endswith("<reflection>r</reflection>\n<recommend>")
+        return PERMUTATION
+
+    student = StudentConfig(max_tool_calls=0, temperature=0.7)
+    sampler = ScriptedSampler(tokenizer, [choose, "r</reflection>", permute], supports=masks)
+    rollout = rollout_pass(sampler, task, store, StudentFormatConfig(), student, seed=1,
+                           plan_choices=plans, explore_ranking=1.3)
+    answer = rollout.answer
+    assert sampler.temperatures == [0.7, 0.7, 1.3]  # only the list at the exploring temperature
+    assert answer.explored and not answer.repaired and answer.stop == "recommend"
+    assert answer.text.endswith(f"<recommend>{PERMUTATION}</recommend>")
+    # the list is the model's (sampled among the labels left), closed by the runtime with it
+    assert rollout.verdict.well_formed and rollout.runtime_closed == []
+    written = tokenizer.decode([t for t, m in zip(rollout.completion_ids, rollout.env_mask) if m])
+    assert written.endswith("r</reflection>" + PERMUTATION)
+    shown = [task.candidates[i] for i in [3, 0, 1, 2, *range(4, N)]]
+    assert rollout.rank == shown.index(task.target) + 1
+    # a backend that cannot mask writes its list as the pass does
+    free = ScriptedSampler(tokenizer, [f"<plan>p</plan>\n<reflection>r</reflection>\n"
+                                       f"<recommend>{PERMUTATION}</recommend>"])
+    rollout = rollout_pass(free, task, store, StudentFormatConfig(), student, seed=1,
+                           explore_ranking=1.3)
+    assert not rollout.answer.explored and free.temperatures == [0.7]
+
+    # GRPO's rollouts take it from the settings; off by default, and a temperature >= 0
+    class Trainer:
+        class state:  # noqa: N801
+            global_step = 0
+
+    for explore, temperatures in ((1.3, [0.7, 0.7, 1.3]), (None, [0.7, 0.7, 0.7])):
+        settings = GRPOSettings(temperature=0.7, explore_ranking=explore)
+        # a list under the mask is closed by the runtime; one written free closes itself
+        script = [choose, "r</reflection>", lambda p, c: PERMUTATION + ("" if c else "</recommend>")]
+        sampler = ScriptedSampler(tokenizer, script, supports=masks)
+        trainer = Trainer()
+        trainer.sampler = contextlib_of(sampler)
+        rollout = make_rollout_func([task], store, StudentFormatConfig(), student.model_copy(
+            update={"temperature": 0.0}), settings, plan_choices=plans,
+            sampler_for=lambda trainer: trainer.sampler)
+        out = rollout([task.task_id], trainer)
+        assert sampler.temperatures == temperatures and out["well_formed"] == [True]
+    assert GRPOSettings().explore_ranking is None
+    with pytest.raises(ValueError):
+        GRPOSettings(explore_ranking=-0.5)
 
 
 def test_assemble_keeps_the_sampled_ids_of_what_survives_a_repair(tokenizer):

@@ -450,6 +450,12 @@ class GRPOSettings(FineTuneSettings):
     learn_masked: bool = Field(True, description=(
         "loss on the tokens sampled under a mask too (a choice among the format's options, "
         "a repaired call or list); False: the student's free text only"))
+    explore_ranking: float | None = Field(None, ge=0, description=(
+        "exploration of orders: the rollouts' <recommend> list is sampled under the "
+        "permutation mask at this temperature, so a group tries orders other than the "
+        "shown one (a student that always copies it gives groups of one outcome); the list "
+        "is then always a permutation, and the format term judges the rest of the pass. "
+        "The valid curve decodes as inference does. None: the list as the pass writes it"))
     resample_flat: int = Field(0, ge=0, description=(
         "dynamic sampling (DAPO's): a group whose passes all earned one reward has no "
         "advantage and teaches nothing, so it is dropped and a group on another drawn train "

@@ -26,6 +26,11 @@ student left the format: docs/experiment-log.md). A part's policy:
 - recommend: a pass that ends without a permutation has its list decoded once more under
   `PermutationConstraint`, in place of the broken one or after the text.
 
+`explore_ranking` is for GRPO's rollouts, never inference: a `<recommend>` list opened
+under the masks is decoded under `PermutationConstraint` at that temperature from the
+start (`explored`), so a group samples orders other than the one shown while the list's
+tokens stay the model's own choices among the labels left.
+
 Where nothing is chosen (no choice mask, a failing backend, an answer outside the
 options), the student writes on and the part its text stops in is the next state;
 pausing and the caps need a choice mask. `parsed.well_formed` (the GRPO
@@ -111,6 +116,7 @@ class StudentAnswer:
     # tag: the tag's characters, more than its tokens) and was cut there
     reflection_cut: bool = False
     repaired: bool = False  # the <recommend> list was decoded again under a permutation mask
+    explored: bool = False  # the <recommend> list was sampled under the mask (explore_ranking)
     # broken tool calls (their content as written) decoded again under a choice mask
     repaired_calls: list[str] = field(default_factory=list)
     stop: str = ""  # recommend | end | length | tool_cap | error
@@ -132,13 +138,17 @@ class Student:
     def __init__(self, model: ChatModel, store: EvidenceStore,
                  fmt: StudentFormatConfig | None = None,
                  config: StudentConfig | None = None, plan_choices: Sequence[str] = (),
-                 reflection_cap: int | None = None) -> None:
+                 reflection_cap: int | None = None,
+                 explore_ranking: float | None = None) -> None:
+        if explore_ranking is not None and explore_ranking < 0:
+            raise ValueError(f"explore_ranking must be a temperature >= 0, not {explore_ranking}")
         self.model = model
         self.store = store
         self.fmt = fmt or StudentFormatConfig()
         self.config = config or StudentConfig()
         self.plan_choices = tuple(plan_choices)
         self.reflection_cap = reflection_cap
+        self.explore_ranking = explore_ranking
 
     def shown(self, task: Task) -> Task:
         """The task as the model sees it: candidates in `format.candidate_order`."""
@@ -212,6 +222,8 @@ class _Pass:
             return self.open()
         if part == TOOL_RESPONSE:
             return self.respond()
+        if part == RECOMMEND and self.constrain and self.student.explore_ranking is not None:
+            return self.explore()
         return self.write(part)
 
     def open(self) -> str:
@@ -264,6 +276,20 @@ class _Pass:
             return self.end("end")
         self.close(TOOL_CALL)
         return TOOL_RESPONSE
+
+    def explore(self) -> str:
+        """The opened `<recommend>` list sampled under the permutation mask at the
+        student's `explore_ranking` temperature (GRPO's exploration of orders)."""
+        if self.left() <= 0:
+            return self.end("length")
+        completion = self.decode(self.text, PermutationConstraint(self.n, style=self.fmt.labels),
+                                 6 * self.n + 8, temperature=self.student.explore_ranking)
+        if completion is None:
+            return self.end("error")
+        self.answer.explored = True
+        self.add(completion.text)
+        self.close(RECOMMEND)
+        return self.end("recommend")
 
     def respond(self) -> str:
         """The runtime answers the call that ends the text: with its tool's response (a
@@ -380,13 +406,16 @@ class _Pass:
         return self.config.max_new_tokens - self.answer.completion_tokens
 
     def decode(self, text: str, constraint: Constraint | None, max_tokens: int,
-               stop: list[str] | None = None) -> Completion | None:
+               stop: list[str] | None = None, temperature: float | None = None
+               ) -> Completion | None:
         """One continuation of the prompt and `text` (masked by `constraint`, sampled as
-        the pass is), counted in the answer; None (the error kept) if the backend fails."""
+        the pass is unless `temperature` says otherwise), counted in the answer; None (the
+        error kept) if the backend fails."""
         answer = self.answer
+        temperature = self.config.temperature if temperature is None else temperature
         try:
             completion = self.model.complete(
-                self.prompt + text, max_tokens=max_tokens, temperature=self.config.temperature,
+                self.prompt + text, max_tokens=max_tokens, temperature=temperature,
                 stop=stop, constraint=constraint, seed=self.config.seed)
         except LLMError as error:
             answer.error = str(error)

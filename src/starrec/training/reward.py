@@ -92,7 +92,9 @@ def judge_format(answer: StudentAnswer, n_candidates: int, *,
     `answer.parsed` is the parse of the text before the ranking repair, so its ranking is
     the one the student wrote. `runtime_closed` names the parts whose closing tag the
     runtime wrote rather than the student (the rollout knows, from which characters the
-    model generated; `starrec.training.rollout`)."""
+    model generated; `starrec.training.rollout`). A list sampled under the mask by design
+    (`answer.explored`, GRPO's `explore_ranking`) is a permutation by construction, so
+    the verdict then judges the rest of the pass."""
     parsed = answer.parsed
     reasons = list(parsed.errors)
     if not parsed.well_formed and not reasons:

@@ -358,13 +358,15 @@ class Rollout:
 
 def rollout_pass(sampler: Sampler, task: Task, store: EvidenceStore, fmt: StudentFormatConfig,
                  student: StudentConfig, seed: int, *, plan_choices: Sequence[str] = (),
-                 reflection_cap: int | None = None, learn_masked: bool = True) -> Rollout:
-    """One student pass on `task` sampled with `seed`, in TRL's terms."""
+                 reflection_cap: int | None = None, learn_masked: bool = True,
+                 explore_ranking: float | None = None) -> Rollout:
+    """One student pass on `task` sampled with `seed`, in TRL's terms (`explore_ranking`:
+    `Student`'s, the list sampled under the permutation mask at that temperature)."""
     started = time.perf_counter()
     model = Recorded(sampler)
     config = student.model_copy(update={"seed": seed})
     runner = Student(model, store, fmt, config, plan_choices=plan_choices,
-                     reflection_cap=reflection_cap)
+                     reflection_cap=reflection_cap, explore_ranking=explore_ranking)
     prompt = runner.prompt(task)
     answer = runner.answer(task)
     tokenizer = sampler.tokenizer
@@ -412,14 +414,15 @@ def pass_seed(seed: int, step: int, index: int) -> int:
 def run_passes(sampler: Sampler, jobs: Sequence[tuple[Task, int]], store: EvidenceStore,
                fmt: StudentFormatConfig, student: StudentConfig, *, concurrent: bool = False,
                plan_choices: Sequence[str] = (), reflection_cap: int | None = None,
-               learn_masked: bool = True) -> list[Rollout]:
+               learn_masked: bool = True, explore_ranking: float | None = None
+               ) -> list[Rollout]:
     """A pass per (task, seed), in order. `concurrent` runs them in threads, for an engine
     that batches requests from many passes (vLLM); an in-process transformers model
     answers one request at a time, so its passes run one after another."""
     def one(job: tuple[Task, int]) -> Rollout:
         return rollout_pass(sampler, job[0], store, fmt, student, job[1],
                             plan_choices=plan_choices, reflection_cap=reflection_cap,
-                            learn_masked=learn_masked)
+                            learn_masked=learn_masked, explore_ranking=explore_ranking)
 
     if not concurrent or len(jobs) < 2:
         return [one(job) for job in jobs]
@@ -482,7 +485,8 @@ def make_rollout_func(tasks: Sequence[Task], store: EvidenceStore, fmt: StudentF
                       | None = None) -> RolloutFunc:
     """TRL's `rollout_func`: the prompts are task ids (each repeated `group_size` times by
     TRL's sampler), answered by student passes on the trainer's live model, sampled at
-    `settings.temperature` with one seed per pass. Only `tasks` can be answered: a prompt
+    `settings.temperature` with one seed per pass (the `<recommend>` list under the
+    permutation mask at `settings.explore_ranking`, where set). Only `tasks` can be answered: a prompt
     naming any other task stops the run (the training prompts are train tasks only).
 
     With `settings.resample_flat` (dynamic sampling), a group whose passes all earned one
@@ -506,7 +510,8 @@ def make_rollout_func(tasks: Sequence[Task], store: EvidenceStore, fmt: StudentF
                 return run_passes(sampler, batch, store, fmt, config,
                                   concurrent=getattr(sampler, "concurrent", False),
                                   plan_choices=plan_choices, reflection_cap=reflection_cap,
-                                  learn_masked=settings.learn_masked)
+                                  learn_masked=settings.learn_masked,
+                                  explore_ranking=settings.explore_ranking)
 
             rollouts = run(jobs)
             used = set(prompts)
