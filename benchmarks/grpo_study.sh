@@ -9,6 +9,8 @@
 #               committed with their summary)
 #   sft         the SFT student on the runs with the target in the first 5
 #   spread      the reward spread of the SFT student's sampled groups per temperature
+#               (with exploration of orders: spread --set grpo.explore_ranking=1.0
+#               --out benchmarks/results/ml-100k/grpo-study/grpo_spread_explore.json)
 #   grpo        GRPO from the SFT student (the CPU preset)
 #   eval-sft    the SFT student on eval-200 (the teacher's tasks)
 #   eval-grpo   the GRPO student on eval-200
