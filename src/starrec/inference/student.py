@@ -140,8 +140,6 @@ class Student:
                  config: StudentConfig | None = None, plan_choices: Sequence[str] = (),
                  reflection_cap: int | None = None,
                  explore_ranking: float | None = None) -> None:
-        if explore_ranking is not None and explore_ranking < 0:
-            raise ValueError(f"explore_ranking must be a temperature >= 0, not {explore_ranking}")
         self.model = model
         self.store = store
         self.fmt = fmt or StudentFormatConfig()
@@ -282,8 +280,7 @@ class _Pass:
         student's `explore_ranking` temperature (GRPO's exploration of orders)."""
         if self.left() <= 0:
             return self.end("length")
-        completion = self.decode(self.text, PermutationConstraint(self.n, style=self.fmt.labels),
-                                 6 * self.n + 8, temperature=self.student.explore_ranking)
+        completion = self.decode_list(self.text, temperature=self.student.explore_ranking)
         if completion is None:
             return self.end("error")
         self.answer.explored = True
@@ -376,8 +373,7 @@ class _Pass:
         unclosed = pending_tag(kept)
         opening = (close_tag(unclosed) if unclosed and not kept.endswith(close_tag(unclosed))
                    else "") + SEPARATOR + open_tag(RECOMMEND)
-        completion = self.decode(kept + opening, PermutationConstraint(self.n, style=self.fmt.labels),
-                                 6 * self.n + 8)
+        completion = self.decode_list(kept + opening)
         if completion is None:
             return
         self.answer.repaired = True
@@ -399,6 +395,12 @@ class _Pass:
             return options[0]
         completion = self.decode(text, constraint, constraint.max_tokens)
         return completion.text if completion is not None and completion.text in options else None
+
+    def decode_list(self, text: str, temperature: float | None = None) -> Completion | None:
+        """A `<recommend>` list continuing `text`, decoded under the permutation mask of
+        the shown candidates (a repair's, or exploration's at its own `temperature`)."""
+        return self.decode(text, PermutationConstraint(self.n, style=self.fmt.labels),
+                           6 * self.n + 8, temperature=temperature)
 
     def left(self) -> int:
         """Tokens left of the pass's budget: choices and repairs are the student's tokens
