@@ -410,3 +410,51 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     wrong = stage("nonsense")
     assert wrong.returncode == 2 and "usage" in wrong.stderr
 
+
+
+def test_grpo_list_temperature_samples_lists_where_a_repair_would_start_them(shop, tmp_path,
+                                                                             tiny_lm_dir):
+    bench = script("grpo_list_temperature")
+    out = tmp_path / "lists.json"
+    argv = ["--model", str(tiny_lm_dir), "--dataset", str(shop), "--prompts", "3",
+            "--samples", "2", "--temperatures", "1,50", "--out", str(out),
+            "--set", "grpo.max_completion_length=12", "--set", "grpo.difficulty_ratio=[1,1,1]",
+            *overrides(FAST)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = [json.loads(line) for line in out.with_suffix(".tasks.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["task_id"].startswith("train") for r in rows)
+    for row in rows:
+        assert set(row["lists"]) == {"1.0", "50.0"}
+        for lists in row["lists"].values():
+            # the mask makes every list a permutation of the shown candidates
+            assert [s["seed"] for s in lists] == [s["seed"] for s in row["lists"]["1.0"]]
+            assert all(len(s["ranking"]) == 20 and len(set(s["ranking"])) == 20 for s in lists)
+            assert all(s["rank"] is not None and -1 <= s["tau"] <= 1 for s in lists)
+            assert all(s["shown_order"] == (s["tau"] == 1) for s in lists)
+    for temperature in ("1.0", "50.0"):
+        summary = result["by_temperature"][temperature]
+        lists = [s for r in rows for s in r["lists"][temperature]]
+        assert summary["lists"] == 6 and summary["prompts"] == 3
+        assert summary["shown_order_share"] == pytest.approx(
+            sum(s["shown_order"] for s in lists) / 6)
+        assert summary["outcome"] == pytest.approx(sum(s["outcome"] for s in lists) / 6)
+    # a near-flat distribution over labels (T = 50) leaves the shown order behind
+    assert result["by_temperature"]["50.0"]["tau_to_shown"] < 0.9
+    before = out.with_suffix(".tasks.jsonl").read_text()
+    assert bench.main(argv) == 0  # a resume runs nothing again
+    assert out.with_suffix(".tasks.jsonl").read_text() == before
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--samples", "3"])
+    with pytest.raises(SystemExit):
+        bench.main(["--model", str(tiny_lm_dir), "--samples", "1"])
+
+
+def test_list_opening_starts_a_list_after_the_last_recommend_or_after_the_text():
+    from starrec.inference.student import list_opening
+
+    assert list_opening("<plan>p</plan>\n<recommend>[A, A") == ("<plan>p</plan>", "\n<recommend>")
+    # a part left open is closed first, so the list is the answer's own part
+    kept, opening = list_opening("<plan>p</plan>\n<reflection>r ")
+    assert kept == "<plan>p</plan>\n<reflection>r"
+    assert opening == "</reflection>\n<recommend>"

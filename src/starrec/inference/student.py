@@ -368,11 +368,7 @@ class _Pass:
         """The `<recommend>` list (or, without one, a new one after the text) decoded under
         a permutation mask; the text is left as it is if the backend fails. A part left
         open is closed first, so the list parses as the answer's own part."""
-        start = self.text.rfind(open_tag(RECOMMEND))
-        kept = (self.text[:start] if start >= 0 else self.text).rstrip()
-        unclosed = pending_tag(kept)
-        opening = (close_tag(unclosed) if unclosed and not kept.endswith(close_tag(unclosed))
-                   else "") + SEPARATOR + open_tag(RECOMMEND)
+        kept, opening = list_opening(self.text)
         completion = self.decode_list(kept + opening)
         if completion is None:
             return
@@ -400,7 +396,7 @@ class _Pass:
         """A `<recommend>` list continuing `text`, decoded under the permutation mask of
         the shown candidates (a repair's, or exploration's at its own `temperature`)."""
         return self.decode(text, PermutationConstraint(self.n, style=self.fmt.labels),
-                           6 * self.n + 8, temperature=temperature)
+                           list_budget(self.n), temperature=temperature)
 
     def left(self) -> int:
         """Tokens left of the pass's budget: choices and repairs are the student's tokens
@@ -448,6 +444,24 @@ class _Pass:
         """Keep the text up to `end`: a repair replaces what follows."""
         self.text = self.text[:end]
         self.answer.inserted = [(s, min(e, end)) for s, e in self.answer.inserted if s < end]
+
+
+def list_opening(text: str) -> tuple[str, str]:
+    """Where a `<recommend>` list decoded again starts: the text before the last
+    `<recommend>` (all of it if there is none), and the opening that follows it (a part
+    left open closed first, so the list parses as the answer's own part)."""
+    start = text.rfind(open_tag(RECOMMEND))
+    kept = (text[:start] if start >= 0 else text).rstrip()
+    unclosed = pending_tag(kept)
+    opening = (close_tag(unclosed) if unclosed and not kept.endswith(close_tag(unclosed))
+               else "") + SEPARATOR + open_tag(RECOMMEND)
+    return kept, opening
+
+
+def list_budget(n_candidates: int) -> int:
+    """Tokens a masked list of `n_candidates` labels may take (labels, separators, the
+    brackets)."""
+    return 6 * n_candidates + 8
 
 
 def _runnable(content: str, tools: ToolExecutor) -> bool:
