@@ -11,6 +11,8 @@
 #   spread      the reward spread of the SFT student's sampled groups per temperature
 #               (with exploration of orders: spread --set grpo.explore_ranking=1.0
 #               --out benchmarks/results/ml-100k/grpo-study/grpo_spread_explore.json)
+#   lists       how far the list leaves the shown order per list temperature (the value
+#               of grpo.explore_ranking), sampled at the list opening of one pass a prompt
 #   grpo        GRPO from the SFT student (the CPU preset)
 #   eval-sft    the SFT student on eval-200 (the teacher's tasks)
 #   eval-grpo   the GRPO student on eval-200
@@ -40,6 +42,8 @@ case $stage in
   sft) $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft" --resume ;;
   spread) $PY benchmarks/grpo_spread.py --model "$R/sft" --temperatures 0.7,1.0 --prompts 10 \
             --group 4 --out "$RESULTS/grpo_spread.json" "${@:2}" ;;
+  lists) $PY benchmarks/grpo_list_temperature.py --model "$R/sft" --temperatures 1,2,3,5 \
+           --out "$RESULTS/grpo_list_temperature.json" "${@:2}" ;;
   grpo) $STAR distill grpo --model "$R/sft" --out "$R/grpo" --preset cpu --resume "${@:2}" ;;
   eval-sft|eval-grpo)
     name=${stage#eval-}
@@ -69,6 +73,6 @@ case $stage in
       $STAR report --paired "$RESULTS/ml-100k-star-grpo-test-eval-200.json" \
         "$RESULTS/ml-100k-star-sft-test-eval-200.json"
     fi ;;
-  *) echo "usage: bash benchmarks/grpo_study.sh teach|sft|spread|grpo|eval-sft|eval-grpo|ablate-sft|eval-ablate|table" >&2
+  *) echo "usage: bash benchmarks/grpo_study.sh teach|sft|spread|lists|grpo|eval-sft|eval-grpo|ablate-sft|eval-ablate|table" >&2
      exit 2 ;;
 esac

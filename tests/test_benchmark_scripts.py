@@ -398,6 +398,8 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     assert f"{runs}/grpo" in evaluated and evaluated[evaluated.index("--users") + 1] == "eval-200"
     assert evaluated[-1].endswith("grpo-study/ml-100k-star-grpo-test-eval-200.json")
     assert "grpo_spread.py" in stage("spread").stdout
+    lists = stage("lists").stdout.split()
+    assert "grpo_list_temperature.py" in lists[1] and f"{runs}/sft" in lists
     ablated = [line.split() for line in stage("ablate-sft").stdout.splitlines()]
     assert [(a[a.index("--out") + 1], a[-2]) for a in ablated] == [
         (f"{runs}/sft-no-reflection", "--no-reflection"), (f"{runs}/sft-no-tools", "--no-tools")]
