@@ -8,8 +8,8 @@ shown order, and a group of passes still earns one outcome. This runs one rollou
 train prompt (drawn by difficulty as GRPO draws them, at the rollout temperature,
 without exploration, CST tool calls answered from the train store), keeps its text up to
 the `<recommend>` opening (where a repair would start the list), and samples `--samples`
-lists there under the mask at each `--temperatures` value (the same seeds at each). It
-reports per temperature:
+lists there under the mask at each `--temperatures` value (the same seeds at each
+temperature and on every prompt: common random numbers). It reports per temperature:
 
 - the share of lists that are the shown order, and whose first label is the first shown;
 - Kendall's tau of a list to the shown order (mean);
@@ -34,21 +34,17 @@ from typing import Any
 
 import numpy as np
 
-from starrec.config import load_config
-from starrec.data.prepared import load_task_set, prepared_tasks
-from starrec.data.registry import dataset_slug, load_dataset
+from grpo_spread import load_setup, order_facts, parse_temperatures, start_rows
+
+from starrec.data.registry import dataset_slug
 from starrec.evaluation.metrics import kendall_tau
 from starrec.inference.student import Student, list_budget, list_opening
 from starrec.llm.base import PermutationConstraint
-from starrec.llm.card import read_model_card
 from starrec.progress import progress_bar
 from starrec.trajectories.format import RECOMMEND, close_tag, open_tag, parse_student_output
 from starrec.trajectories.serialize import format_labels
-from starrec.training.grpo import student_format
-from starrec.training.grpo_data import draw_prompts, split_store
 from starrec.training.reward import outcome_reward, target_rank
-from starrec.training.rollout import PolicyModel, pass_seed, run_passes
-from starrec.training.sft import load_base, resolve_base_model
+from starrec.training.rollout import pass_seed, run_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,15 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true",
                         help="run every prompt again instead of resuming")
     args = parser.parse_args(argv)
-    try:
-        args.temperatures = [float(t) for t in args.temperatures.split(",")]
-    except ValueError:
-        parser.error(f"--temperatures {args.temperatures!r}: not comma-separated numbers")
-    if any(t <= 0 for t in args.temperatures):
-        parser.error("--temperatures must be above 0 (a list is sampled)")
+    args.temperatures = parse_temperatures(parser, args.temperatures)
     if args.prompts < 1 or args.samples < 2:
         parser.error("--prompts must be at least 1 and --samples at least 2")
     return args
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
 
 
 def summarise(rows: list[dict[str, Any]], temperature: float) -> dict[str, Any]:
@@ -89,7 +84,7 @@ def summarise(rows: list[dict[str, Any]], temperature: float) -> dict[str, Any]:
         "prompts": len(rows), "lists": len(lists),
         "shown_order_share": float(np.mean([s["shown_order"] for s in lists])),
         "first_shown_first_share": float(np.mean([s["first_is_first_shown"] for s in lists])),
-        "tau_to_shown": float(np.mean([s["tau"] for s in lists if s["tau"] is not None])),
+        "tau_to_shown": _mean([s["tau"] for s in lists if s["tau"] is not None]),
         "outcome_spread_share": float(np.mean([len(t) > 1 for t in tiers])),
         "outcome": float(np.mean([s["outcome"] for s in lists])),
         "seconds_per_list_median": float(np.median([s["seconds"] for s in lists])),
@@ -98,41 +93,23 @@ def summarise(rows: list[dict[str, Any]], temperature: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    settings = cfg.grpo
-    loaded = load_dataset(args.dataset, cfg.data.source, cfg.data.columns)
-    folder = prepared_tasks(args.dataset, cfg.data.source, cfg.data.seed, dataset=loaded)
-    train = load_task_set(folder / "train.jsonl", loaded)
-    store = split_store(loaded, train, cfg.cst, name=args.dataset)
-    prompts = draw_prompts(train, store, args.prompts, settings.difficulty_ratio,
-                           settings.difficulty_bounds, settings.seed)
-    path = resolve_base_model(args.model)
-    card = read_model_card(path) if Path(path).is_dir() else None
-    fmt = student_format(card, settings)
-    plans = card.plan_choices if card is not None else []
-    cap = card.max_reflection_tokens if card is not None else None
-    model, tokenizer = load_base(path)
-    sampler = PolicyModel(model, tokenizer)
-    student = cfg.student.model_copy(update={
+    setup = load_setup(args)
+    settings, store, prompts, fmt, sampler = (setup.cfg.grpo, setup.store, setup.prompts,
+                                              setup.fmt, setup.sampler)
+    student = setup.cfg.student.model_copy(update={
         "temperature": settings.temperature, "max_new_tokens": settings.max_completion_length})
+    runner = Student(sampler, store, fmt, student)  # what the prompt shows, as rollouts show it
     out = args.out or (ROOT / "benchmarks" / "results" / dataset_slug(args.dataset)
                        / "grpo_list_temperature.json")
     rows_file = out.with_suffix(".tasks.jsonl")
     identity = {"model": args.model, "dataset": args.dataset, "overrides": args.overrides,
+                "config": str(args.config) if args.config else None,
                 "samples": args.samples, "temperatures": args.temperatures,
                 "prompts": [t.task_id for t in prompts.tasks]}
-    done: dict[str, dict[str, Any]] = {}
-    if rows_file.is_file() and not args.fresh:
-        for line in rows_file.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line) if line.strip() else None
-            if row is None:
-                continue
-            if any(row.get(k) != v for k, v in identity.items()):
-                raise SystemExit(f"{rows_file} holds rows of other settings; --fresh to replace them")
-            done[row["task_id"]] = row
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.fresh or not done:
-        rows_file.write_text("", encoding="utf-8")
+    done = {r["task_id"]: r for r in start_rows(rows_file, identity, args.fresh)}
+    # the same seeds on every prompt and at every temperature (common random numbers): a
+    # temperature's lists are paired with another's, and a seed's draws recur across
+    # prompts, so one seed can depart on most of them
     seeds = [pass_seed(settings.seed, 0, i) for i in range(args.samples)]
     bar = progress_bar("list-temperature", total=len(prompts.tasks), unit="prompt",
                        initial=len(done))
@@ -142,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(done[task.task_id])
             continue
         rollout, = run_passes(sampler, [(task, seeds[0])], store, fmt, student,
-                              plan_choices=plans, reflection_cap=cap,
+                              plan_choices=setup.plans, reflection_cap=setup.cap,
                               learn_masked=settings.learn_masked)
-        runner = Student(sampler, store, fmt, student)
         shown = runner.shown(task)
         kept, opening = list_opening(rollout.answer.text)
         prefix = runner.prompt(task) + kept + opening
@@ -163,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
                 rank = target_rank(ranking, task.target)
                 mine.append({
                     "seed": seed, "rank": rank, "outcome": outcome_reward(rank),
-                    "shown_order": ranking == list(shown.candidates),
-                    "first_is_first_shown": bool(ranking) and ranking[0] == shown.candidates[0],
-                    "tau": kendall_tau(ranking, shown.candidates) if len(ranking) == n else None,
+                    **order_facts(ranking, list(shown.candidates)),
+                    "tau": (kendall_tau(ranking, shown.candidates)
+                            if sorted(ranking) == sorted(shown.candidates) else None),
                     "ranking": ranking, "seconds": round(completion.seconds, 2)})
         row = {**identity, "task_id": task.task_id,
                "difficulty": prompts.difficulty[task.task_id],
@@ -181,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {str(t): summarise(rows, t) for t in args.temperatures}
     for temperature, values in summary.items():
         print(f"list temperature {temperature}: " + json.dumps(values))
-    result = {"model": args.model, "card_stage": card.stage if card else None,
+    result = {"model": args.model, "card_stage": setup.card.stage if setup.card else None,
               "dataset": args.dataset, "samples": args.samples, "prompts": prompts.report,
               "candidate_order": fmt.candidate_order, "overrides": args.overrides,
               "rollout_temperature": settings.temperature, "by_temperature": summary}

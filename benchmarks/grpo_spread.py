@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from math import comb
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true",
                         help="sample every pass again instead of resuming")
     args = parser.parse_args(argv)
-    try:
-        args.temperatures = [float(t) for t in args.temperatures.split(",")]
-    except ValueError:
-        parser.error(f"--temperatures {args.temperatures!r}: not comma-separated numbers")
-    if any(t <= 0 for t in args.temperatures):
-        parser.error("--temperatures must be above 0 (GRPO samples)")
+    args.temperatures = parse_temperatures(parser, args.temperatures)
     if args.prompts < 1 or args.group < 2:
         parser.error("--prompts must be at least 1 and --group at least 2")
     return args
@@ -114,24 +110,59 @@ def summarise(passes: list[dict[str, Any]], group: int) -> dict[str, Any]:
     }
 
 
-def read_done(rows_file: Path, identity: dict[str, Any]) -> dict[tuple, dict[str, Any]]:
-    """The passes an earlier run with the same settings wrote, by (temperature, task,
-    seed); SystemExit when the file holds another run's."""
+def read_rows(rows_file: Path, identity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows an earlier run with the same settings wrote (a last line cut by a kill is
+    dropped: its pass is run again); SystemExit when the file holds another run's."""
     if not rows_file.is_file():
-        return {}
-    done = {}
+        return []
+    rows = []
     for line in rows_file.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
         if any(row.get(k) != v for k, v in identity.items()):
-            raise SystemExit(f"{rows_file} holds passes of other settings; --fresh to replace them")
-        done[(row["temperature"], row["task_id"], row["seed"])] = row
-    return done
+            raise SystemExit(f"{rows_file} holds rows of other settings; --fresh to replace them")
+        rows.append(row)
+    return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def start_rows(rows_file: Path, identity: dict[str, Any], fresh: bool) -> list[dict[str, Any]]:
+    """The rows to resume from (none with `fresh`); the file is emptied when there are none
+    (a cut line alone would otherwise stay in front of the new rows)."""
+    rows = [] if fresh else read_rows(rows_file, identity)
+    rows_file.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        rows_file.write_text("", encoding="utf-8")
+    else:
+        rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def order_facts(ranking: list[str], shown: list[str]) -> dict[str, bool]:
+    """Whether a ranking is the order shown, and whether it puts the first shown first."""
+    return {"shown_order": ranking == shown,
+            "first_is_first_shown": bool(ranking) and ranking[0] == shown[0]}
+
+
+@dataclass
+class Setup:
+    """What a GRPO benchmark samples with: the config, the train store, the prompts drawn
+    as GRPO draws them, the student's format and card values, and its live model."""
+
+    cfg: Any
+    store: Any
+    prompts: Any
+    card: Any
+    fmt: Any
+    plans: list[str]
+    cap: int | None
+    sampler: PolicyModel
+
+
+def load_setup(args: argparse.Namespace) -> Setup:
     cfg = load_config(args.config, args.overrides)
     settings = cfg.grpo
     loaded = load_dataset(args.dataset, cfg.data.source, cfg.data.columns)
@@ -142,19 +173,37 @@ def main(argv: list[str] | None = None) -> int:
                            settings.difficulty_bounds, settings.seed)
     path = resolve_base_model(args.model)
     card = read_model_card(path) if Path(path).is_dir() else None
-    fmt = student_format(card, settings)
-    plans = card.plan_choices if card is not None else []
-    cap = card.max_reflection_tokens if card is not None else None
     model, tokenizer = load_base(path)
-    sampler = PolicyModel(model, tokenizer)
+    return Setup(cfg=cfg, store=store, prompts=prompts, card=card,
+                 fmt=student_format(card, settings),
+                 plans=card.plan_choices if card is not None else [],
+                 cap=card.max_reflection_tokens if card is not None else None,
+                 sampler=PolicyModel(model, tokenizer))
+
+
+def parse_temperatures(parser: argparse.ArgumentParser, text: str) -> list[float]:
+    try:
+        temperatures = [float(t) for t in text.split(",")]
+    except ValueError:
+        parser.error(f"--temperatures {text!r}: not comma-separated numbers")
+    if any(t <= 0 for t in temperatures):
+        parser.error("--temperatures must be above 0 (GRPO samples)")
+    return temperatures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup = load_setup(args)
+    cfg, store, prompts, fmt, sampler = (setup.cfg, setup.store, setup.prompts, setup.fmt,
+                                         setup.sampler)
+    settings, card = cfg.grpo, setup.card
     out = args.out or ROOT / "benchmarks" / "results" / dataset_slug(args.dataset) / "grpo_spread.json"
     rows_file = out.with_suffix(".tasks.jsonl")
     identity = {"model": args.model, "dataset": args.dataset, "overrides": args.overrides,
+                "config": str(args.config) if args.config else None,
                 "group": args.group, "prompts": [t.task_id for t in prompts.tasks]}
-    done = read_done(rows_file, identity) if not args.fresh else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.fresh or not done:
-        rows_file.write_text("", encoding="utf-8")
+    done = {(r["temperature"], r["task_id"], r["seed"]): r
+            for r in start_rows(rows_file, identity, args.fresh)}
     summary: dict[str, Any] = {}
     total = len(args.temperatures) * len(prompts.tasks) * args.group
     bar = progress_bar("grpo-spread", total=total, unit="pass", initial=len(done))
@@ -170,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     mine.append(done[key])
                     continue
                 rollout, = run_passes(sampler, [(task, seed)], store, fmt, student,
-                                      plan_choices=plans, reflection_cap=cap,
+                                      plan_choices=setup.plans, reflection_cap=setup.cap,
                                       learn_masked=settings.learn_masked,
                                       explore_ranking=settings.explore_ranking)
                 ranking = rollout.answer.completed.ranking
@@ -183,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     "well_formed": rollout.verdict.well_formed,
                     "format_reasons": list(rollout.verdict.reasons),
                     "reward": total_reward(rollout.rank, rollout.verdict.well_formed),
-                    "ranking": ranking, "shown_order": ranking == list(task.candidates),
-                    "first_is_first_shown": bool(ranking) and ranking[0] == task.candidates[0],
+                    "ranking": ranking, **order_facts(ranking, list(task.candidates)),
                     "tool_calls": len(rollout.answer.tool_calls),
                     "seconds": round(rollout.seconds, 2)}
                 with rows_file.open("a", encoding="utf-8") as handle:

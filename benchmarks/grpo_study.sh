@@ -9,7 +9,7 @@
 #               committed with their summary)
 #   sft         the SFT student on the runs with the target in the first 5
 #   spread      the reward spread of the SFT student's sampled groups per temperature
-#               (with exploration of orders: spread --set grpo.explore_ranking=1.0
+#               (with exploration of orders: spread --temperatures 0.7 --set grpo.explore_ranking=1.0
 #               --out benchmarks/results/ml-100k/grpo-study/grpo_spread_explore.json)
 #   lists       how far the list leaves the shown order per list temperature (the value
 #               of grpo.explore_ranking), sampled at the list opening of one pass a prompt

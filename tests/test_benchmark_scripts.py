@@ -400,6 +400,8 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     assert "grpo_spread.py" in stage("spread").stdout
     lists = stage("lists").stdout.split()
     assert "grpo_list_temperature.py" in lists[1] and f"{runs}/sft" in lists
+    assert lists[lists.index("--out") + 1].endswith("grpo-study/grpo_list_temperature.json")
+    assert lists[lists.index("--temperatures") + 1] == "1,2,3,5"
     ablated = [line.split() for line in stage("ablate-sft").stdout.splitlines()]
     assert [(a[a.index("--out") + 1], a[-2]) for a in ablated] == [
         (f"{runs}/sft-no-reflection", "--no-reflection"), (f"{runs}/sft-no-tools", "--no-tools")]
@@ -415,8 +417,19 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
 
 
 def test_grpo_list_temperature_samples_lists_where_a_repair_would_start_them(shop, tmp_path,
-                                                                             tiny_lm_dir):
+                                                                             tiny_lm_dir,
+                                                                             monkeypatch):
+    from starrec.training.rollout import PolicyModel
+
     bench = script("grpo_list_temperature")
+    asked = []  # (prompt, temperature, constrained) of every list sampled
+    complete = PolicyModel.complete
+
+    def spy(self, prompt, **kwargs):
+        asked.append((prompt, kwargs["temperature"], kwargs["constraint"] is not None))
+        return complete(self, prompt, **kwargs)
+
+    monkeypatch.setattr(PolicyModel, "complete", spy)
     out = tmp_path / "lists.json"
     argv = ["--model", str(tiny_lm_dir), "--dataset", str(shop), "--prompts", "3",
             "--samples", "2", "--temperatures", "1,50", "--out", str(out),
@@ -426,30 +439,51 @@ def test_grpo_list_temperature_samples_lists_where_a_repair_would_start_them(sho
     result = json.loads(out.read_text())
     rows = [json.loads(line) for line in out.with_suffix(".tasks.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["task_id"].startswith("train") for r in rows)
+    # 2 lists at each of 2 temperatures a prompt, each continuing the pass's text at a new
+    # <recommend> opening, under the mask
+    assert len(asked) == 3 * 2 * 2
+    assert all(prompt.endswith("\n<recommend>") and constrained for prompt, _, constrained in asked)
+    assert [t for _, t, _ in asked] == [1.0, 1.0, 50.0, 50.0] * 3
+    assert len({prompt for prompt, _, _ in asked}) == 3
     for row in rows:
         assert set(row["lists"]) == {"1.0", "50.0"}
+        assert isinstance(row["pass_opened_recommend"], bool) and 1 <= row["shown_rank"] <= 20
         for lists in row["lists"].values():
             # the mask makes every list a permutation of the shown candidates
-            assert [s["seed"] for s in lists] == [s["seed"] for s in row["lists"]["1.0"]]
             assert all(len(s["ranking"]) == 20 and len(set(s["ranking"])) == 20 for s in lists)
             assert all(s["rank"] is not None and -1 <= s["tau"] <= 1 for s in lists)
-            assert all(s["shown_order"] == (s["tau"] == 1) for s in lists)
+            assert [s["seed"] for s in lists] == [0, 1]  # the same seeds everywhere
     for temperature in ("1.0", "50.0"):
         summary = result["by_temperature"][temperature]
         lists = [s for r in rows for s in r["lists"][temperature]]
         assert summary["lists"] == 6 and summary["prompts"] == 3
         assert summary["shown_order_share"] == pytest.approx(
             sum(s["shown_order"] for s in lists) / 6)
+        assert summary["first_shown_first_share"] == pytest.approx(
+            sum(s["first_is_first_shown"] for s in lists) / 6)
         assert summary["outcome"] == pytest.approx(sum(s["outcome"] for s in lists) / 6)
+        assert summary["outcome_spread_share"] == pytest.approx(sum(
+            len({s["outcome"] for s in r["lists"][temperature]}) > 1 for r in rows) / 3)
     # a near-flat distribution over labels (T = 50) leaves the shown order behind
     assert result["by_temperature"]["50.0"]["tau_to_shown"] < 0.9
-    before = out.with_suffix(".tasks.jsonl").read_text()
-    assert bench.main(argv) == 0  # a resume runs nothing again
-    assert out.with_suffix(".tasks.jsonl").read_text() == before
+    # a resume runs nothing again; a last line cut by a kill is run again
+    rows_file = out.with_suffix(".tasks.jsonl")
+    before = rows_file.read_text()
+    assert bench.main(argv) == 0
+    assert rows_file.read_text() == before
+    rows_file.write_text(before[:-40])
+    assert bench.main(argv) == 0
+    assert [json.loads(line)["task_id"] for line in rows_file.read_text().splitlines()] == [
+        r["task_id"] for r in rows]
     with pytest.raises(SystemExit, match="other settings"):
         bench.main([*argv, "--samples", "3"])
+
+
+def test_grpo_list_temperature_refuses_a_single_sample(capsys):
+    bench = script("grpo_list_temperature")
     with pytest.raises(SystemExit):
-        bench.main(["--model", str(tiny_lm_dir), "--samples", "1"])
+        bench.parse_args(["--model", "m", "--samples", "1"])
+    assert "--samples at least 2" in capsys.readouterr().err
 
 
 def test_list_opening_starts_a_list_after_the_last_recommend_or_after_the_text():
