@@ -21,7 +21,7 @@ Train prompts only. Results JSON and a per-task file (one row per prompt, its li
 every temperature); rows are appended as prompts finish, and a rerun with the same
 settings runs only the missing prompts (`--fresh` starts over):
 
-    python benchmarks/grpo_list_temperature.py --model runs/issue14/sft --temperatures 1,2,4
+    python benchmarks/grpo_list_temperature.py --model runs/issue14/sft --temperatures 1,2,3,5
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from grpo_spread import load_setup, order_facts, parse_temperatures, start_rows
+from grpo_spread import bench_parser, load_setup, order_facts, parse_bench_args, start_rows
 
 from starrec.data.registry import dataset_slug
 from starrec.evaluation.metrics import kendall_tau
@@ -50,27 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
-                        help="the student GRPO would start from (a student folder or model spec)")
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="a config override, as star --set section.key=value")
-    parser.add_argument("--temperatures", default="1,2,4",
-                        help="comma-separated list temperatures")
-    parser.add_argument("--prompts", type=int, default=10,
-                        help="train prompts, drawn by grpo.difficulty_ratio")
+    parser = bench_parser(__doc__.splitlines()[0], "1,2,3,5", "comma-separated list temperatures",
+                          "grpo_list_temperature.json")
     parser.add_argument("--samples", type=int, default=4, help="lists per prompt and temperature")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default: benchmarks/results/<dataset>/grpo_list_temperature.json")
-    parser.add_argument("--fresh", action="store_true",
-                        help="run every prompt again instead of resuming")
-    args = parser.parse_args(argv)
-    args.temperatures = parse_temperatures(parser, args.temperatures)
-    if args.prompts < 1 or args.samples < 2:
-        parser.error("--prompts must be at least 1 and --samples at least 2")
-    return args
+    return parse_bench_args(parser, argv, "samples")
 
 
 def _mean(values: list[float]) -> float | None:

@@ -53,28 +53,43 @@ from starrec.training.sft import load_base, resolve_base_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(description: str, temperatures: str, temperatures_help: str,
+                 out_name: str) -> argparse.ArgumentParser:
+    """The options the GRPO benchmarks share: the student, data, config, temperatures,
+    prompts, output and resume."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True,
                         help="the student GRPO would start from (a student folder or model spec)")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="a config override, as star --set section.key=value")
-    parser.add_argument("--temperatures", default="0.7,1.0",
-                        help="comma-separated sampling temperatures")
+    parser.add_argument("--temperatures", default=temperatures, help=temperatures_help)
     parser.add_argument("--prompts", type=int, default=10,
                         help="train prompts, drawn by grpo.difficulty_ratio")
-    parser.add_argument("--group", type=int, default=4, help="passes per prompt")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: benchmarks/results/<dataset>/grpo_spread.json")
+                        help=f"default: benchmarks/results/<dataset>/{out_name}")
     parser.add_argument("--fresh", action="store_true",
-                        help="sample every pass again instead of resuming")
+                        help="run everything again instead of resuming")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                     per_prompt: str) -> argparse.Namespace:
+    """Parse and check: temperatures above 0, a prompt at least, and at least 2 of the
+    `per_prompt` option (a spread needs two samples)."""
     args = parser.parse_args(argv)
     args.temperatures = parse_temperatures(parser, args.temperatures)
-    if args.prompts < 1 or args.group < 2:
-        parser.error("--prompts must be at least 1 and --group at least 2")
+    if args.prompts < 1 or getattr(args, per_prompt) < 2:
+        parser.error(f"--prompts must be at least 1 and --{per_prompt} at least 2")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = bench_parser(__doc__.splitlines()[0], "0.7,1.0", "comma-separated sampling temperatures",
+                          "grpo_spread.json")
+    parser.add_argument("--group", type=int, default=4, help="passes per prompt")
+    return parse_bench_args(parser, argv, "group")
 
 
 def spread_share(groups: list[list[float]], size: int) -> float:
