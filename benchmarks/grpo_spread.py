@@ -130,14 +130,15 @@ def read_rows(rows_file: Path, identity: dict[str, Any]) -> list[dict[str, Any]]
     dropped: its pass is run again); SystemExit when the file holds another run's."""
     if not rows_file.is_file():
         return []
+    lines = [line for line in rows_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = []
-    for line in rows_file.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            if number == len(lines):
+                continue
+            raise SystemExit(f"{rows_file}: line {number} is not JSON; --fresh to replace the file")
         if any(row.get(k) != v for k, v in identity.items()):
             raise SystemExit(f"{rows_file} holds rows of other settings; --fresh to replace them")
         rows.append(row)

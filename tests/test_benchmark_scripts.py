@@ -452,7 +452,9 @@ def test_grpo_list_temperature_samples_lists_where_a_repair_would_start_them(sho
             # the mask makes every list a permutation of the shown candidates
             assert all(len(s["ranking"]) == 20 and len(set(s["ranking"])) == 20 for s in lists)
             assert all(s["rank"] is not None and -1 <= s["tau"] <= 1 for s in lists)
-            assert [s["seed"] for s in lists] == [0, 1]  # the same seeds everywhere
+            # the same seeds on every prompt and at every temperature
+            assert [s["seed"] for s in lists] == [s["seed"] for s in rows[0]["lists"]["1.0"]]
+        assert len({s["seed"] for s in row["lists"]["1.0"]}) == 2
     for temperature in ("1.0", "50.0"):
         summary = result["by_temperature"][temperature]
         lists = [s for r in rows for s in r["lists"][temperature]]
@@ -477,6 +479,11 @@ def test_grpo_list_temperature_samples_lists_where_a_repair_would_start_them(sho
         r["task_id"] for r in rows]
     with pytest.raises(SystemExit, match="other settings"):
         bench.main([*argv, "--samples", "3"])
+    # a broken line before the last is no kill's doing: refused, not dropped
+    lines = rows_file.read_text().splitlines()
+    rows_file.write_text("\n".join([lines[0][:-5], *lines[1:]]) + "\n")
+    with pytest.raises(SystemExit, match="line 1 is not JSON"):
+        bench.main(argv)
 
 
 def test_grpo_list_temperature_refuses_a_single_sample(capsys):
