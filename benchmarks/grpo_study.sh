@@ -16,9 +16,11 @@
 #   grpo        GRPO from the SFT student (the CPU preset)
 #   eval-sft    the SFT student on eval-200 (the teacher's tasks)
 #   eval-grpo   the GRPO student on eval-200
-#   ablate-sft  the SFT students without reflection and without tool calls (same runs)
-#   eval-ablate the ablations on eval-200: those two students, and the GRPO student with
-#               its tool calls answered by a fixed line (no CST evidence)
+#   ablate-sft  the SFT students without reflection and without tool calls (same runs);
+#               `ablate-sft no-tools` trains one of them
+#   eval-ablate the ablations on eval-200: those two students, and the finished student
+#               (EVIDENCE_MODEL: grpo by default, or sft) with its tool calls answered by a
+#               fixed line (no CST evidence); `eval-ablate no-tools` runs one of them
 #   table       the paired table of the teacher and the students on eval-200
 #
 # Environment: R, where runs go (default runs/grpo-study); STAR, the star command
@@ -50,19 +52,34 @@ case $stage in
     $STAR eval --system star --model "$R/$name" --users eval-200 \
       --records "$R/star-$name-records.jsonl" --out "$RESULTS/ml-100k-star-$name-test-eval-200.json" ;;
   ablate-sft)
-    for ablation in no-reflection no-tools; do
+    ablations=("${@:2}")
+    [ ${#ablations[@]} -gt 0 ] || ablations=(no-reflection no-tools)
+    for ablation in "${ablations[@]}"; do
+      case $ablation in no-reflection|no-tools) ;;
+        *) echo "ablate-sft: unknown ablation '$ablation' (no-reflection, no-tools)" >&2; exit 2 ;;
+      esac
       $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft-$ablation" \
         --"$ablation" --resume
     done ;;
   eval-ablate)
-    for ablation in no-reflection no-tools; do
-      $STAR eval --system star --model "$R/sft-$ablation" --users eval-200 \
-        --records "$R/star-sft-$ablation-records.jsonl" \
-        --out "$RESULTS/ml-100k-star-sft-$ablation-test-eval-200.json"
-    done
-    $STAR eval --system star --model "$R/grpo" --users eval-200 --set student.evidence=false \
-      --records "$R/star-grpo-no-evidence-records.jsonl" \
-      --out "$RESULTS/ml-100k-star-grpo-no-evidence-test-eval-200.json" ;;
+    ablations=("${@:2}")
+    [ ${#ablations[@]} -gt 0 ] || ablations=(no-reflection no-tools no-evidence)
+    for ablation in "${ablations[@]}"; do
+      case $ablation in
+        no-reflection|no-tools)
+          $STAR eval --system star --model "$R/sft-$ablation" --users eval-200 \
+            --records "$R/star-sft-$ablation-records.jsonl" \
+            --out "$RESULTS/ml-100k-star-sft-$ablation-test-eval-200.json" ;;
+        no-evidence)
+          # on the finished student: grpo, or sft where GRPO did not beat it (EVIDENCE_MODEL)
+          m=${EVIDENCE_MODEL:-grpo}
+          $STAR eval --system star --model "$R/$m" --users eval-200 --set student.evidence=false \
+            --records "$R/star-$m-no-evidence-records.jsonl" \
+            --out "$RESULTS/ml-100k-star-$m-no-evidence-test-eval-200.json" ;;
+        *) echo "eval-ablate: unknown ablation '$ablation' (no-reflection, no-tools, no-evidence)" >&2
+           exit 2 ;;
+      esac
+    done ;;
   table)
     teacher=benchmarks/results/ml-100k/ml-100k-mars-test-eval-200.json
     $STAR report "$teacher" "$RESULTS"/ml-100k-star-*-test-eval-200.json --out "$RESULTS/table.md"

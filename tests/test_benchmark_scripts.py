@@ -411,6 +411,22 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     assert all(e[e.index("--users") + 1] == "eval-200" for e in evals)
     assert evals[2][evals[2].index("--set") + 1] == "student.evidence=false"
     assert len({e[-1] for e in evals}) == 3 and all(e[-1].endswith("-test-eval-200.json") for e in evals)
+    # one ablation at a time, and the evidence ablation on the student the study settled on
+    one = stage("ablate-sft", "no-tools").stdout.split()
+    assert one[one.index("--out") + 1] == f"{runs}/sft-no-tools" and one[-2] == "--no-tools"
+    assert len(stage("ablate-sft", "no-tools").stdout.splitlines()) == 1
+    assert stage("eval-ablate", "no-tools").stdout.split()[-1].endswith(
+        "ml-100k-star-sft-no-tools-test-eval-200.json")
+    env_stage = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "grpo_study.sh"), "eval-ablate", "no-evidence"],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "R": str(runs), "STAR": "echo star", "PY": "echo python",
+             "EVIDENCE_MODEL": "sft"}).stdout.split()
+    assert env_stage[env_stage.index("--model") + 1] == f"{runs}/sft"
+    assert env_stage[-1].endswith("ml-100k-star-sft-no-evidence-test-eval-200.json")
+    for bad in (("ablate-sft", "no-evidence"), ("eval-ablate", "no-grpo")):
+        refused = stage(*bad)
+        assert refused.returncode == 2 and "unknown ablation" in refused.stderr
     wrong = stage("nonsense")
     assert wrong.returncode == 2 and "usage" in wrong.stderr
 
