@@ -32,6 +32,15 @@ PY=${PY:-python}
 RESULTS=benchmarks/results/ml-100k/grpo-study
 mkdir -p "$R" "$RESULTS"
 stage=${1:-}
+# every name is checked before the first (hours-long) run starts
+known_ablations() {
+  local stage=$1 known=$2 name
+  for name in "${@:3}"; do
+    case " $known " in *" $name "*) ;;
+      *) echo "$stage: unknown ablation '$name' (${known// /, })" >&2; exit 2 ;;
+    esac
+  done
+}
 case $stage in
   teach)
     $STAR teach --users all --split train --limit 100 --out "$R/teacher-train.jsonl"
@@ -54,16 +63,15 @@ case $stage in
   ablate-sft)
     ablations=("${@:2}")
     [ ${#ablations[@]} -gt 0 ] || ablations=(no-reflection no-tools)
+    known_ablations ablate-sft "no-reflection no-tools" "${ablations[@]}"
     for ablation in "${ablations[@]}"; do
-      case $ablation in no-reflection|no-tools) ;;
-        *) echo "ablate-sft: unknown ablation '$ablation' (no-reflection, no-tools)" >&2; exit 2 ;;
-      esac
       $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft-$ablation" \
         --"$ablation" --resume
     done ;;
   eval-ablate)
     ablations=("${@:2}")
     [ ${#ablations[@]} -gt 0 ] || ablations=(no-reflection no-tools no-evidence)
+    known_ablations eval-ablate "no-reflection no-tools no-evidence" "${ablations[@]}"
     for ablation in "${ablations[@]}"; do
       case $ablation in
         no-reflection|no-tools)
@@ -76,8 +84,6 @@ case $stage in
           $STAR eval --system star --model "$R/$m" --users eval-200 --set student.evidence=false \
             --records "$R/star-$m-no-evidence-records.jsonl" \
             --out "$RESULTS/ml-100k-star-$m-no-evidence-test-eval-200.json" ;;
-        *) echo "eval-ablate: unknown ablation '$ablation' (no-reflection, no-tools, no-evidence)" >&2
-           exit 2 ;;
       esac
     done ;;
   table)

@@ -381,9 +381,9 @@ def test_grpo_spread_samples_every_group_at_every_temperature(shop, tmp_path, ti
 def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     import subprocess
 
-    def stage(*args: str) -> subprocess.CompletedProcess:
+    def stage(*args: str, **extra: str) -> subprocess.CompletedProcess:
         env = {"PATH": "/usr/bin:/bin", "R": str(tmp_path / "runs"), "STAR": "echo star",
-               "PY": "echo python"}
+               "PY": "echo python", **extra}
         return subprocess.run(["bash", str(ROOT / "benchmarks" / "grpo_study.sh"), *args],
                               cwd=tmp_path, env=env, capture_output=True, text=True)
 
@@ -412,21 +412,20 @@ def test_grpo_study_stages_call_star_with_the_studys_paths(tmp_path):
     assert evals[2][evals[2].index("--set") + 1] == "student.evidence=false"
     assert len({e[-1] for e in evals}) == 3 and all(e[-1].endswith("-test-eval-200.json") for e in evals)
     # one ablation at a time, and the evidence ablation on the student the study settled on
-    one = stage("ablate-sft", "no-tools").stdout.split()
+    one = stage("ablate-sft", "no-tools").stdout.splitlines()
+    assert len(one) == 1
+    one = one[0].split()
     assert one[one.index("--out") + 1] == f"{runs}/sft-no-tools" and one[-2] == "--no-tools"
-    assert len(stage("ablate-sft", "no-tools").stdout.splitlines()) == 1
     assert stage("eval-ablate", "no-tools").stdout.split()[-1].endswith(
         "ml-100k-star-sft-no-tools-test-eval-200.json")
-    env_stage = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "grpo_study.sh"), "eval-ablate", "no-evidence"],
-        cwd=tmp_path, capture_output=True, text=True,
-        env={"PATH": "/usr/bin:/bin", "R": str(runs), "STAR": "echo star", "PY": "echo python",
-             "EVIDENCE_MODEL": "sft"}).stdout.split()
-    assert env_stage[env_stage.index("--model") + 1] == f"{runs}/sft"
-    assert env_stage[-1].endswith("ml-100k-star-sft-no-evidence-test-eval-200.json")
-    for bad in (("ablate-sft", "no-evidence"), ("eval-ablate", "no-grpo")):
+    on_sft = stage("eval-ablate", "no-evidence", EVIDENCE_MODEL="sft").stdout.split()
+    assert on_sft[on_sft.index("--model") + 1] == f"{runs}/sft"
+    assert on_sft[-1].endswith("ml-100k-star-sft-no-evidence-test-eval-200.json")
+    # a wrong name anywhere is refused before any ablation runs
+    for bad in (("ablate-sft", "no-tools", "no-evidence"), ("eval-ablate", "no-tools", "no-grpo")):
         refused = stage(*bad)
         assert refused.returncode == 2 and "unknown ablation" in refused.stderr
+        assert refused.stdout == ""
     wrong = stage("nonsense")
     assert wrong.returncode == 2 and "usage" in wrong.stderr
 
