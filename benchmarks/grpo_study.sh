@@ -61,17 +61,17 @@ case $stage in
     $STAR eval --system star --model "$R/$name" --users eval-200 \
       --records "$R/star-$name-records.jsonl" --out "$RESULTS/ml-100k-star-$name-test-eval-200.json" ;;
   ablate-sft)
-    ablations=("${@:2}")
-    [ ${#ablations[@]} -gt 0 ] || ablations=(no-reflection no-tools)
-    known_ablations ablate-sft "no-reflection no-tools" "${ablations[@]}"
+    known=(no-reflection no-tools) ablations=("${@:2}")
+    [ ${#ablations[@]} -gt 0 ] || ablations=("${known[@]}")
+    known_ablations ablate-sft "${known[*]}" "${ablations[@]}"
     for ablation in "${ablations[@]}"; do
       $STAR distill sft --trajectories "$R/teacher-train.jsonl" --top-k 5 --out "$R/sft-$ablation" \
         --"$ablation" --resume
     done ;;
   eval-ablate)
-    ablations=("${@:2}")
-    [ ${#ablations[@]} -gt 0 ] || ablations=(no-reflection no-tools no-evidence)
-    known_ablations eval-ablate "no-reflection no-tools no-evidence" "${ablations[@]}"
+    known=(no-reflection no-tools no-evidence) ablations=("${@:2}")
+    [ ${#ablations[@]} -gt 0 ] || ablations=("${known[@]}")
+    known_ablations eval-ablate "${known[*]}" "${ablations[@]}"
     for ablation in "${ablations[@]}"; do
       case $ablation in
         no-reflection|no-tools)
