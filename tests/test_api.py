@@ -679,12 +679,17 @@ def test_scrapes_racing_the_sharing_thread_never_fail(tmp_path):
     run_together([scrape] * 3)
     assert not errors
     own = tmp_path / f"{metrics.snapshot()['pid']}.json"
-    # the thread keeps writing: a listing may catch one write in flight, whose temporary
-    # file is renamed a moment later; a temporary file left behind would stay
+    # the thread keeps writing, so any listing may catch a write in flight (on a busy
+    # machine nearly every one does); such a temporary file is renamed a moment later,
+    # while one left behind by a failed race would stay: follow those of one listing
+    names = {p.name for p in tmp_path.iterdir()}
+    assert own.name in names
+    in_flight = names - {own.name}
     deadline = time.monotonic() + 2.0
-    while [p.name for p in tmp_path.iterdir()] != [own.name] and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert [p.name for p in tmp_path.iterdir()] == [own.name]
+    while in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+        in_flight &= {p.name for p in tmp_path.iterdir()}
+    assert not in_flight, f"temporary files left behind: {sorted(in_flight)}"
     own.unlink()  # the sharing thread, still running, writes it again
     for _ in range(200):
         if own.exists():
