@@ -93,6 +93,24 @@ def test_full_fine_tune_and_unmerged_lora(tiny_lm_dir, data, tmp_path):
     assert not read_model_card(out).merged
 
 
+def test_a_resume_with_nothing_to_resume_says_so_once(tmp_path, caplog):
+    """`resume` on an empty folder starts afresh and logs it; the early check a pipeline
+    makes before building anything stays silent, so the line is not printed twice."""
+    import logging
+
+    from starrec.training.sft import resume_point
+
+    with caplog.at_level(logging.INFO, logger="starrec.training.sft"):
+        assert resume_point(tmp_path, True, announce=False) is None
+        assert not caplog.records
+        assert resume_point(tmp_path, True) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no checkpoint in {tmp_path / 'checkpoints'}: starting from the model given"]
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="resume it or choose another"):
+        resume_point(tmp_path, False, announce=False)
+
+
 def test_resume_continues_from_the_latest_checkpoint(tiny_lm_dir, data, tmp_path, monkeypatch):
     from trl import SFTTrainer
 

@@ -264,7 +264,7 @@ def train_grpo_on_dataset(dataset: Dataset, train_tasks: Sequence[Task], out: Pa
     the valid curve on `valid_tasks` (valid-200) with the valid store. `name` names the
     stores' folder (the dataset's spec)."""
     settings = cfg.grpo
-    resume_point(out, resume)  # before anything is built
+    resume_point(out, resume, announce=False)  # before anything is built
     check_train_tasks(train_tasks)
     name = dataset_slug(name) if name else dataset.name
     store = split_store(dataset, train_tasks, cfg.cst, name=name, progress=show_progress)

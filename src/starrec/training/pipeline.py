@@ -78,7 +78,7 @@ def sft_from_trajectories(
     held-out `cfg.sft.eval_fraction` of the training tasks. `task_ids`: train on the runs
     of these tasks only."""
     settings = cfg.sft
-    resume_point(out, resume)  # before anything in `out` is written
+    resume_point(out, resume, announce=False)  # before anything in `out` is written
     runs = read_trajectories(trajectories)
     if task_ids is not None:  # a file may hold runs of tasks beyond the ones asked for
         runs = [run for run in runs if run.task_id in task_ids]

@@ -132,15 +132,16 @@ def last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
-def resume_point(out: Path, resume: bool) -> str | None:
+def resume_point(out: Path, resume: bool, *, announce: bool = True) -> str | None:
     """The checkpoint to continue from. Refuses to start afresh over the checkpoints of an
-    earlier run, so a forgotten `resume` cannot overwrite it."""
+    earlier run, so a forgotten `resume` cannot overwrite it. `announce=False`: a check
+    made before anything is built, which the training call repeats and logs."""
     checkpoint = last_checkpoint(out)
     if checkpoint and not resume:
         raise FileExistsError(f"{out} holds checkpoints of an earlier run; resume it or choose "
                               "another output folder")
-    if resume and checkpoint is None:
-        log.info("sft: no checkpoint in %s, starting from the base model", out / CHECKPOINTS)
+    if announce and resume and checkpoint is None:
+        log.info("no checkpoint in %s: starting from the model given", out / CHECKPOINTS)
     return checkpoint
 
 
