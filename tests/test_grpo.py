@@ -743,3 +743,61 @@ def test_the_step_0_valid_point_survives_a_run_stopped_before_its_first_checkpoi
     start.write_text("{not json")
     begin(tasks[:1], {"base_model": "b"})
     assert len(measured) == 4
+
+
+def test_a_step_0_valid_point_stopped_midway_goes_on_from_the_tasks_it_had_done(
+        monkeypatch, tmp_path):
+    import contextlib
+    from types import SimpleNamespace
+
+    import starrec.training.grpo_monitor as monitor
+
+    tasks = [SimpleNamespace(task_id=f"valid-{i}", candidates=["a", "b", "c"]) for i in range(4)]
+    ran: list[str] = []
+    stop_after: list[int] = [2]
+
+    def fake_run_passes(sampler, jobs, store, fmt, student, *, concurrent, **kwargs):
+        if len(ran) == stop_after[0]:
+            raise KeyboardInterrupt  # the session ends in the middle of the point
+        ran.extend(job[0].task_id for job in jobs)
+        return [SimpleNamespace(rank=1 + int(task.task_id[-1]), task=task,
+                                answer=SimpleNamespace(completed=SimpleNamespace(ranking=task.candidates)),
+                                verdict=SimpleNamespace(well_formed=True))
+                for task, _ in jobs]
+
+    monkeypatch.setattr(monitor, "run_passes", fake_run_passes)
+    monkeypatch.setattr(monitor, "live_sampler", lambda trainer: contextlib.nullcontext(SimpleNamespace()))
+    start = tmp_path / monitor.VALID_START
+    partial = tmp_path / monitor.VALID_START_PARTIAL
+
+    def begin(key):
+        callback = monitor.ValidCallback(tasks, None, StudentFormatConfig(), StudentConfig(), 10,
+                                         start_file=start, start_key=key, show_progress=False)
+        callback.trainer = SimpleNamespace()
+        state = SimpleNamespace(global_step=0, log_history=[])
+        callback.on_train_begin(None, state, None)
+        return state.log_history
+
+    with pytest.raises(KeyboardInterrupt):
+        begin({"base_model": "a"})
+    assert ran == ["valid-0", "valid-1"] and not start.exists()
+    with partial.open("a") as f:
+        f.write('{"task_id": "valid-2", "ra')  # a line cut by the stop
+    stop_after[0] = 3
+    with pytest.raises(KeyboardInterrupt):
+        begin({"base_model": "a"})
+    assert ran == ["valid-0", "valid-1", "valid-2"]  # the cut line was measured again
+    stop_after[0] = -1
+    history = begin({"base_model": "a"})
+    assert ran == ["valid-0", "valid-1", "valid-2", "valid-3"]  # each task once
+    assert history[0][monitor.VALID + "ranks"] == [1, 2, 3, 4]
+    assert history[0][monitor.VALID + "n_tasks"] == 4
+    assert start.exists() and not partial.exists()
+    # results kept for other starting weights are not used
+    ran.clear()
+    stop_after[0] = 1
+    with pytest.raises(KeyboardInterrupt):
+        begin({"base_model": "b"})
+    stop_after[0] = -1
+    begin({"base_model": "c"})
+    assert ran == ["valid-0", "valid-0", "valid-1", "valid-2", "valid-3"]

@@ -14,7 +14,9 @@ Three `transformers.TrainerCallback`s for `starrec.training.grpo`:
   and a resumed run goes on from them. The step-0 point, which comes before the first
   checkpoint, is also written to `valid-start.json` with what it measured (the starting
   weights, the tasks, the decoding), so a run stopped before its first checkpoint does
-  not measure it again;
+  not measure it again; while it is measured, each task's result goes into
+  `valid-start.partial.jsonl`, so a run stopped in the middle of it (a CPU measures it
+  for many minutes) goes on from the tasks it had done;
 - `CurveCallback`: `curves.json` and `curves.png` in the output folder after every
   checkpoint and at the end, read from that log history: mean and spread of the reward,
   the outcome and the format rate, the share of groups whose passes all got one reward
@@ -27,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from transformers import TrainerCallback
 
 from starrec.config import StudentConfig, StudentFormatConfig
 from starrec.core import Task
+from starrec.core.files import write_text_atomic
 from starrec.cst.store import EvidenceStore
 from starrec.progress import progress, progress_bar
 from starrec.training.reward import compare_to_start, outcome_reward
@@ -45,40 +48,67 @@ log = logging.getLogger(__name__)
 
 VALID = "valid/"  # prefix of the valid metrics in the log history
 VALID_START = "valid-start.json"
+VALID_START_PARTIAL = "valid-start.partial.jsonl"
 CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"
 
 
-def valid_metrics(rollouts: Sequence[Rollout]) -> dict[str, Any]:
-    """AvgHR and HR@1 (x100, DESIGN.md 3.4) of passes, the share well formed as written
-    (the format reward's verdict), the share that returned the shown order, and each
-    pass's target rank (`ranks`, in task order: what the paired comparison reads)."""
-    ranks = [r.rank for r in rollouts]
-    shown = [r.answer.completed.ranking == list(r.task.candidates) for r in rollouts]
+def task_result(rollout: Rollout) -> dict[str, Any]:
+    """What a valid point keeps of one pass: the target's rank, whether the pass was well
+    formed as written, whether it returned the shown order."""
+    return {"task_id": rollout.task.task_id, "rank": int(rollout.rank),
+            "well_formed": bool(rollout.verdict.well_formed),
+            "shown": rollout.answer.completed.ranking == list(rollout.task.candidates)}
+
+
+def metrics_of(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """AvgHR and HR@1 (x100, DESIGN.md 3.4) of `task_result`s, the share well formed as
+    written (the format reward's verdict), the share that returned the shown order, and
+    each pass's target rank (`ranks`, in task order: what the paired comparison reads)."""
+    ranks = [int(r["rank"]) for r in results]
     return {"AvgHR": 100 * float(np.mean([outcome_reward(k) for k in ranks])),
             "HR@1": 100 * float(np.mean([k == 1 for k in ranks])),
-            "format_rate": 100 * float(np.mean([r.verdict.well_formed for r in rollouts])),
-            "shown_order_identity": 100 * float(np.mean(shown)),
-            "n_tasks": len(rollouts), "ranks": [int(k) for k in ranks]}
+            "format_rate": 100 * float(np.mean([r["well_formed"] for r in results])),
+            "shown_order_identity": 100 * float(np.mean([r["shown"] for r in results])),
+            "n_tasks": len(results), "ranks": ranks}
+
+
+def valid_metrics(rollouts: Sequence[Rollout]) -> dict[str, Any]:
+    """`metrics_of` the passes."""
+    return metrics_of([task_result(r) for r in rollouts])
 
 
 def evaluate_valid(sampler: Sampler, tasks: Sequence[Task], store: EvidenceStore,
                    fmt: StudentFormatConfig, student: StudentConfig, *,
                    plan_choices: Sequence[str] = (), reflection_cap: int | None = None,
-                   show_progress: bool = True) -> dict[str, float]:
-    """`valid_metrics` of one pass per task, decoded as `student` says (greedy by
-    default, as `star eval` does). Passes decoded one after another show a bar: a valid
-    point on a CPU is minutes of passes between two steps."""
-    jobs = [(task, student.seed or 0) for task in tasks]
+                   show_progress: bool = True,
+                   done: Mapping[str, Mapping[str, Any]] | None = None,
+                   on_task: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`metrics_of` one pass per task, decoded as `student` says (greedy by default, as
+    `star eval` does). `done`: `task_result`s measured before, by task id, whose tasks
+    are not run again; `on_task` is given each new result as soon as it exists. Passes
+    decoded one after another show a bar: a valid point on a CPU is minutes of passes
+    between two steps."""
+    results: dict[str, Mapping[str, Any]] = {
+        t.task_id: done[t.task_id] for t in tasks if done and t.task_id in done}
+    jobs = [(task, student.seed or 0) for task in tasks if task.task_id not in results]
 
-    def run(batch: Sequence[tuple[Task, int]], concurrent: bool) -> list[Rollout]:
-        return run_passes(sampler, batch, store, fmt, student, concurrent=concurrent,
-                          plan_choices=plan_choices, reflection_cap=reflection_cap)
+    def run(batch: Sequence[tuple[Task, int]], concurrent: bool) -> None:
+        for rollout in run_passes(sampler, batch, store, fmt, student, concurrent=concurrent,
+                                  plan_choices=plan_choices, reflection_cap=reflection_cap):
+            result = task_result(rollout)
+            results[result["task_id"]] = result
+            if on_task is not None:
+                on_task(result)
 
     if getattr(sampler, "concurrent", False):
-        return valid_metrics(run(jobs, True))
-    bar = progress(jobs, "grpo valid", total=len(jobs), unit="task", enabled=show_progress)
-    return valid_metrics([run([job], False)[0] for job in bar])
+        if jobs:
+            run(jobs, True)
+    else:
+        for job in progress(jobs, "grpo valid", total=len(tasks), unit="task",
+                            enabled=show_progress, initial=len(results)):
+            run([job], False)
+    return metrics_of([results[t.task_id] for t in tasks])
 
 
 class ValidCallback(TrainerCallback):
@@ -114,22 +144,61 @@ class ValidCallback(TrainerCallback):
             return None
         return stored.get("entry") if stored.get("key") == self.start_key else None
 
+    def _partial_start(self) -> tuple[dict[str, dict[str, Any]],
+                                      Callable[[dict[str, Any]], None]]:
+        """The step-0 results kept by a run stopped while measuring them (for the same
+        `start_key` only), and the writer that keeps each new one. A line cut by the
+        stop, and any after it, are dropped: the file is written back clean first."""
+        assert self.start_file is not None
+        path = self.start_file.with_name(VALID_START_PARTIAL)
+        head = json.dumps({"key": self.start_key}, sort_keys=True)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            lines = []
+        done: dict[str, dict[str, Any]] = {}
+        if lines and lines[0] == head:
+            wanted = {t.task_id for t in self.tasks}
+            for line in lines[1:]:
+                try:
+                    result = json.loads(line)
+                except ValueError:
+                    break
+                if result.get("task_id") in wanted:
+                    done[result["task_id"]] = result
+        write_text_atomic(path, "".join(json.dumps(x, sort_keys=True) + "\n"
+                                        for x in [{"key": self.start_key}, *done.values()]))
+        if done:
+            log.info("grpo: step-0 valid point goes on from %d of %d tasks measured before (%s)",
+                     len(done), len(self.tasks), path)
+
+        def keep(result: dict[str, Any]) -> None:
+            with path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(result, sort_keys=True) + "\n")
+
+        return done, keep
+
     def _evaluate(self, state: Any) -> None:
         trainer = self.trainer
         started = time.perf_counter()
         if getattr(trainer, "use_vllm", False):  # the engine holds the weights of the last rollout
             trainer.vllm_generation.sync_weights()
             trainer._last_loaded_step = state.global_step
+        at_start = state.global_step == 0 and self.start_file is not None
+        done, on_task = self._partial_start() if at_start else ({}, None)
         with live_sampler(trainer) as sampler:
             metrics = evaluate_valid(sampler, self.tasks, self.store, self.fmt, self.student,
                                      plan_choices=self.plan_choices,
                                      reflection_cap=self.reflection_cap,
-                                     show_progress=self.show_progress)
+                                     show_progress=self.show_progress,
+                                     done=done, on_task=on_task)
         entry = {"step": state.global_step, **{VALID + k: v for k, v in metrics.items()},
                  VALID + "seconds": round(time.perf_counter() - started, 1)}
         state.log_history.append(entry)
-        if state.global_step == 0 and self.start_file is not None:
-            self.start_file.write_text(json.dumps({"key": self.start_key, "entry": entry}))
+        if at_start:
+            assert self.start_file is not None
+            write_text_atomic(self.start_file, json.dumps({"key": self.start_key, "entry": entry}))
+            self.start_file.with_name(VALID_START_PARTIAL).unlink(missing_ok=True)
         log.info("grpo: step %d, valid AvgHR %.1f, format rate %.0f%% (%d tasks, %.0f s)",
                  state.global_step, metrics["AvgHR"], metrics["format_rate"],
                  metrics["n_tasks"], entry[VALID + "seconds"])
